@@ -1,0 +1,54 @@
+"""Communicators: move sets of tensors between ranks.
+
+Registry of communicator classes; built-ins are ``torch_nccl``, ``torch_gloo`` and ``local``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from eplb.errors import EPLBError
+
+__all__ = ["register_communicator", "get_communicator", "available_communicators"]
+
+_REGISTRY: dict[str, Callable] = {}
+_builtins_loaded = False
+
+
+def register_communicator(name: str, *, override: bool = False) -> Callable[[type], type]:
+    """Class decorator registering a communicator under ``name``."""
+
+    def decorator(cls: type) -> type:
+        _load_builtins()
+        if name in _REGISTRY and not override:
+            raise EPLBError(f"communicator {name!r} is already registered; pass override=True to replace it")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_communicators() -> list[str]:
+    """Registered communicator names, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_communicator(name: str) -> Callable:
+    """The communicator class registered as ``name``."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise EPLBError(f"unknown communicator {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        try:
+            from eplb.comm import base  # noqa: F401  (registers on import)
+        except ImportError:
+            # Until the communicators exist, the config still knows their names.
+            for n in ("local", "torch_gloo", "torch_nccl"):
+                _REGISTRY.setdefault(n, None)

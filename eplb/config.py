@@ -1,0 +1,112 @@
+"""EPLBConfig: every knob of eplb, with defaults, constraints and the cross-field rules."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["EPLBConfig", "AsyncErrorMode"]
+
+AsyncErrorMode = Literal["log", "raise"]
+"""What an error in the async worker does: ``"log"`` aborts that rebalance and logs the traceback;
+``"raise"`` raises `EPLBError` (with the worker's traceback) on the main thread at the next step."""
+
+
+class EPLBConfig(BaseModel):
+    """Configuration of an `EPLBWrapper` (frozen; unknown fields are rejected).
+
+    ``EPLBConfig.model_validate_json('{"use_async": false}')`` parses JSON.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    window_size: int = Field(1000, gt=0)
+    """Steps of load kept in the sliding window the policy sees. Longer windows react slower
+    to drift but plan from less noisy loads. Memory: ``window_size * L * E`` counters."""
+
+    step_interval: int = Field(3000, gt=0)
+    """Steps between two rebalances. Each rebalance moves weights (bytes reported in
+    ``stats()``); shorter intervals follow drift better at a higher transfer cost."""
+
+    num_redundant_experts: int = Field(0, ge=0)
+    """Extra physical slots per MoE layer (global count over all ranks), so ``P = E + this``.
+    ``P`` must be a multiple of the number of ranks. Each slot costs one expert's weights."""
+
+    log_balancedness: bool = False
+    """Log balancedness through ``logging.getLogger("eplb")`` on rank 0. Costs one all-reduce
+    on each logging step."""
+
+    log_balancedness_interval: int = Field(1, gt=0)
+    """Steps between two balancedness log lines (only with ``log_balancedness``)."""
+
+    use_async: bool = True
+    """Rebalance without blocking the forward passes: plan on a background thread, move weights
+    on a side stream, commit one layer at a time. Only the ``default`` policy runs async."""
+
+    policy: str = "default"
+    """Name of a registered policy (see ``eplb.available_policies()``). Plug-ins must be
+    registered before the config is built."""
+
+    communicator: str = "auto"
+    """How expert weights move between ranks: ``"auto"``, ``"torch_nccl"`` or ``"torch_gloo"``
+    (or a registered plug-in). ``"auto"`` picks ``torch_gloo`` for async, ``torch_nccl`` for sync
+    on CUDA with an NCCL group, ``torch_gloo`` otherwise."""
+
+    min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
+    """Skip a rebalance whose predicted balancedness gain (new - old, on the window's load) is
+    below this. 0 rebalances every time."""
+
+    async_timeout_s: float = Field(300.0, gt=0)
+    """An async rebalance whose next layer is not ready on every rank within this many seconds
+    is aborted on all ranks; committed layers keep the new placement, the others the old one."""
+
+    async_layers_per_step: int = Field(1, gt=0)
+    """Ready layers the async executor commits at one step boundary. Each commit copies one
+    layer's slots on the main stream, so larger values finish sooner but make that step slower."""
+
+    async_on_error: AsyncErrorMode = "log"
+    """An exception in the async worker: ``"log"`` aborts the rebalance and logs it with its
+    traceback; ``"raise"`` raises `EPLBError` carrying it on the main thread at the next step."""
+
+    max_transfer_bytes: int = Field(256 * 2**20, gt=0)
+    """Largest batch of weights exchanged in one communicator call; bigger exchanges are split,
+    so a hot expert with many receivers cannot exhaust memory. Also bounds staging memory."""
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_is_registered(cls, value: str) -> str:
+        from eplb.policies import available_policies
+
+        names = available_policies()
+        if value not in names:
+            raise ValueError(
+                f"policy {value!r} is not registered (registered: {', '.join(names)}); "
+                "register a plug-in with @eplb.register_policy(name) before building the config"
+            )
+        return value
+
+    @field_validator("communicator")
+    @classmethod
+    def _communicator_is_known(cls, value: str) -> str:
+        from eplb.comm import available_communicators
+
+        names = ["auto", *[n for n in available_communicators() if n != "local"]]
+        if value not in names and value not in available_communicators():
+            raise ValueError(f"communicator {value!r} is unknown; use one of {', '.join(names)}")
+        return value
+
+    @model_validator(mode="after")
+    def _async_rules(self) -> EPLBConfig:
+        if self.use_async and self.policy != "default":
+            raise ValueError(
+                f"Async EPLB is only supported with the default policy (got policy={self.policy!r}); "
+                f"set use_async=false to use {self.policy!r}"
+            )
+        if self.use_async and self.communicator == "torch_nccl":
+            raise ValueError(
+                "use_async=true cannot use communicator='torch_nccl': NCCL point-to-point traffic from a "
+                "background stream can deadlock against the forward pass's own NCCL collectives; "
+                "set communicator to 'torch_gloo' or 'auto' (or set use_async=false)"
+            )
+        return self

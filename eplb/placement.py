@@ -1,0 +1,285 @@
+"""Placement: which logical expert each physical slot holds, and the maps derived from it.
+
+Legend: L layers, E logical experts, P physical slots, R largest replica count, G ranks,
+S = P // G slots per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from eplb.errors import EPLBError
+
+__all__ = ["Placement"]
+
+_FORMAT = "eplb.placement"
+_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """A placement of logical experts onto physical slots, for every MoE layer.
+
+    Attributes:
+        phy2log: ``[L, P]`` int64 — logical expert held by each slot; slot ``s`` lives on rank
+            ``s // (P // G)``.
+        log2phy: ``[L, E, R]`` int64 — slots of each logical expert in increasing slot order,
+            padded with ``-1``; ``R`` is the largest replica count.
+        logcnt: ``[L, E]`` int64 — replica count of each logical expert (>= 1, rows sum to ``P``).
+
+    Build one with `Placement.from_phy2log` or `Placement.initial`; all tensors live on the CPU.
+    """
+
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_phy2log(cls, phy2log: torch.Tensor, num_logical: int) -> Placement:
+        """Derive ``log2phy`` and ``logcnt`` from ``phy2log``.
+
+        Args:
+            phy2log: ``[L, P]`` int — logical expert of each slot (a ``[P]`` tensor is read as one layer).
+            num_logical: ``E``, the number of logical experts per layer.
+
+        Returns:
+            The placement; raises `EPLBError` if an id is out of ``[0, E)``.
+        """
+        phy2log = torch.as_tensor(phy2log)
+        if phy2log.dim() == 1:
+            phy2log = phy2log.unsqueeze(0)
+        if phy2log.dim() != 2:
+            raise EPLBError(
+                f"phy2log must be a [L, P] tensor, got shape {tuple(phy2log.shape)}; pass one row per layer"
+            )
+        if phy2log.dtype.is_floating_point or phy2log.dtype == torch.bool:
+            raise EPLBError(f"phy2log must hold integer expert ids, got dtype {phy2log.dtype}")
+        phy2log = phy2log.detach().to("cpu", torch.int64).contiguous()
+        num_layers, num_physical = phy2log.shape
+        if num_logical <= 0:
+            raise EPLBError(f"num_logical ({num_logical}) must be > 0")
+        if phy2log.numel() and (phy2log.min() < 0 or phy2log.max() >= num_logical):
+            bad = phy2log[(phy2log < 0) | (phy2log >= num_logical)][0].item()
+            raise EPLBError(
+                f"phy2log holds expert id {bad}, outside [0, num_logical={num_logical}); "
+                "every slot must hold a valid logical expert"
+            )
+        logcnt = torch.zeros(num_layers, num_logical, dtype=torch.int64)
+        logcnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+        # Sort slots by (expert, slot): the position inside each expert's run is its replica index.
+        slots = torch.arange(num_physical).expand(num_layers, -1)
+        order = torch.argsort(phy2log * num_physical + slots, dim=1, stable=True)
+        first = torch.cumsum(logcnt, dim=1) - logcnt  # [L, E] start of each expert's run
+        sorted_experts = torch.gather(phy2log, 1, order)
+        replica = torch.arange(num_physical).expand(num_layers, -1) - torch.gather(first, 1, sorted_experts)
+        max_rep = max(int(logcnt.max().item()) if logcnt.numel() else 1, 1)
+        log2phy = torch.full((num_layers, num_logical, max_rep), -1, dtype=torch.int64)
+        layer = torch.arange(num_layers).unsqueeze(1).expand(-1, num_physical)
+        log2phy[layer, sorted_experts, replica] = order
+        return cls(phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
+
+    @classmethod
+    def initial(cls, num_layers: int, num_logical: int, num_physical: int, num_ranks: int) -> Placement:
+        """The placement before any load is known.
+
+        Every logical expert gets one primary slot, in order; the ``P - E`` redundant slots are
+        spread evenly over the ranks (the first ``(P - E) % G`` ranks get one more) and hold
+        copies spread evenly over the experts, each preferably on a rank away from its primary.
+
+        Returns:
+            A `Placement` with ``phy2log: [num_layers, num_physical]``.
+        """
+        _check_sizes(num_logical, num_physical, num_ranks)
+        if num_layers < 0:
+            raise EPLBError(f"num_layers ({num_layers}) must be >= 0")
+        per_rank = num_physical // num_ranks
+        num_redundant = num_physical - num_logical
+        redundant_per_rank = [num_redundant // num_ranks + (g < num_redundant % num_ranks) for g in range(num_ranks)]
+        row: list[int] = []
+        next_primary = 0
+        k = 0
+        for g in range(num_ranks):
+            n_primary = per_rank - redundant_per_rank[g]
+            row.extend(range(next_primary, next_primary + n_primary))
+            next_primary += n_primary
+            for _ in range(redundant_per_rank[g]):
+                # Offset by half the experts so the copy tends to sit on another rank than its primary.
+                row.append((k * num_logical // max(num_redundant, 1) + num_logical // 2) % num_logical)
+                k += 1
+        phy2log = torch.tensor(row, dtype=torch.int64).expand(num_layers, -1).clone()
+        return cls.from_phy2log(phy2log.reshape(num_layers, num_physical), num_logical)
+
+    # ------------------------------------------------------------------ sizes and helpers
+    @property
+    def num_layers(self) -> int:
+        """``L``, the number of MoE layers."""
+        return int(self.phy2log.shape[0])
+
+    @property
+    def num_logical(self) -> int:
+        """``E``, logical experts per layer."""
+        return int(self.logcnt.shape[1])
+
+    @property
+    def num_physical(self) -> int:
+        """``P``, physical slots per layer."""
+        return int(self.phy2log.shape[1])
+
+    def slots_per_rank(self, num_ranks: int) -> int:
+        """``S = P // G``; raises `EPLBError` when ``P`` is not a multiple of ``G``."""
+        _check_sizes(self.num_logical, self.num_physical, num_ranks)
+        return self.num_physical // num_ranks
+
+    def rank_of_slot(self, slot: int | torch.Tensor, num_ranks: int) -> int | torch.Tensor:
+        """Rank owning ``slot`` (an int or an int tensor of any shape)."""
+        per_rank = self.slots_per_rank(num_ranks)
+        return slot // per_rank
+
+    def slots_of_rank(self, rank: int, num_ranks: int) -> range:
+        """The slots ``[rank * S, (rank + 1) * S)`` owned by ``rank``."""
+        per_rank = self.slots_per_rank(num_ranks)
+        if not 0 <= rank < num_ranks:
+            raise EPLBError(f"rank ({rank}) must be in [0, num_ranks={num_ranks})")
+        return range(rank * per_rank, (rank + 1) * per_rank)
+
+    def layer(self, index: int) -> Placement:
+        """The placement of one layer, as a one-layer `Placement`."""
+        return Placement.from_phy2log(self.phy2log[index : index + 1], self.num_logical)
+
+    def replace_layer(self, index: int, other: Placement) -> Placement:
+        """A copy with layer ``index`` taken from the one-layer (or same-sized) ``other``."""
+        row = other.phy2log[0] if other.num_layers == 1 else other.phy2log[index]
+        phy2log = self.phy2log.clone()
+        phy2log[index] = row
+        return Placement.from_phy2log(phy2log, self.num_logical)
+
+    def equals(self, other: Placement) -> bool:
+        """True when both describe the same slot contents."""
+        return self.phy2log.shape == other.phy2log.shape and bool(torch.equal(self.phy2log, other.phy2log))
+
+    def experts_of_rank(self, layer: int, rank: int, num_ranks: int) -> list[int]:
+        """Logical experts held by ``rank`` in ``layer``, in slot order."""
+        slots = self.slots_of_rank(rank, num_ranks)
+        return self.phy2log[layer, slots.start : slots.stop].tolist()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, num_ranks: int | None = None) -> Placement:
+        """Check every invariant; raise `EPLBError` naming the first broken one.
+
+        Checks: ids in range, every logical expert has >= 1 replica, ``logcnt`` rows sum to ``P``,
+        ``log2phy``/``logcnt`` agree with ``phy2log``, and (with ``num_ranks``) ``P % G == 0``.
+
+        Returns:
+            ``self``, so calls can be chained.
+        """
+        for name in ("phy2log", "log2phy", "logcnt"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+                raise EPLBError(f"Placement.{name} must be an int64 tensor; build placements with from_phy2log")
+        if self.phy2log.dim() != 2 or self.logcnt.dim() != 2 or self.log2phy.dim() != 3:
+            raise EPLBError(
+                f"Placement shapes must be phy2log [L, P], log2phy [L, E, R], logcnt [L, E]; got "
+                f"{tuple(self.phy2log.shape)}, {tuple(self.log2phy.shape)}, {tuple(self.logcnt.shape)}"
+            )
+        num_layers, num_physical = self.phy2log.shape
+        num_logical = self.logcnt.shape[1]
+        if num_ranks is not None:
+            _check_sizes(num_logical, num_physical, num_ranks)
+        if num_physical < num_logical:
+            raise EPLBError(f"num_physical ({num_physical}) must be >= num_logical ({num_logical})")
+        bad = (self.phy2log < 0) | (self.phy2log >= num_logical)
+        if bad.any():
+            l, s = bad.nonzero()[0].tolist()
+            raise EPLBError(
+                f"layer {l}, slot {s} holds expert {self.phy2log[l, s].item()}, outside [0, {num_logical})"
+            )
+        counts = torch.zeros(num_layers, num_logical, dtype=torch.int64)
+        counts.scatter_add_(1, self.phy2log, torch.ones_like(self.phy2log))
+        missing = counts == 0
+        if missing.any():
+            l, e = missing.nonzero()[0].tolist()
+            raise EPLBError(
+                f"layer {l}: logical expert {e} has no replica; every logical expert needs at least one slot"
+            )
+        if not torch.equal(counts, self.logcnt):
+            raise EPLBError("logcnt does not match phy2log; rebuild the placement with Placement.from_phy2log")
+        ref = Placement.from_phy2log(self.phy2log, num_logical)
+        if ref.log2phy.shape != self.log2phy.shape or not torch.equal(ref.log2phy, self.log2phy):
+            raise EPLBError("log2phy does not match phy2log; rebuild the placement with Placement.from_phy2log")
+        return self
+
+    # ------------------------------------------------------------------ save / load
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: format, version, shape metadata and ``phy2log``."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "num_layers": self.num_layers,
+            "num_logical": self.num_logical,
+            "num_physical": self.num_physical,
+            "phy2log": self.phy2log.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "placement") -> Placement:
+        """Inverse of `to_dict`, validated: raises `EPLBError` on a wrong format, version or shape."""
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise EPLBError(f"{source} is not an eplb placement (expected \"format\": \"{_FORMAT}\")")
+        if data.get("version") != _VERSION:
+            raise EPLBError(
+                f"{source} has placement format version {data.get('version')!r}; this eplb reads version {_VERSION}"
+            )
+        try:
+            phy2log = torch.tensor(data["phy2log"], dtype=torch.int64)
+            num_logical = int(data["num_logical"])
+            expect = (int(data["num_layers"]), int(data["num_physical"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EPLBError(f"{source} is malformed ({exc}); save placements with Placement.save") from None
+        if phy2log.dim() != 2 or tuple(phy2log.shape) != expect:
+            raise EPLBError(
+                f"{source}: phy2log has shape {tuple(phy2log.shape)} but the header says "
+                f"[num_layers, num_physical] = {list(expect)}"
+            )
+        return cls.from_phy2log(phy2log, num_logical).validate()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the placement as JSON (see `to_dict`)."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Placement:
+        """Read a placement written by `save`; validated."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise EPLBError(f"placement file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise EPLBError(f"placement file {str(path)!r} is not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=f"placement file {str(path)!r}")
+
+    def __repr__(self) -> str:
+        return f"Placement(L={self.num_layers}, E={self.num_logical}, P={self.num_physical})"
+
+
+def _check_sizes(num_logical: int, num_physical: int, num_ranks: int) -> None:
+    if num_ranks <= 0:
+        raise EPLBError(f"num_ranks ({num_ranks}) must be > 0")
+    if num_physical < num_logical:
+        raise EPLBError(
+            f"num_physical ({num_physical}) must be >= num_logical ({num_logical}); "
+            "num_redundant_experts cannot be negative"
+        )
+    if num_physical % num_ranks:
+        lo = num_physical - num_logical
+        fixes = [r for r in range(lo, lo + 2 * num_ranks + 1) if (num_logical + r) % num_ranks == 0][:2]
+        raise EPLBError(
+            f"num_physical ({num_physical}) must be a multiple of num_ranks ({num_ranks}); "
+            f"set num_redundant_experts to {' or '.join(map(str, fixes))}"
+        )

@@ -1,0 +1,186 @@
+"""Policy registry: a policy turns a load ``[L, E]`` into a `Placement`.
+
+A policy is a pure, deterministic callable::
+
+    policy(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None) -> Placement
+
+with ``load: [L, E]`` non-negative float. Register one with `register_policy`; third-party
+packages can also register through the entry-point group ``eplb.policies`` (each entry point
+names a policy callable, registered under the entry point's name).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from eplb.errors import EPLBError
+from eplb.placement import Placement, _check_sizes
+
+__all__ = ["Policy", "register_policy", "get_policy", "available_policies", "check_policy_inputs"]
+
+ENTRY_POINT_GROUP = "eplb.policies"
+
+
+class Policy(Protocol):
+    def __call__(
+        self,
+        load: torch.Tensor,
+        *,
+        num_physical: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old: Placement | None = None,
+    ) -> Placement: ...
+
+
+_REGISTRY: dict[str, Callable[..., Placement]] = {}
+_entry_points_loaded = False
+_builtins_loaded = False
+
+
+def check_policy_inputs(
+    load: torch.Tensor, *, num_physical: int, num_groups: int, num_nodes: int, num_ranks: int,
+    old: Placement | None = None,
+) -> torch.Tensor:
+    """Validate a policy call; return ``load`` as a contiguous float64 CPU tensor ``[L, E]``.
+
+    Raises `EPLBError` for: a load that is not 2-D, negative/NaN/inf loads, ``num_physical < E``,
+    ``num_physical % num_ranks != 0``, ``E % num_groups != 0``, ``num_ranks % num_nodes != 0``,
+    or an ``old`` placement of another shape.
+    """
+    if not isinstance(load, torch.Tensor):
+        try:
+            load = torch.as_tensor(load)
+        except Exception:
+            raise EPLBError(f"load must be a [L, E] tensor, got {type(load).__name__}") from None
+    if load.dim() != 2:
+        raise EPLBError(f"load must be a [L, E] tensor (layers x logical experts), got shape {tuple(load.shape)}")
+    load = load.detach().to("cpu", torch.float64).contiguous()
+    if not torch.isfinite(load).all():
+        raise EPLBError("load contains NaN or inf; loads must be finite token counts")
+    if (load < 0).any():
+        raise EPLBError(f"load contains a negative value ({load.min().item():g}); loads must be >= 0")
+    num_logical = load.shape[1]
+    for name, value in (("num_groups", num_groups), ("num_nodes", num_nodes), ("num_ranks", num_ranks)):
+        if int(value) <= 0:
+            raise EPLBError(f"{name} ({value}) must be > 0")
+    _check_sizes(num_logical, num_physical, num_ranks)
+    if num_logical % num_groups:
+        raise EPLBError(
+            f"num_logical ({num_logical}) must be a multiple of num_groups ({num_groups}); "
+            f"set num_groups to a divisor of {num_logical}"
+        )
+    if num_ranks % num_nodes:
+        raise EPLBError(
+            f"num_ranks ({num_ranks}) must be a multiple of num_nodes ({num_nodes}); "
+            "every node holds the same number of ranks"
+        )
+    if old is not None and (old.num_layers, old.num_logical, old.num_physical) != (
+        load.shape[0], num_logical, num_physical
+    ):
+        raise EPLBError(
+            f"old placement is {old!r} but the load is [{load.shape[0]}, {num_logical}] with "
+            f"num_physical={num_physical}; pass the placement this load was measured under"
+        )
+    return load
+
+
+def _checked(name: str, fn: Callable[..., Placement]) -> Callable[..., Placement]:
+    @functools.wraps(fn)
+    def policy(load, *, num_physical, num_groups=1, num_nodes=1, num_ranks=1, old=None):
+        load = check_policy_inputs(
+            load, num_physical=num_physical, num_groups=num_groups, num_nodes=num_nodes,
+            num_ranks=num_ranks, old=old,
+        )
+        out = fn(load, num_physical=num_physical, num_groups=num_groups, num_nodes=num_nodes,
+                 num_ranks=num_ranks, old=old)
+        if not isinstance(out, Placement):
+            raise EPLBError(f"policy {name!r} returned {type(out).__name__}, expected a Placement")
+        if (out.num_layers, out.num_logical, out.num_physical) != (load.shape[0], load.shape[1], num_physical):
+            raise EPLBError(
+                f"policy {name!r} returned {out!r} for a load of shape {tuple(load.shape)} and "
+                f"num_physical={num_physical}"
+            )
+        try:
+            out.validate(num_ranks)
+        except EPLBError as exc:
+            raise EPLBError(f"policy {name!r} returned an invalid placement: {exc}") from None
+        return out
+
+    policy.raw = fn  # the unchecked function, for benchmarks
+    return policy
+
+
+def register_policy(name: str, *, override: bool = False) -> Callable[[Callable[..., Placement]], Callable[..., Placement]]:
+    """Decorator registering a policy under ``name``.
+
+    The registered callable validates its inputs (`check_policy_inputs`) and its output
+    (`Placement.validate`), so plug-ins get the same error messages as built-ins.
+    Registering a taken name raises `EPLBError` unless ``override=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise EPLBError(f"policy name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: Callable[..., Placement]) -> Callable[..., Placement]:
+        _load_builtins()
+        if name in _REGISTRY and not override:
+            raise EPLBError(f"policy {name!r} is already registered; pass override=True to replace it")
+        _REGISTRY[name] = _checked(name, fn)
+        return fn
+
+    return decorator
+
+
+def unregister_policy(name: str) -> None:
+    """Remove a registered policy (tests and notebooks); built-ins can be removed too."""
+    _REGISTRY.pop(name, None)
+
+
+def available_policies() -> list[str]:
+    """Names of every registered policy, built-ins and entry points included, sorted."""
+    _load_builtins()
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str) -> Callable[..., Placement]:
+    """The checked policy registered as ``name``; `EPLBError` lists the known names otherwise."""
+    names = available_policies()
+    if name not in _REGISTRY:
+        raise EPLBError(
+            f"unknown policy {name!r}; registered policies: {', '.join(names)}. "
+            "Register yours with @eplb.register_policy(name) before building the config"
+        )
+    return _REGISTRY[name]
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        from eplb.policies import default, topk  # noqa: F401  (registers on import)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            fn = ep.load()
+        except Exception as exc:  # a broken plug-in must not break eplb itself
+            import logging
+
+            logging.getLogger("eplb").warning("could not load policy entry point %r: %s", ep.name, exc)
+            continue
+        _REGISTRY[ep.name] = _checked(ep.name, fn)

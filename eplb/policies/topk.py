@@ -1,0 +1,1 @@
+"""Placeholder removed by the policies work; see issue 2."""
