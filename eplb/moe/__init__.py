@@ -1,0 +1,1 @@
+"""MoE adapters and the EPLB expert layer."""
