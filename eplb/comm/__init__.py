@@ -46,9 +46,4 @@ def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        try:
-            from eplb.comm import base  # noqa: F401  (registers on import)
-        except ImportError:
-            # Until the communicators exist, the config still knows their names.
-            for n in ("local", "torch_gloo", "torch_nccl"):
-                _REGISTRY.setdefault(n, None)
+        from eplb.comm import base, gloo, nccl  # noqa: F401  (register on import)
