@@ -1,0 +1,347 @@
+"""LoadTracker: a device-resident sliding window of the logical load of every MoE layer.
+
+Legend: L MoE layers, E logical experts, W window steps, T tokens, K top-k, C = E + 2 counter
+columns (the E experts, then one column for out-of-range ids, then one for padding).
+
+`record` is two kernels: ``clamp(-1, E)`` and ``put_(..., accumulate=True)`` into the layer's
+counter row. ``put_`` wraps negative indices, so padding (-1 after the clamp) lands in the
+last column and ids ``>= E`` in column ``E``, with no branch and no extra kernel.
+
+Everything on the hot path (`LoadTracker.record`, `LoadTracker.step`) is a fixed sequence of
+device kernels on preallocated buffers: no host synchronisation, no allocation whose size
+depends on the data, no Python branch on device values. So both can run inside a captured
+CUDA graph and under ``torch.cuda.set_sync_debug_mode("error")``, and every replay updates the
+buffers in place. The ring position is a device tensor for the same reason: a Python counter
+would be baked into the graph at capture time.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from eplb.errors import EPLBError
+
+__all__ = ["LoadTracker"]
+
+_FORMAT = "eplb.load_tracker"
+_VERSION = 1
+
+
+class LoadTracker:
+    """Tokens routed to each logical expert of each MoE layer, over the last ``window_size`` steps.
+
+    The tracker counts **logical** expert ids (what the router chose), not physical slots, so
+    the window stays meaningful when the placement changes inside it: nothing has to be
+    re-attributed after a rebalance.
+
+    Args:
+        num_layers: ``L``, MoE layers tracked (``record`` takes a layer index in ``[0, L)``).
+        num_logical: ``E``, logical experts per layer.
+        window_size: ``W``, completed steps kept in the window.
+        device: where the counters live; record ids from the same device.
+
+    Buffers (all int64, allocated once, updated in place):
+        current ``[L, C]`` — the step being recorded (plus the out-of-range and padding
+        columns); window ``[W, L, E]`` — a ring of completed steps; window sum ``[L, E]`` — kept
+        up to date by `step` so `window_load` costs one copy; ring position, steps recorded and
+        the enabled flag — device scalars.
+    """
+
+    def __init__(
+        self, num_layers: int, num_logical: int, window_size: int, device: str | torch.device = "cpu"
+    ):
+        for name, value, low in (
+            ("num_layers", num_layers, 1),
+            ("num_logical", num_logical, 1),
+            ("window_size", window_size, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise EPLBError(f"{name} ({value!r}) must be an int >= {low}")
+        self.num_layers = num_layers
+        self.num_logical = num_logical
+        self.window_size = window_size
+        self.device = _normalise_device(device)
+        E, W, L = num_logical, window_size, num_layers
+        opts = {"dtype": torch.int64, "device": self.device}
+        # Column E collects ids >= E and is never cleared by step(): its sum is the number of
+        # bad ids seen, checked later without a sync on the hot path. Column E + 1 collects
+        # padding and is never read.
+        self._current_LC = torch.zeros(L, E + 2, **opts)
+        self._window_WLE = torch.zeros(W, L, E, **opts)
+        self._sum_LE = torch.zeros(L, E, **opts)
+        self._counters_2 = torch.zeros(2, **opts)  # [ring row the next step() writes, steps done]
+        # The put_ source is this flag expanded to [T * K]: 1 counts, 0 records nothing. It costs
+        # no kernel over a ones tensor and can be flipped without re-capturing a graph.
+        self._enabled = torch.ones((), **opts)
+        self._enabled_host = True
+        # Views of the buffers above, made once: each view costs a dispatcher call on the hot path.
+        self._rows_C = list(self._current_LC.unbind(0))
+        self._current_1LE = self._current_LC[:, :E].unsqueeze(0)
+        self._sum_1LE = self._sum_LE.unsqueeze(0)
+        self._out_of_range_L = self._current_LC[:, E]
+        self._pos_1 = self._counters_2[:1]
+        self._steps = self._counters_2[1]
+        self._sources: dict[int, torch.Tensor] = {}  # numel -> self._enabled expanded
+        self._row_ids_N1 = torch.arange(0, device=self.device).unsqueeze(1)  # grows to the largest T
+
+    # ------------------------------------------------------------------ hot path
+    def record(
+        self,
+        layer: int,
+        topk_ids: torch.Tensor,
+        num_valid_tokens: torch.Tensor | int | None = None,
+    ) -> None:
+        """Add one batch of routing decisions of ``layer`` to the current step.
+
+        Args:
+            layer: MoE layer index in ``[0, L)`` (a Python int).
+            topk_ids: ``[T, K]`` int — logical expert chosen for each (token, k); negative ids
+                are padding and are ignored.
+            num_valid_tokens: optional ``0-d``/``[1]`` int tensor on the tracker's device (or a
+                Python int) — rows ``>= num_valid_tokens`` are ignored. A tensor can be updated
+                in place between CUDA-graph replays of a padded batch.
+
+        Ids ``>= E`` raise `EPLBError` at once when ``topk_ids`` is on the CPU. On an
+        accelerator they are counted in a device counter (checking them here would need a
+        host sync) and the next `window_load` raises.
+        """
+        row_C = self._rows_C[self._check_layer(layer)]
+        ids_TK = self._check_ids(topk_ids)
+        E = self.num_logical
+        if ids_TK.dtype != torch.int64:
+            ids_TK = ids_TK.to(torch.int64)  # put_ takes int64 indices only
+        if ids_TK.device.type == "cpu" and ids_TK.numel() and int(ids_TK.max()) >= E:
+            bad = int(ids_TK.max())
+            raise EPLBError(
+                f"topk_ids holds expert id {bad}, outside [0, num_logical={E}); "
+                "record logical expert ids (use a negative id for padding)"
+            )
+        # Padding -> -1, which put_ wraps to the last (padding) column; ids >= E -> column E.
+        col_TK = ids_TK.clamp(-1, E)
+        if num_valid_tokens is not None:
+            col_TK = self._mask_rows(col_TK, num_valid_tokens)
+        row_C.put_(col_TK, self._source(col_TK.numel()), accumulate=True)
+
+    def step(self) -> None:
+        """Close the current step: it becomes the newest step of the window, the oldest drops out.
+
+        No host sync; safe to capture in a CUDA graph together with the `record` calls.
+        """
+        oldest_1LE = self._window_WLE.index_select(0, self._pos_1)
+        self._sum_1LE.add_(self._current_1LE).sub_(oldest_1LE)
+        self._window_WLE.index_copy_(0, self._pos_1, self._current_1LE)
+        self._current_1LE.zero_()
+        self._counters_2.add_(1)
+        self._pos_1.remainder_(self.window_size)
+
+    # ------------------------------------------------------------------ reading
+    def window_load(self, group=None) -> torch.Tensor:
+        """The load over the window.
+
+        Args:
+            group: ``None`` for this process's load, or a ``torch.distributed`` process group
+                to sum over (a collective: every rank of the group must call it). A CUDA
+                tracker with a group whose backend is not NCCL (e.g. gloo) reduces a CPU copy.
+
+        Returns:
+            ``[L, E]`` int64 on the tracker's device — tokens routed to each logical expert over
+            the last ``min(steps_recorded, W)`` completed steps (the current step not included).
+        """
+        self._raise_on_out_of_range()
+        load_LE = self._sum_LE.clone()
+        return _all_reduce_sum(load_LE, group) if group is not None else load_LE
+
+    def last_step_load(self, group=None) -> torch.Tensor:
+        """``[L, E]`` int64 — the load of the most recently completed step (zeros before the first).
+
+        ``group`` works as in `window_load`. No host sync without a group.
+        """
+        last_1 = (self._pos_1 - 1).remainder(self.window_size)
+        load_LE = self._window_WLE.index_select(0, last_1)[0]
+        return _all_reduce_sum(load_LE, group) if group is not None else load_LE
+
+    @property
+    def steps_recorded(self) -> int:
+        """Completed steps since construction or `reset` (reads a device scalar: a host sync
+        on an accelerator, so keep it off the hot path)."""
+        return int(self._steps.item())
+
+    @property
+    def enabled(self) -> bool:
+        """Recording gate: while False, `record` adds nothing (the kernels still run, so a
+        captured graph keeps working and honours the flag on replay). True by default."""
+        return self._enabled_host
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled_host = bool(value)
+        self._enabled.fill_(int(self._enabled_host))
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget everything recorded (in place, so captured graphs stay valid)."""
+        for buf in (self._current_LC, self._window_WLE, self._sum_LE, self._counters_2):
+            buf.zero_()
+
+    def state_dict(self) -> dict:
+        """A checkpointable copy (CPU tensors): sizes, the window ring, the current step, counters."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "num_layers": self.num_layers,
+            "num_logical": self.num_logical,
+            "window_size": self.window_size,
+            "window": self._window_WLE.cpu().clone(),
+            "current": self._current_LC[:, : self.num_logical].cpu().clone(),
+            "position": int(self._pos_1.item()),
+            "steps_recorded": int(self._steps.item()),
+            "out_of_range": int(self._out_of_range_L.sum().item()),
+            "enabled": self._enabled_host,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` into this tracker's buffers (in place; sizes must match)."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise EPLBError(f"state is not a LoadTracker state_dict (expected \"format\": \"{_FORMAT}\")")
+        if state.get("version") != _VERSION:
+            raise EPLBError(
+                f"LoadTracker state has version {state.get('version')!r}; this eplb reads version {_VERSION}"
+            )
+        ours = (self.num_layers, self.num_logical, self.window_size)
+        theirs = (state.get("num_layers"), state.get("num_logical"), state.get("window_size"))
+        if theirs != ours:
+            raise EPLBError(
+                f"LoadTracker state has (num_layers, num_logical, window_size) = {theirs} but this "
+                f"tracker has {ours}; build the tracker with the sizes of the checkpoint"
+            )
+        L, E, W = ours
+        window = torch.as_tensor(state["window"])
+        current = torch.as_tensor(state["current"])
+        if tuple(window.shape) != (W, L, E) or tuple(current.shape) != (L, E):
+            raise EPLBError(
+                f"LoadTracker state tensors have shapes window {tuple(window.shape)}, current "
+                f"{tuple(current.shape)}; expected {(W, L, E)} and {(L, E)}"
+            )
+        position = int(state["position"])
+        if not 0 <= position < W:
+            raise EPLBError(f"LoadTracker state position ({position}) must be in [0, window_size={W})")
+        self._window_WLE.copy_(window)
+        self._sum_LE.copy_(window.sum(0))
+        self._current_LC.zero_()
+        self._current_LC[:, :E].copy_(current)
+        self._out_of_range_L[0] = int(state.get("out_of_range", 0))
+        self._pos_1.fill_(position)
+        self._steps.fill_(int(state["steps_recorded"]))
+        self.enabled = bool(state.get("enabled", True))
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadTracker(num_layers={self.num_layers}, num_logical={self.num_logical}, "
+            f"window_size={self.window_size}, device={str(self.device)!r})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _check_layer(self, layer) -> int:
+        try:
+            index = operator.index(layer)
+        except TypeError:
+            raise EPLBError(f"layer must be a Python int, got {type(layer).__name__}") from None
+        if isinstance(layer, bool) or not 0 <= index < self.num_layers:
+            raise EPLBError(f"layer ({layer!r}) must be in [0, num_layers={self.num_layers})")
+        return index
+
+    def _check_ids(self, topk_ids) -> torch.Tensor:
+        if not isinstance(topk_ids, torch.Tensor):
+            raise EPLBError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
+        if topk_ids.dim() != 2:
+            raise EPLBError(
+                f"topk_ids must be a [T, K] tensor, got shape {tuple(topk_ids.shape)}; "
+                "pass the router's top-k expert ids, one row per token"
+            )
+        if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+            raise EPLBError(f"topk_ids must hold integer expert ids, got dtype {topk_ids.dtype}")
+        if topk_ids.device != self.device:
+            raise EPLBError(
+                f"topk_ids is on {topk_ids.device} but the tracker is on {self.device}; "
+                f"build the LoadTracker with device={str(topk_ids.device)!r}"
+            )
+        return topk_ids
+
+    def _mask_rows(self, col_TK: torch.Tensor, num_valid_tokens) -> torch.Tensor:
+        T = col_TK.shape[0]
+        if isinstance(num_valid_tokens, torch.Tensor):
+            n = num_valid_tokens
+            if n.numel() != 1 or n.dtype.is_floating_point or n.dtype == torch.bool:
+                raise EPLBError(
+                    f"num_valid_tokens must be a one-element integer tensor, got shape {tuple(n.shape)} "
+                    f"and dtype {n.dtype}"
+                )
+            if n.device != self.device:
+                raise EPLBError(f"num_valid_tokens is on {n.device} but the tracker is on {self.device}")
+            # rows >= n -> padding, computed on the device so graph replays can change n.
+            if self._row_ids_N1.shape[0] >= T:
+                rows_T1 = self._row_ids_N1[:T]
+            else:
+                rows_T1 = torch.arange(T, device=col_TK.device).unsqueeze(1)
+                # A tensor made during capture holds no values until replay: never keep it.
+                if not (col_TK.is_cuda and torch.cuda.is_current_stream_capturing()):
+                    self._row_ids_N1 = rows_T1
+            return col_TK.masked_fill_(rows_T1 >= n.reshape(()), -1)
+        try:
+            n_int = operator.index(num_valid_tokens)
+        except TypeError:
+            raise EPLBError(
+                f"num_valid_tokens must be an int tensor or an int, got {type(num_valid_tokens).__name__}"
+            ) from None
+        if n_int < 0:
+            raise EPLBError(f"num_valid_tokens ({n_int}) must be >= 0")
+        col_TK[n_int:] = -1
+        return col_TK
+
+    def _source(self, numel: int) -> torch.Tensor:
+        src_N = self._sources.get(numel)
+        if src_N is None:
+            if len(self._sources) >= 4096:  # batch sizes keep changing: stay bounded
+                self._sources.clear()
+            # A view of the persistent flag (no kernel, no new memory): safe to cache even in capture.
+            src_N = self._sources[numel] = self._enabled.expand(numel)
+        return src_N
+
+    def _raise_on_out_of_range(self) -> None:
+        bad = int(self._out_of_range_L.sum().item())
+        if bad:
+            raise EPLBError(
+                f"{bad} recorded expert id(s) were >= num_logical ({self.num_logical}) and were not counted; "
+                "record logical expert ids in [0, num_logical) (negative ids mark padding); "
+                "call reset() to clear this error"
+            )
+
+
+def _normalise_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        # torch.device("cuda") != torch.device("cuda:0"); pin the index so device checks compare equal.
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``t`` over ``group`` and return the result on ``t``'s device (``t`` is not modified)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise EPLBError(
+            "a process group was passed but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first, or pass group=None"
+        )
+    backend = str(dist.get_backend(group)).lower()
+    # Only NCCL reduces accelerator tensors reliably; stage everything else through the CPU.
+    if t.device.type == "cpu" or "nccl" not in backend:
+        staged = t.to("cpu", copy=True)
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=group)
+        return staged.to(t.device)
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
