@@ -66,6 +66,8 @@ def check_policy_inputs(
     if (load < 0).any():
         raise EPLBError(f"load contains a negative value ({load.min().item():g}); loads must be >= 0")
     num_logical = load.shape[1]
+    if num_logical == 0:
+        raise EPLBError("load has no experts (shape [L, 0]); pass one column per logical expert")
     for name, value in (("num_groups", num_groups), ("num_nodes", num_nodes), ("num_ranks", num_ranks)):
         if int(value) <= 0:
             raise EPLBError(f"{name} ({value}) must be > 0")
