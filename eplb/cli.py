@@ -1,0 +1,381 @@
+"""The ``eplb`` command: ``simulate``, ``plan``, ``show`` and ``demo``.
+
+TRACE arguments are read by `eplb.traces.load_trace`: a trace file, ``example`` (the trace
+bundled with eplb) or a synthetic spec such as ``synthetic:lognormal?steps=2000&sigma=1``.
+Every error is one line on stderr, ``eplb: error: ...``, with exit status 2 for a bad command
+line and 1 for anything else (bad files, bad specs, sizes that do not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+_EXIT_ERROR = 1
+_EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    """A bad command line; argparse's own errors are turned into this (one line, no usage dump)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``eplb`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["demo"]:
+            # The demo parses its own options; hand them over untouched.
+            return _run_demo(argv[1:])
+        parser = _build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version
+            return int(exc.code or 0)
+        if getattr(args, "func", None) is None:
+            raise _UsageError("choose a command: simulate, plan, show or demo (see 'eplb --help')")
+        return int(args.func(args) or 0)
+    except _UsageError as exc:
+        return _fail(str(exc), _EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        return _fail(_one_line(exc), _EXIT_ERROR)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"eplb: error: {message}", file=sys.stderr)
+    return status
+
+
+def _one_line(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    from eplb.errors import EPLBError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        text = f"{where}: {err['msg']}" if where else err["msg"]
+    elif isinstance(exc, EPLBError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        # Not a user error: still one line, but say what it was so it can be reported.
+        text = f"{type(exc).__name__}: {exc} (this looks like a bug in eplb; please report it)"
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------------------- parser
+def _build_parser() -> argparse.ArgumentParser:
+    from eplb import __version__
+
+    parser = _Parser(
+        prog="eplb",
+        description="Expert-parallel load balancing for MoE models: simulate policies on traces, plan and "
+        "inspect static placements, run the demo.",
+        epilog="TRACE is a trace file (.npz), 'example' (the trace bundled with eplb) or a synthetic spec "
+        "such as 'synthetic:lognormal?steps=2000&layers=4&experts=64&sigma=1&seed=0'.",
+    )
+    parser.add_argument("--version", action="version", version=f"eplb {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "simulate", help="replay a trace through one or more configs and compare them",
+        description="Replay TRACE through every combination of the given options (each option may be "
+        "repeated: --policy default --policy topk --interval 100 --interval 1000 gives four configs) and "
+        "print one row per config.",
+    )
+    p.add_argument("trace", metavar="TRACE", help="trace file, 'example', or a synthetic:... spec")
+    p.add_argument("--policy", action="append", metavar="NAME", help="registered policy (default: default)")
+    p.add_argument("--window", action="append", type=_positive_int, metavar="STEPS",
+                   help="steps of load the policy plans from (default 1000)")
+    p.add_argument("--interval", action="append", type=_positive_int, metavar="STEPS",
+                   help="steps between rebalances (default 3000; >= the trace length = never rebalance)")
+    _add_sizes(p, repeatable=True)
+    p.add_argument("--min-improvement", action="append", type=float, metavar="X",
+                   help="skip a rebalance whose predicted balancedness gain is below X (default 0)")
+    p.add_argument("--bytes-per-expert", type=_byte_size, default=0, metavar="BYTES",
+                   help="bytes of one expert's weights, e.g. 44M, to report bytes moved (default 0)")
+    p.add_argument("--initial", metavar="PLACEMENT.json",
+                   help="placement in force at step 0 (from 'eplb plan'); default: the wrapper's initial one")
+    p.add_argument("--plot", metavar="OUT.png", help="write balancedness over time and rank-load heatmaps")
+    p.add_argument("--json", metavar="OUT.json", help="write every per-step series and rebalance as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (else shown on a terminal)")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "plan", help="plan a static placement from a trace's total load",
+        description="Run a policy once on the load of TRACE summed over all its steps and save the placement "
+        "(load it with Placement.load or EPLBWrapper(..., initial_placement=...)).",
+    )
+    p.add_argument("trace", metavar="TRACE", help="trace file, 'example', or a synthetic:... spec")
+    p.add_argument("--policy", default="default", metavar="NAME", help="registered policy (default: default)")
+    _add_sizes(p, repeatable=False)
+    p.add_argument("-o", "--output", metavar="PLACEMENT.json", help="where to save the placement")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser(
+        "show", help="summarise a saved placement",
+        description="Print replica counts and the experts of each rank of PLACEMENT.json, and with --trace "
+        "its predicted balancedness on that trace's total load.",
+    )
+    p.add_argument("placement", metavar="PLACEMENT.json")
+    p.add_argument("--trace", metavar="TRACE", help="trace to predict balancedness on")
+    p.add_argument("--ranks", type=_positive_int, metavar="G",
+                   help="number of ranks (default: the one 'eplb plan' stored in the file)")
+    p.add_argument("--layer", type=int, action="append", metavar="I",
+                   help="layer to list per-rank experts for (repeatable; default: all if L <= 4, else 0)")
+    p.add_argument("--all-layers", action="store_true", help="list per-rank experts of every layer")
+    p.set_defaults(func=_cmd_show)
+
+    sub.add_parser(
+        "demo", help="the README demo: a small MoE on 4 CPU ranks, balanced by EPLB (see 'eplb demo --help')",
+        add_help=False,
+    )
+    return parser
+
+
+def _add_sizes(p: argparse.ArgumentParser, *, repeatable: bool) -> None:
+    # simulate takes several values per option (their product is compared); plan takes one.
+    def kw(default):
+        return {"action": "append"} if repeatable else {"default": default}
+
+    p.add_argument("--redundant", type=_non_negative_int, metavar="N", **kw(0),
+                   help="redundant slots per layer; P = E + N (default 0)")
+    p.add_argument("--ranks", type=_positive_int, metavar="G", **kw(8),
+                   help="expert-parallel ranks (default 8)")
+    p.add_argument("--nodes", type=_positive_int, metavar="N", **kw(1), help="nodes (default 1)")
+    p.add_argument("--groups", type=_positive_int, metavar="N", **kw(1),
+                   help="expert groups per layer, for group-limited routing (default 1)")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+          "ti": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """``4096``, ``44M``, ``1.5GB``, ``64MiB`` -> bytes (k/M/G/T decimal, Ki/Mi/Gi/Ti binary)."""
+    raw = text.strip().lower().removesuffix("b")
+    number = raw.rstrip("kmgti")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a byte size (e.g. 4096, 44M, 1.5G, 64MiB)"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------- commands
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from eplb.simulate import SimConfig, simulate
+    from eplb.traces import load_trace
+
+    trace = load_trace(args.trace)
+    axes = {
+        "policy": args.policy or ["default"],
+        "window": args.window or [SimConfig.model_fields["window"].default],
+        "interval": args.interval or [SimConfig.model_fields["interval"].default],
+        "redundant": args.redundant or [0],
+        "ranks": args.ranks or [8],
+        "nodes": args.nodes or [1],
+        "groups": args.groups or [1],
+        "min_improvement": args.min_improvement or [0.0],
+    }
+    configs = [
+        SimConfig(
+            **dict(zip(axes, values)), bytes_per_expert=args.bytes_per_expert, initial_placement=args.initial
+        )
+        for values in itertools.product(*axes.values())
+    ]
+    # A bar only on a terminal: in a log file it is a line of carriage returns.
+    result = simulate(trace, configs, progress=not args.no_progress and sys.stderr.isatty())
+    print(f"trace: {_describe(args.trace, trace)}")
+    if all(c.interval >= trace.steps for c in configs):
+        print(f"note: the interval ({min(c.interval for c in configs)}) is not shorter than the trace "
+              f"({trace.steps} steps), so no config rebalances; pass --interval")
+    print(result.table())
+    if args.json:
+        result.to_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        result.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import time
+
+    from eplb.metrics import balancedness
+    from eplb.placement import Placement
+    from eplb.policies import check_policy_inputs, get_policy
+    from eplb.traces import load_trace
+
+    trace = load_trace(args.trace)
+    load_LE = trace.total()
+    num_physical = trace.num_logical + args.redundant
+    policy = get_policy(args.policy)
+    check_policy_inputs(load_LE, num_physical=num_physical, num_groups=args.groups, num_nodes=args.nodes,
+                        num_ranks=args.ranks)
+    initial = Placement.initial(trace.num_layers, trace.num_logical, num_physical, args.ranks)
+    t0 = time.perf_counter()
+    placement = policy(load_LE, num_physical=num_physical, num_groups=args.groups, num_nodes=args.nodes,
+                       num_ranks=args.ranks, old=initial)
+    seconds = time.perf_counter() - t0
+    before = balancedness(load_LE, initial, args.ranks)
+    after = balancedness(load_LE, placement, args.ranks)
+    print(f"trace: {_describe(args.trace, trace)}")
+    print(f"policy {args.policy!r}: {args.ranks} ranks, {args.nodes} node(s), {args.groups} group(s), "
+          f"{num_physical} slots per layer ({args.redundant} redundant); planned in {seconds:.2f} s")
+    print(f"balancedness on the trace's total load: initial placement {before.aggregate:.4f} -> "
+          f"planned {after.aggregate:.4f}")
+    print(f"  per layer: {_floats(after.per_layer)}")
+    if args.output:
+        plan = {"policy": args.policy, "num_ranks": args.ranks, "num_nodes": args.nodes,
+                "num_groups": args.groups, "trace": _describe(args.trace, trace),
+                "balancedness": after.aggregate}
+        # Placement.load reads only its own keys, so the extra "plan" record rides along for `eplb show`.
+        with open(args.output, "w") as f:
+            json.dump({**placement.to_dict(), "plan": plan}, f)
+        print(f"wrote {args.output}")
+    else:
+        print("(not saved; pass -o PLACEMENT.json)")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import torch
+
+    from eplb.errors import EPLBError
+    from eplb.metrics import balancedness
+    from eplb.placement import Placement
+
+    placement = Placement.load(args.placement)
+    with open(args.placement) as f:
+        plan = json.load(f).get("plan") or {}
+    L, E, P = placement.num_layers, placement.num_logical, placement.num_physical
+    ranks = args.ranks or plan.get("num_ranks")
+    layers = _layers_to_list(args, L)
+    if ranks is not None:
+        placement.validate(ranks)
+    trace = None
+    if args.trace:
+        if ranks is None:
+            raise EPLBError("--trace needs the number of ranks: pass --ranks G")
+        from eplb.traces import load_trace
+
+        trace = load_trace(args.trace)
+        if (trace.num_layers, trace.num_logical) != (L, E):
+            raise EPLBError(
+                f"the trace has L={trace.num_layers}, E={trace.num_logical} but the placement has "
+                f"L={L}, E={E}; show a placement with a trace of the same model"
+            )
+
+    print(f"{args.placement}: {L} layers, {E} logical experts, {P} slots per layer ({P - E} redundant)")
+    if plan:
+        print(f"planned by policy {plan.get('policy')!r} on {plan.get('num_ranks')} ranks "
+              f"from {plan.get('trace')}")
+    values, counts = torch.unique(placement.logcnt, return_counts=True)
+    histogram = ", ".join(f"{c} with {v}" for v, c in zip(values.tolist(), counts.tolist()))
+    print(f"experts by replica count, over all layers: {histogram}")
+
+    for layer in layers:
+        replicated = [(e, c) for e, c in enumerate(placement.logcnt[layer].tolist()) if c > 1]
+        shown = ", ".join(f"{e}x{c}" for e, c in replicated) or "none"
+        print(f"layer {layer}: replicated experts (expert x replicas): {shown}")
+        if ranks is not None:
+            width = len(str(ranks - 1))
+            for g in range(ranks):
+                experts = " ".join(str(e) for e in placement.experts_of_rank(layer, g, ranks))
+                print(f"  rank {g:>{width}}: {experts}")
+    if len(layers) < L:
+        print(f"(per-layer details for {len(layers)} of {L} layers; pass --layer I or --all-layers)")
+    if ranks is None:
+        print("(pass --ranks G for the experts of each rank and balancedness)")
+
+    if trace is not None:
+        load_LE = trace.total()
+        b = balancedness(load_LE, placement, ranks)
+        base = balancedness(load_LE, Placement.initial(L, E, P, ranks), ranks)
+        print(f"on {_describe(args.trace, trace)}, total load:")
+        print(f"  balancedness {b.aggregate:.4f} (initial placement: {base.aggregate:.4f})")
+        print(f"  per layer: {_floats(b.per_layer)}")
+    return 0
+
+
+def _layers_to_list(args: argparse.Namespace, num_layers: int) -> list[int]:
+    from eplb.errors import EPLBError
+
+    if args.all_layers:
+        return list(range(num_layers))
+    if args.layer:
+        bad = [i for i in args.layer if not 0 <= i < num_layers]
+        if bad:
+            raise EPLBError(f"--layer {bad[0]} is outside [0, {num_layers})")
+        return list(dict.fromkeys(args.layer))
+    return list(range(num_layers)) if num_layers <= 4 else [0]
+
+
+def _run_demo(argv: list[str]) -> int:
+    try:
+        import eplb.demo as demo
+    except ModuleNotFoundError as exc:
+        from eplb.errors import EPLBError
+
+        if exc.name == "eplb.demo":
+            raise EPLBError(
+                "the demo is not available in this install of eplb (module eplb.demo is missing)"
+            ) from None
+        raise EPLBError(
+            f"the demo needs the package {exc.name!r}; install it (pip install 'eplb[dev]')"
+        ) from None
+    return int(demo.main(argv) or 0)
+
+
+def _describe(source: str, trace) -> str:
+    return f"{source} ({trace.steps} steps, {trace.num_layers} layers, {trace.num_logical} experts)"
+
+
+def _floats(values, limit: int = 16) -> str:
+    items = [f"{v:.3f}" for v in values.tolist()]
+    return " ".join(items[:limit]) + (f" ... ({len(items)} layers)" if len(items) > limit else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Replay a load trace through one or more EPLB configurations, offline, and compare them.
+
+Legend: T steps of the trace (no token dimension here), L MoE layers, E logical experts,
+P physical slots, G ranks.
+
+Semantics follow `EPLBWrapper` in sync mode: steps count from 0; after step ``t - 1`` with
+``t % interval == 0`` (and ``0 < t < T``) the policy plans from the window ``[t - window, t)``
+of the trace, with the placement in force as ``old``, and the new placement serves from step
+``t`` on. A rebalance whose predicted gain (on the window) is below ``min_improvement`` is
+skipped, and so is one whose window holds no load. The balancedness of step ``t`` is that of
+step ``t``'s own load under the placement in force at step ``t`` (per step:
+``sum_l mean_g / sum_l max_g``, as `eplb.metrics.balancedness`).
+
+Between two rebalances the placement is fixed, so the rank loads of all those steps are one
+batched product ``[T, L, E] x [L, E, G] -> [T, L, G]`` with `eplb.metrics.rank_share`; the
+policy runs once per rebalance. Async mode is not simulated: it commits the same placement a
+few steps later, layer by layer, which changes little over intervals of hundreds of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from eplb.errors import EPLBError
+from eplb.metrics import balancedness, predicted_gain, rank_share
+from eplb.placement import Placement
+from eplb.policies import check_policy_inputs, get_policy
+from eplb.traces import Trace
+from eplb.transfer import plan_layer_transfer
+
+__all__ = ["SimConfig", "Rebalance", "RunResult", "SimResult", "simulate"]
+
+_CHUNK_STEPS = 1024  # steps multiplied at once: bounds memory to ~chunk * L * (E + G) floats
+_PROGRESS_MIN_STEPS = 2000  # a progress bar below this many (steps x configs) is only noise
+
+
+class SimConfig(BaseModel):
+    """One configuration to replay a trace through (frozen; unknown fields are rejected).
+
+    The sizes are checked against the trace when `simulate` starts, with the policies' own
+    messages (``P = E + redundant`` a multiple of ``ranks``, ``E`` a multiple of ``groups``,
+    ``ranks`` a multiple of ``nodes``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    policy: str = "default"
+    """Registered policy name. Any policy works here, sync-only ones (``topk``) included."""
+
+    window: int = Field(1000, gt=0)
+    """Steps of load the policy plans from (``EPLBConfig.window_size``)."""
+
+    interval: int = Field(3000, gt=0)
+    """Steps between rebalances (``EPLBConfig.step_interval``). An interval of at least the
+    trace's length never rebalances: the initial placement stays (a static placement)."""
+
+    redundant: int = Field(0, ge=0)
+    """Redundant slots per layer (``EPLBConfig.num_redundant_experts``); ``P = E + redundant``."""
+
+    ranks: int = Field(8, gt=0)
+    """``G``, expert-parallel ranks."""
+
+    nodes: int = Field(1, gt=0)
+    """``N``, nodes (hierarchical policies pack expert groups onto nodes first)."""
+
+    groups: int = Field(1, gt=0)
+    """Expert groups per layer (DeepSeek group-limited routing); must divide ``E``."""
+
+    min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
+    """Skip a rebalance whose predicted balancedness gain is below this (``EPLBConfig.min_improvement``)."""
+
+    bytes_per_expert: int = Field(0, ge=0)
+    """Bytes of one expert's weights, to turn weight transfers into bytes; 0 reports 0 bytes."""
+
+    initial_placement: Placement | Path | str | None = None
+    """Placement in force at step 0 (a `Placement` or a path to a saved one); default
+    ``Placement.initial(L, E, P, ranks)``, what the wrapper starts from."""
+
+    name: str | None = None
+    """Label in tables, plots and JSON; default built from the fields that differ between the
+    configs of one `simulate` call."""
+
+    def resolved_initial(self, trace: Trace) -> Placement:
+        """The placement at step 0 for ``trace`` (validated against its shape and ``ranks``)."""
+        num_physical = trace.num_logical + self.redundant
+        if self.initial_placement is None:
+            return Placement.initial(trace.num_layers, trace.num_logical, num_physical, self.ranks)
+        placement = self.initial_placement
+        if not isinstance(placement, Placement):
+            placement = Placement.load(placement)
+        shape = (placement.num_layers, placement.num_logical, placement.num_physical)
+        if shape != (trace.num_layers, trace.num_logical, num_physical):
+            raise EPLBError(
+                f"initial placement {placement!r} does not fit the trace (L={trace.num_layers}, "
+                f"E={trace.num_logical}) with redundant={self.redundant} (P={num_physical}); "
+                f"set redundant to {placement.num_physical - placement.num_logical} or plan a new placement"
+            )
+        return placement.validate(self.ranks)
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """One rebalance of a run.
+
+    Attributes:
+        step: first step served by the new placement.
+        plan_time_s: wall time of the policy call.
+        slots_moved: slots (over all layers) whose expert changed.
+        weight_transfers: experts that cross the network: one per (layer, expert, receiving rank)
+            not already holding it (as `eplb.transfer.plan_layer_transfer` counts them).
+        bytes_moved: ``weight_transfers * bytes_per_expert``.
+        predicted_gain: balancedness gain of the new placement over the old one on the window.
+        window_balancedness_before / window_balancedness_after: those two balancednesses.
+        skipped: True when ``predicted_gain < min_improvement`` (with ``min_improvement > 0``)
+            or the window holds no load; the old placement stays and nothing moves.
+    """
+
+    step: int
+    plan_time_s: float
+    slots_moved: int
+    weight_transfers: int
+    bytes_moved: int
+    predicted_gain: float
+    window_balancedness_before: float
+    window_balancedness_after: float
+    skipped: bool
+
+
+@dataclass(eq=False)
+class RunResult:
+    """The replay of one config.
+
+    Attributes:
+        name: the config's label.
+        config: the `SimConfig`.
+        balancedness: ``[T]`` float64 — per step, ``sum_l mean_g / sum_l max_g`` of that step's
+            rank loads under the placement in force; 1.0 for a step without load.
+        max_load: ``[T]`` float64 — ``sum_l max_g`` rank load (the busiest rank of each layer).
+        mean_load: ``[T]`` float64 — ``sum_l mean_g`` rank load.
+        rebalances: every rebalance, skipped ones included, in step order.
+        rank_load_static: ``[L, G]`` float64 — the whole trace served by the initial placement.
+        rank_load: ``[L, G]`` float64 — the whole trace served as simulated (each step by the
+            placement in force then).
+        final_placement: the placement in force after the last step.
+    """
+
+    name: str
+    config: SimConfig
+    balancedness: np.ndarray
+    max_load: np.ndarray
+    mean_load: np.ndarray
+    rebalances: list[Rebalance]
+    rank_load_static: np.ndarray
+    rank_load: np.ndarray
+    final_placement: Placement
+
+    def summary(self) -> dict[str, Any]:
+        """One row of numbers: mean/min balancedness, overall balancedness (``sum mean / sum
+        max`` over every step), rebalances done and skipped, slots moved, weight transfers,
+        bytes moved, total plan time."""
+        done = [r for r in self.rebalances if not r.skipped]
+        total_max = float(self.max_load.sum())
+        return {
+            "name": self.name,
+            "mean_balancedness": float(self.balancedness.mean()) if self.balancedness.size else 1.0,
+            "min_balancedness": float(self.balancedness.min()) if self.balancedness.size else 1.0,
+            "overall_balancedness": float(self.mean_load.sum()) / total_max if total_max > 0 else 1.0,
+            "rebalances": len(done),
+            "skipped": len(self.rebalances) - len(done),
+            "slots_moved": sum(r.slots_moved for r in done),
+            "weight_transfers": sum(r.weight_transfers for r in done),
+            "bytes_moved": sum(r.bytes_moved for r in done),
+            "plan_time_s": sum(r.plan_time_s for r in self.rebalances),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: config, summary, per-step series and rebalances."""
+        cfg = self.config.model_dump(exclude={"initial_placement"})
+        initial = self.config.initial_placement
+        cfg["initial_placement"] = "<in-memory Placement>" if isinstance(initial, Placement) else (
+            None if initial is None else os.fspath(initial)
+        )
+        return {
+            "name": self.name,
+            "config": cfg,
+            "summary": self.summary(),
+            "balancedness": self.balancedness.tolist(),
+            "max_load": self.max_load.tolist(),
+            "mean_load": self.mean_load.tolist(),
+            "rebalances": [asdict(r) for r in self.rebalances],
+        }
+
+
+@dataclass(eq=False)
+class SimResult:
+    """Results of `simulate`: one `RunResult` per config, in the order given.
+
+    ``result["name"]`` picks a run by name; ``result.runs`` lists them.
+    """
+
+    trace_metadata: dict[str, Any]
+    steps: int
+    runs: list[RunResult] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> RunResult:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise KeyError(f"no run named {name!r}; runs: {', '.join(r.name for r in self.runs)}")
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """`RunResult.summary` of every run."""
+        return [run.summary() for run in self.runs]
+
+    def table(self) -> str:
+        """A plain-text table, one row per config."""
+        rows = [("config", "mean bal", "min bal", "overall", "rebal", "skipped", "slots moved",
+                 "transfers", "bytes moved", "plan s")]
+        for s in self.summaries():
+            rows.append((
+                s["name"], f"{s['mean_balancedness']:.4f}", f"{s['min_balancedness']:.4f}",
+                f"{s['overall_balancedness']:.4f}", str(s["rebalances"]), str(s["skipped"]),
+                str(s["slots_moved"]), str(s["weight_transfers"]), _human_bytes(s["bytes_moved"]),
+                f"{s['plan_time_s']:.2f}",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``format``: ``"eplb.simresult"``, ``version``: 1)."""
+        return {
+            "format": "eplb.simresult",
+            "version": 1,
+            "trace": {**self.trace_metadata, "steps": self.steps},
+            "runs": [run.to_dict() for run in self.runs],
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The results as JSON (see `to_dict`); also written to ``path`` when given."""
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Write a figure: balancedness over time for every config (rebalances marked), then per
+        config the rank loads of the whole trace as heatmaps ``[L, G]`` (each layer divided by
+        its mean rank load): served by the initial placement (static) and as simulated.
+
+        Needs matplotlib (``pip install eplb[plot]``). Draws on its own Agg canvas, without
+        pyplot, so it needs no display and leaves the caller's matplotlib backend alone.
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise EPLBError("plotting needs matplotlib; install it with pip install 'eplb[plot]'") from None
+        n = len(self.runs)
+        fig = Figure(figsize=(11, 3.2 + 2.6 * n), layout="constrained")
+        grid = fig.add_gridspec(1 + n, 2, height_ratios=[1.3] + [1.0] * n)
+        ax = fig.add_subplot(grid[0, :])
+        for run in self.runs:
+            (line,) = ax.plot(np.arange(self.steps), run.balancedness, lw=0.8, label=run.name)
+            for r in run.rebalances:
+                if not r.skipped:
+                    ax.axvline(r.step, color=line.get_color(), lw=0.5, ls=":", alpha=0.6)
+        ax.set_xlabel("step")
+        ax.set_ylabel("balancedness (mean / max rank load)")
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="lower right", fontsize="small")
+        vmax = max((float(_per_layer_ratio(m).max()) for run in self.runs
+                    for m in (run.rank_load_static, run.rank_load)), default=1.0)
+        image = None
+        for i, run in enumerate(self.runs):
+            for j, (title, m) in enumerate((("initial placement, no rebalance", run.rank_load_static),
+                                            ("as simulated", run.rank_load))):
+                hax = fig.add_subplot(grid[1 + i, j])
+                image = hax.imshow(_per_layer_ratio(m), aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
+                                   interpolation="nearest")
+                hax.set_title(f"{run.name}: {title}", fontsize="small")
+                hax.set_xlabel("rank")
+                hax.set_ylabel("layer")
+        if image is not None:
+            fig.colorbar(image, ax=fig.axes[1:], label="rank load / layer mean", shrink=0.8)
+        fig.savefig(path, dpi=110)
+
+
+def simulate(
+    trace: Trace, configs: SimConfig | Sequence[SimConfig], *, progress: bool = True
+) -> SimResult:
+    """Replay ``trace`` through each config (see the module docstring for the semantics).
+
+    Args:
+        trace: the per-step load ``[T, L, E]``.
+        configs: one `SimConfig` or several, compared side by side.
+        progress: show a tqdm bar on long replays (if tqdm is installed).
+
+    Returns:
+        A `SimResult` with one `RunResult` per config, in order.
+
+    Raises:
+        EPLBError: an unknown policy, sizes that do not fit the trace, duplicate names.
+    """
+    if not isinstance(trace, Trace):
+        raise EPLBError(f"simulate needs an eplb.traces.Trace, got {type(trace).__name__}")
+    configs = [configs] if isinstance(configs, SimConfig) else list(configs)
+    if not configs:
+        raise EPLBError("simulate needs at least one SimConfig")
+    names = _names(configs)
+    total_LE = trace.total()
+    initials = []
+    for cfg, name in zip(configs, names):
+        try:
+            get_policy(cfg.policy)
+            check_policy_inputs(
+                total_LE, num_physical=trace.num_logical + cfg.redundant, num_groups=cfg.groups,
+                num_nodes=cfg.nodes, num_ranks=cfg.ranks,
+            )
+            initials.append(cfg.resolved_initial(trace))
+        except EPLBError as exc:
+            raise EPLBError(f"config {name!r}: {exc}") from None
+    bar = _progress_bar(trace.steps * len(configs)) if progress else None
+    try:
+        runs = [_run(trace, total_LE, cfg, name, initial, bar)
+                for cfg, name, initial in zip(configs, names, initials)]
+    finally:
+        if bar is not None:
+            bar.close()
+    return SimResult(trace_metadata=dict(trace.metadata), steps=trace.steps, runs=runs)
+
+
+def _run(
+    trace: Trace, total_LE: torch.Tensor, cfg: SimConfig, name: str, placement: Placement, bar
+) -> RunResult:
+    T, L, E = trace.steps, trace.num_layers, trace.num_logical
+    P, G = E + cfg.redundant, cfg.ranks
+    policy = get_policy(cfg.policy)
+    balancedness_T = np.empty(T)
+    max_T = np.empty(T)
+    mean_T = np.empty(T)
+    rank_load_LG = torch.zeros(L, G, dtype=torch.float64)
+    rank_load_static_LG = torch.einsum("le,leg->lg", total_LE, rank_share(placement, G))
+    rebalances: list[Rebalance] = []
+    bounds = [0, *range(cfg.interval, T, cfg.interval), T]
+    if bar is not None:
+        bar.set_postfix_str(name)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if start > 0:
+            placement, record = _rebalance(trace, cfg, policy, placement, start, P, G)
+            rebalances.append(record)
+        share_LEG = rank_share(placement, G)
+        for a in range(start, stop, _CHUNK_STEPS):
+            b = min(a + _CHUNK_STEPS, stop)
+            # [T, L, E] x [L, E, G] as a batched matmul over layers: [L, T, E] @ [L, E, G].
+            load_LTE = trace.loads[a:b].to(torch.float64).transpose(0, 1)
+            rank_LTG = torch.bmm(load_LTE, share_LEG)
+            max_T[a:b] = rank_LTG.amax(dim=2).sum(dim=0).numpy()
+            mean_T[a:b] = rank_LTG.mean(dim=2).sum(dim=0).numpy()
+            rank_load_LG += rank_LTG.sum(dim=1)
+            if bar is not None:
+                bar.update(b - a)
+    idle = max_T <= 0
+    # Same conventions as eplb.metrics.balancedness: idle steps are balanced, ratios clamped to 1.
+    balancedness_T[:] = np.minimum(1.0, np.divide(mean_T, max_T, out=np.ones(T), where=~idle))
+    return RunResult(
+        name=name, config=cfg, balancedness=balancedness_T, max_load=max_T, mean_load=mean_T,
+        rebalances=rebalances, rank_load_static=rank_load_static_LG.numpy(), rank_load=rank_load_LG.numpy(),
+        final_placement=placement,
+    )
+
+
+def _rebalance(
+    trace: Trace, cfg: SimConfig, policy, old: Placement, step: int, P: int, G: int
+) -> tuple[Placement, Rebalance]:
+    window_LE = trace.total(max(0, step - cfg.window), step)
+    if not bool((window_LE > 0).any()):
+        # As the wrapper: nothing to plan from, so no rebalance.
+        return old, Rebalance(step=step, plan_time_s=0.0, slots_moved=0, weight_transfers=0, bytes_moved=0,
+                              predicted_gain=0.0, window_balancedness_before=1.0,
+                              window_balancedness_after=1.0, skipped=True)
+    t0 = time.perf_counter()
+    new = policy(window_LE, num_physical=P, num_groups=cfg.groups, num_nodes=cfg.nodes, num_ranks=G, old=old)
+    plan_time = time.perf_counter() - t0
+    before = balancedness(window_LE, old, G).aggregate
+    after = balancedness(window_LE, new, G).aggregate
+    gain = predicted_gain(window_LE, old, new, G)
+    skipped = cfg.min_improvement > 0 and gain < cfg.min_improvement
+    slots = transfers = 0
+    if not skipped:
+        for layer in range(old.num_layers):
+            if torch.equal(old.phy2log[layer], new.phy2log[layer]):
+                continue
+            plan = plan_layer_transfer(old.phy2log[layer], new.phy2log[layer], rank=0, num_ranks=G)
+            slots += plan.num_changed_slots
+            transfers += plan.num_network_transfers
+    record = Rebalance(
+        step=step, plan_time_s=plan_time, slots_moved=slots, weight_transfers=transfers,
+        bytes_moved=transfers * cfg.bytes_per_expert, predicted_gain=gain,
+        window_balancedness_before=before, window_balancedness_after=after, skipped=skipped,
+    )
+    return (old if skipped else new), record
+
+
+def _names(configs: list[SimConfig]) -> list[str]:
+    """Given names, or labels from the fields that differ between configs (policy always)."""
+    keys = ["policy", "window", "interval", "redundant", "ranks", "nodes", "groups", "min_improvement"]
+    short = {"window": "w", "interval": "i", "redundant": "r", "ranks": "g", "nodes": "n", "groups": "grp",
+             "min_improvement": "min"}
+    varying = [k for k in keys[1:] if len({getattr(c, k) for c in configs}) > 1]
+    names = []
+    for i, c in enumerate(configs):
+        if c.name:
+            names.append(c.name)
+            continue
+        label = " ".join([c.policy, *(f"{short[k]}={getattr(c, k):g}" for k in varying)])
+        if isinstance(c.initial_placement, (str, Path)):
+            label += f" init={os.path.basename(c.initial_placement)}"
+        elif c.initial_placement is not None:
+            label += f" init#{i}"
+        names.append(label)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise EPLBError(f"two configs are both named {dupes[0]!r}; give each SimConfig a distinct name")
+    return names
+
+
+def _per_layer_ratio(rank_load_LG: np.ndarray) -> np.ndarray:
+    mean_L1 = rank_load_LG.mean(axis=1, keepdims=True)
+    return np.divide(rank_load_LG, mean_L1, out=np.ones_like(rank_load_LG), where=mean_L1 > 0)
+
+
+def _human_bytes(n: int) -> str:
+    if n <= 0:
+        return "0"
+    exp = min(int(math.log(n, 1000)), 4)
+    return f"{n / 1000 ** exp:.3g}{['B', 'kB', 'MB', 'GB', 'TB'][exp]}"
+
+
+def _progress_bar(total: int):
+    if total < _PROGRESS_MIN_STEPS:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="step", desc="simulate", leave=False)

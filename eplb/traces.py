@@ -1,0 +1,608 @@
+"""Load traces: per-step logical expert load of a run, its file format, recording and synthetic traces.
+
+Legend: T steps of a trace (this file has no token dimension), L MoE layers, E logical experts.
+
+File format, version 1 (``.npz``, read with ``numpy.load(allow_pickle=False)``):
+
+* ``header``: a 0-d unicode array holding JSON
+  ``{"format": "eplb.trace", "version": 1, "metadata": {...}}``;
+* ``load``: ``[T, L, E]`` array of integer or float token counts, ``>= 0``, finite.
+
+``metadata`` always has ``num_layers`` and ``num_logical`` (they must match ``load``), and may
+have ``model``, ``top_k``, ``tokens_per_step``, ``source`` and any other JSON value.
+
+Recording (`TraceWriter`) flushes every ``chunk_steps`` steps into a directory next to the
+target, ``<path>.chunks/``, one complete version-1 file per chunk, each written to a temporary
+name and renamed (so a chunk on disk is never half-written). ``close()`` merges the chunks into
+``<path>`` and removes the directory. A run that dies before ``close()`` leaves the directory:
+`Trace.load` of ``<path>`` then reads every flushed chunk, so at most the last, unflushed
+``chunk_steps`` steps are lost. Chunks rather than appending to one ``.npz`` because appending
+to a zip rewrites its central directory, and a crash during that rewrite loses the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb.errors import EPLBError
+
+__all__ = [
+    "Trace",
+    "TraceWriter",
+    "load_trace",
+    "lognormal",
+    "zipf",
+    "drift",
+    "hot_shift",
+    "synthetic_from_spec",
+    "example_trace_path",
+    "FORMAT_VERSION",
+]
+
+_FORMAT = "eplb.trace"
+FORMAT_VERSION = 1
+"""Version of the trace file format this eplb writes and reads."""
+
+_CHUNK_SUFFIX = ".chunks"
+_GEN_CHUNK = 256  # steps sampled at once by the generators; bounds their temporary memory
+_log = logging.getLogger("eplb")
+
+
+# ---------------------------------------------------------------------------------------- Trace
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """Per-step logical load of a run (recorded or synthetic) and what produced it.
+
+    Attributes:
+        loads: ``[T, L, E]`` integer or float CPU tensor — tokens routed to each logical expert
+            of each MoE layer at each step (top-k picks count once each).
+        metadata: JSON-ready dict: ``num_layers``, ``num_logical`` (always, matching ``loads``),
+            ``model``, ``top_k``, ``tokens_per_step``, ``source`` (when known), anything else.
+
+    Build one with ``Trace(loads, metadata)`` (validated), `Trace.load`, `load_trace`, a
+    `TraceWriter`, or a generator (`lognormal`, `zipf`, `drift`, `hot_shift`).
+    """
+
+    loads: torch.Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        loads = _check_loads(self.loads, "trace loads")
+        meta = dict(self.metadata)
+        for key, value in (("num_layers", loads.shape[1]), ("num_logical", loads.shape[2])):
+            if meta.get(key, value) != value:
+                raise EPLBError(
+                    f"trace metadata says {key}={meta[key]!r} but the loads have shape {tuple(loads.shape)} "
+                    f"([steps, num_layers, num_logical]); fix the metadata or the loads"
+                )
+            meta[key] = int(value)
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as exc:
+            raise EPLBError(f"trace metadata must be JSON-serialisable: {exc}") from None
+        object.__setattr__(self, "loads", loads)
+        object.__setattr__(self, "metadata", meta)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def steps(self) -> int:
+        """``T``, the number of steps."""
+        return int(self.loads.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        """``L``, MoE layers."""
+        return int(self.loads.shape[1])
+
+    @property
+    def num_logical(self) -> int:
+        """``E``, logical experts per layer."""
+        return int(self.loads.shape[2])
+
+    def total(self, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """``[L, E]`` float64 — load summed over steps ``[start, stop)`` (default: every step,
+        what `eplb plan` plans from; a window of the simulator is ``total(t - window, t)``)."""
+        # numpy: torch's reduction over the leading dimension is several times slower here.
+        return torch.from_numpy(self.loads[start:stop].numpy().sum(axis=0, dtype=np.float64))
+
+    def __repr__(self) -> str:
+        src = self.metadata.get("source")
+        return f"Trace(steps={self.steps}, L={self.num_layers}, E={self.num_logical}" + (
+            f", source={src!r})" if src else ")"
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike, *, compress: bool = True) -> None:
+        """Write the trace as a version-1 ``.npz`` (see the module docstring).
+
+        The file is written to a temporary name and renamed, so ``path`` is never half-written.
+        ``compress`` trades write time for size (counts compress several-fold).
+        """
+        _write_npz(Path(path), self.loads.numpy(), self.metadata, compress=compress)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trace:
+        """Read a trace written by `save` or by a `TraceWriter`, validated.
+
+        If ``path`` does not exist but ``<path>.chunks/`` does (a recording that was never
+        closed), the flushed chunks are read and a warning is logged. A ``*.chunks`` directory
+        can also be passed directly. Raises `EPLBError` on a missing file, a file that is not an
+        eplb trace, an unknown format version, a wrong shape, negative, NaN or inf loads.
+        """
+        p = Path(path)
+        if p.is_file():
+            loads, meta = _read_npz(p)
+            return cls(torch.from_numpy(loads), meta)
+        if p.is_dir() and not any(p.glob("chunk_*.npz")):
+            raise EPLBError(f"{str(path)!r} is a directory, not an eplb trace file (.npz)")
+        chunk_dir = p if p.is_dir() else p.with_name(p.name + _CHUNK_SUFFIX)
+        if chunk_dir.is_dir():
+            loads, meta, num_chunks = _read_chunks(chunk_dir, str(path))
+            _log.warning(
+                "trace %r was not closed (interrupted recording); read %d steps from %d flushed chunks",
+                str(path), loads.shape[0], num_chunks,
+            )
+            return cls(torch.from_numpy(loads), meta)
+        raise EPLBError(f"trace file {str(path)!r} does not exist")
+
+
+def _check_loads(loads: Any, what: str) -> torch.Tensor:
+    """Validate ``[T, L, E]`` loads; returns a contiguous CPU tensor (int32/int64/float32/float64)."""
+    if isinstance(loads, np.ndarray):
+        loads = torch.from_numpy(np.ascontiguousarray(loads))
+    elif not isinstance(loads, torch.Tensor):
+        try:
+            loads = torch.as_tensor(np.asarray(loads))
+        except Exception:
+            raise EPLBError(f"{what} must be a [steps, L, E] array, got {type(loads).__name__}") from None
+    if loads.dim() != 3:
+        raise EPLBError(
+            f"{what} must have shape [steps, num_layers, num_logical], got shape {tuple(loads.shape)}"
+        )
+    if loads.dtype == torch.bool or loads.is_complex():
+        raise EPLBError(f"{what} must hold integer or float token counts, got dtype {loads.dtype}")
+    loads = loads.detach().cpu()
+    if loads.dtype not in (torch.int32, torch.int64, torch.float32, torch.float64):
+        loads = loads.to(torch.float64 if loads.dtype.is_floating_point else torch.int64)
+    loads = loads.contiguous()
+    if loads.dtype.is_floating_point and loads.numel() and not torch.isfinite(loads).all():
+        raise EPLBError(f"{what} contain NaN or inf; loads must be finite token counts")
+    if loads.numel() and (loads < 0).any():
+        t, l, e = (loads < 0).nonzero()[0].tolist()
+        raise EPLBError(
+            f"{what} contain a negative count ({loads[t, l, e].item()} at step {t}, layer {l}, expert {e}); "
+            "loads must be >= 0"
+        )
+    return loads
+
+
+def _write_npz(path: Path, loads: np.ndarray, metadata: dict, *, compress: bool) -> None:
+    header = json.dumps({"format": _FORMAT, "version": FORMAT_VERSION, "metadata": metadata})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its 0600 mode would stick to the renamed file; "xb" honours the umask.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            (np.savez_compressed if compress else np.savez)(f, header=np.array(header), load=loads)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, dict]:
+    name = str(path)
+    if not zipfile.is_zipfile(path):
+        raise EPLBError(f"{name!r} is not an eplb trace (not an .npz file); write traces with Trace.save")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "header" not in npz.files or "load" not in npz.files:
+                raise EPLBError(
+                    f"{name!r} is not an eplb trace (it has arrays {sorted(npz.files)}, expected 'header' "
+                    "and 'load'); write traces with Trace.save or TraceWriter"
+                )
+            header_text = str(npz["header"][()])
+            loads = npz["load"]
+    except EPLBError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise EPLBError(f"{name!r} is not a readable eplb trace (.npz): {exc}") from None
+    try:
+        header = json.loads(header_text)
+    except json.JSONDecodeError as exc:
+        raise EPLBError(f"{name!r} has a corrupt trace header ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise EPLBError(f"{name!r} is not an eplb trace (its header lacks \"format\": \"{_FORMAT}\")")
+    if header.get("version") != FORMAT_VERSION:
+        raise EPLBError(
+            f"{name!r} has trace format version {header.get('version')!r}; this eplb reads version "
+            f"{FORMAT_VERSION}; upgrade eplb or re-export the trace"
+        )
+    meta = header.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise EPLBError(f"{name!r} has trace metadata of type {type(meta).__name__}, expected an object")
+    _check_loads(loads, f"trace {name!r}")  # message names the file
+    return loads, meta
+
+
+def _read_chunks(chunk_dir: Path, name: str) -> tuple[np.ndarray, dict, int]:
+    chunks = sorted(chunk_dir.glob("chunk_*.npz"))
+    if not chunks:
+        raise EPLBError(f"trace {name!r} was never closed and has no flushed chunk in {str(chunk_dir)!r}")
+    parts = [_read_npz(c) for c in chunks]
+    shapes = {part[0].shape[1:] for part in parts}
+    if len(shapes) != 1:
+        raise EPLBError(f"chunks of {str(chunk_dir)!r} have different [L, E] shapes {sorted(shapes)}")
+    return np.concatenate([part[0] for part in parts]), parts[0][1], len(chunks)
+
+
+def load_trace(source: str | os.PathLike) -> Trace:
+    """The trace named by ``source``, the way the ``eplb`` command reads its TRACE argument.
+
+    ``source`` is one of:
+
+    * a path to a trace file (or an interrupted recording, see `Trace.load`);
+    * ``"example"``: the small trace bundled with eplb (`example_trace_path`);
+    * a synthetic spec, ``"synthetic:<kind>?key=value&..."`` (see `synthetic_from_spec`).
+    """
+    text = os.fspath(source)
+    if text == "example":
+        return Trace.load(example_trace_path())
+    if text.startswith("synthetic:"):
+        return synthetic_from_spec(text)
+    return Trace.load(text)
+
+
+def example_trace_path() -> Path:
+    """Path of the bundled example trace: 400 steps, 4 layers, 64 experts, top-8, 1024 tokens per
+    step; synthetic (log-normal popularity, sigma 1, slow drift, hot experts reshuffled at step 200).
+    Its ``metadata["source"]`` is the spec that regenerates it."""
+    return Path(__file__).resolve().parent / "data" / "example_trace.npz"
+
+
+# ---------------------------------------------------------------------------------------- writer
+class TraceWriter:
+    """Record a trace one step at a time, flushing to disk every ``chunk_steps`` steps.
+
+    ``append`` keeps the step's ``[L, E]`` load (a device tensor stays on its device, so
+    recording adds no host synchronisation per step); every ``chunk_steps`` steps the buffer is
+    copied to the CPU, validated and written as ``<path>.chunks/chunk_NNNNNN.npz``. ``close()``
+    merges the chunks into ``path``. A crash loses at most the unflushed steps; `Trace.load`
+    reads what was flushed. Use as a context manager to close on exit.
+
+    Args:
+        path: target ``.npz`` file.
+        metadata: JSON-ready dict (``model``, ``top_k``, ``tokens_per_step``, ``source``, ...);
+            ``num_layers`` / ``num_logical``, if given, are checked against the appended loads.
+        chunk_steps: steps per flushed chunk (> 0).
+        compress: compress the final file (chunks are written uncompressed, for speed).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, metadata: dict[str, Any] | None = None, *, chunk_steps: int = 256,
+        compress: bool = True,
+    ) -> None:
+        if int(chunk_steps) <= 0:
+            raise EPLBError(f"chunk_steps ({chunk_steps}) must be > 0")
+        self.path = Path(path)
+        self.chunk_dir = self.path.with_name(self.path.name + _CHUNK_SUFFIX)
+        if self.chunk_dir.exists():
+            raise EPLBError(
+                f"{str(self.chunk_dir)!r} already exists (an interrupted recording?); load it with "
+                f"Trace.load({str(self.path)!r}) and save it elsewhere, or delete it"
+            )
+        self.metadata = dict(metadata or {})
+        try:
+            json.dumps(self.metadata)
+        except (TypeError, ValueError) as exc:
+            raise EPLBError(f"trace metadata must be JSON-serialisable: {exc}") from None
+        self.chunk_steps = int(chunk_steps)
+        self.compress = compress
+        self.steps = 0
+        self.closed = False
+        self._shape: tuple[int, int] | None = None
+        self._buffer: list[Any] = []
+        self._num_chunks = 0
+        self.chunk_dir.mkdir(parents=True)
+
+    def append(self, load_LE: torch.Tensor | np.ndarray) -> None:
+        """Add one step. ``load_LE``: ``[L, E]`` int or float — tokens per logical expert.
+
+        A CPU load is validated at once (``EPLBError``, nothing recorded). A device load is
+        validated when its chunk is flushed, so recording never waits for the device; a
+        negative or NaN count found then drops that whole chunk and raises.
+        """
+        if self.closed:
+            raise EPLBError(f"TraceWriter for {str(self.path)!r} is closed; open a new one to record more")
+        shape = tuple(load_LE.shape)
+        if self._shape is None:
+            if len(shape) != 2:
+                raise EPLBError(
+                    f"TraceWriter.append expects one step's load [num_layers, num_logical], got {shape}"
+                )
+            for key, got in (("num_layers", shape[0]), ("num_logical", shape[1])):
+                if self.metadata.get(key, got) != got:
+                    raise EPLBError(
+                        f"TraceWriter.append got a load of shape {shape} but the metadata says "
+                        f"{key}={self.metadata[key]!r}"
+                    )
+            self._shape = shape
+        elif shape != self._shape:
+            raise EPLBError(f"TraceWriter.append got shape {shape}, but earlier steps had {self._shape}")
+        # Copy: trackers reuse their counters, and a device copy here does not block the host.
+        if isinstance(load_LE, torch.Tensor) and load_LE.device.type != "cpu":
+            self._buffer.append(load_LE.detach().clone())
+        else:
+            step = load_LE.detach().numpy().copy() if isinstance(load_LE, torch.Tensor) else np.array(load_LE)
+            _check_loads(step[None], "the appended step's loads")
+            self._buffer.append(step)
+        self.steps += 1
+        if len(self._buffer) >= self.chunk_steps:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered steps as one chunk now (no-op when the buffer is empty)."""
+        if not self._buffer:
+            return
+        steps = [b.cpu().numpy() if isinstance(b, torch.Tensor) else b for b in self._buffer]
+        self._buffer = []
+        chunk = np.stack(steps)
+        try:
+            _check_loads(chunk, f"loads appended to {str(self.path)!r}")
+        except EPLBError as exc:
+            self.steps -= len(steps)
+            raise EPLBError(f"{exc}; dropped the {len(steps)} steps of this chunk") from None
+        _write_npz(self.chunk_dir / f"chunk_{self._num_chunks:06d}.npz", chunk, self._meta(), compress=False)
+        self._num_chunks += 1
+
+    def close(self) -> Trace:
+        """Flush, merge the chunks into ``path``, remove the chunk directory; returns the trace."""
+        if self.closed:
+            return Trace.load(self.path)
+        self.flush()
+        self.closed = True
+        if self._num_chunks == 0:
+            shutil.rmtree(self.chunk_dir, ignore_errors=True)
+            raise EPLBError(
+                f"TraceWriter for {str(self.path)!r} closed before any step was appended; nothing written"
+            )
+        loads, meta, _ = _read_chunks(self.chunk_dir, str(self.path))
+        trace = Trace(torch.from_numpy(loads), meta)
+        trace.save(self.path, compress=self.compress)
+        shutil.rmtree(self.chunk_dir, ignore_errors=True)
+        return trace
+
+    def _meta(self) -> dict:
+        assert self._shape is not None
+        return {**self.metadata, "num_layers": self._shape[0], "num_logical": self._shape[1]}
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.closed:
+            if self.steps:
+                self.close()
+            else:
+                self.closed = True
+                shutil.rmtree(self.chunk_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+def lognormal(
+    steps: int, num_layers: int, num_logical: int, *, sigma: float = 1.0, tokens_per_step: int = 4096,
+    top_k: int = 8, seed: int = 0,
+) -> Trace:
+    """Fixed log-normal expert popularity per layer, counts sampled per step.
+
+    Each layer's popularity is ``exp(sigma * z)``, ``z ~ N(0, 1)`` per expert, normalised; each
+    step draws ``tokens_per_step * top_k`` picks per layer from it (multinomial: picks are
+    independent, so a token may pick an expert twice, which top-k routing forbids; immaterial
+    for load statistics). ``sigma = 1`` gives a max/mean rank load of about 2.4 with 256 experts
+    on 32 ranks without redundancy, close to the 2.56 DeepSeek reported for R1 decode on 32 GPUs.
+
+    Returns:
+        `Trace` with ``loads: [steps, num_layers, num_logical]`` int32 (int64 when
+        ``tokens_per_step * top_k`` exceeds int32).
+    """
+    args = _check_gen(steps, num_layers, num_logical, tokens_per_step, top_k, sigma=sigma)
+    spec = _spec("lognormal", args, sigma=sigma, seed=seed)
+    return _generate(args, seed, spec, base="lognormal", sigma=sigma)
+
+
+def zipf(
+    steps: int, num_layers: int, num_logical: int, *, alpha: float = 1.0, tokens_per_step: int = 4096,
+    top_k: int = 8, seed: int = 0,
+) -> Trace:
+    """Fixed Zipf popularity per layer: the expert of popularity rank ``r`` (0-based) gets weight
+    ``1 / (r + 1) ** alpha``; which expert holds which rank is a random permutation per layer.
+    Counts are sampled per step as in `lognormal`."""
+    args = _check_gen(steps, num_layers, num_logical, tokens_per_step, top_k, alpha=alpha)
+    spec = _spec("zipf", args, alpha=alpha, seed=seed)
+    return _generate(args, seed, spec, base="zipf", alpha=alpha)
+
+
+def drift(
+    steps: int, num_layers: int, num_logical: int, *, sigma: float = 1.0, drift_sigma: float = 0.01,
+    tokens_per_step: int = 4096, top_k: int = 8, seed: int = 0,
+) -> Trace:
+    """Log-normal popularity that drifts slowly: every step multiplies each expert's popularity by
+    log-normal noise of log-sd ``drift_sigma``.
+
+    The log-popularity follows a mean-reverting walk ``x[t+1] = rho * x[t] + drift_sigma * z``
+    with ``rho = sqrt(1 - (drift_sigma / sigma) ** 2)``, so every step has the skew of
+    ``lognormal(sigma=sigma)`` while which experts are hot changes over roughly
+    ``(sigma / drift_sigma) ** 2`` steps (10,000 with the defaults; the log-popularity of an
+    expert then moves by about ``drift_sigma * sqrt(k)`` over ``k`` steps, 0.3 over 1000 steps).
+    Requires ``drift_sigma <= sigma``.
+    """
+    args = _check_gen(
+        steps, num_layers, num_logical, tokens_per_step, top_k, sigma=sigma, drift_sigma=drift_sigma
+    )
+    if drift_sigma > sigma:
+        raise EPLBError(
+            f"drift_sigma ({drift_sigma}) must be <= sigma ({sigma}): the per-step noise cannot exceed the "
+            "stationary skew; lower drift_sigma or raise sigma"
+        )
+    spec = _spec("drift", args, sigma=sigma, drift=drift_sigma, seed=seed)
+    return _generate(args, seed, spec, base="lognormal", sigma=sigma, drift_sigma=drift_sigma)
+
+
+def hot_shift(
+    steps: int, num_layers: int, num_logical: int, *, sigma: float = 1.0,
+    shift_steps: tuple[int, ...] | None = None, drift_sigma: float = 0.0, tokens_per_step: int = 4096,
+    top_k: int = 8, seed: int = 0,
+) -> Trace:
+    """Log-normal popularity whose hot experts change suddenly: at each step in ``shift_steps``
+    (default: ``steps // 2``) every layer's popularities are randomly permuted among its experts,
+    so the skew stays the same but other experts are hot. ``drift_sigma`` adds slow drift as in
+    `drift`."""
+    args = _check_gen(
+        steps, num_layers, num_logical, tokens_per_step, top_k, sigma=sigma, drift_sigma=drift_sigma
+    )
+    shifts = tuple(int(s) for s in (shift_steps if shift_steps is not None else (steps // 2,)))
+    bad = [s for s in shifts if not 0 < s < steps]
+    if bad:
+        raise EPLBError(
+            f"shift step {bad[0]} is outside (0, steps={steps}); shifts must happen inside the trace"
+        )
+    if drift_sigma > sigma:
+        raise EPLBError(f"drift_sigma ({drift_sigma}) must be <= sigma ({sigma})")
+    extra = {"drift": drift_sigma} if drift_sigma else {}
+    spec = _spec("hot_shift", args, sigma=sigma, shifts=",".join(map(str, shifts)), **extra, seed=seed)
+    return _generate(args, seed, spec, base="lognormal", sigma=sigma, drift_sigma=drift_sigma, shifts=shifts)
+
+
+def _check_gen(
+    steps, num_layers, num_logical, tokens_per_step, top_k, **floats
+) -> tuple[int, int, int, int, int]:
+    for name, value in (("steps", steps), ("num_layers", num_layers), ("num_logical", num_logical),
+                        ("tokens_per_step", tokens_per_step), ("top_k", top_k)):
+        if int(value) != value or value <= 0:
+            raise EPLBError(f"{name} ({value!r}) must be a positive integer")
+    if top_k > num_logical:
+        raise EPLBError(
+            f"top_k ({top_k}) must be <= num_logical ({num_logical}): a token picks distinct experts"
+        )
+    for name, value in floats.items():
+        if not math.isfinite(value) or value < 0:
+            raise EPLBError(f"{name} ({value!r}) must be a finite number >= 0")
+    return int(steps), int(num_layers), int(num_logical), int(tokens_per_step), int(top_k)
+
+
+def _spec(kind: str, args: tuple[int, ...], **params: Any) -> str:
+    steps, layers, experts, tokens, top_k = args
+    items = {"steps": steps, "layers": layers, "experts": experts, "tokens": tokens, "top_k": top_k, **params}
+    query = "&".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in items.items())
+    return f"synthetic:{kind}?{query}"
+
+
+def _generate(
+    args: tuple[int, int, int, int, int], seed: int, spec: str, *, base: str, sigma: float = 1.0,
+    alpha: float = 1.0, drift_sigma: float = 0.0, shifts: tuple[int, ...] = (),
+) -> Trace:
+    steps, L, E, tokens, top_k = args
+    # Separate streams for the popularity path and the sampling, so neither depends on chunking.
+    pop_rng, sample_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    if base == "zipf":
+        weights_E = np.arange(1, E + 1, dtype=np.float64) ** -float(alpha)
+        logp_LE = np.log(np.stack([weights_E[pop_rng.permutation(E)] for _ in range(L)]))
+    else:
+        logp_LE = sigma * pop_rng.standard_normal((L, E))
+    rho = math.sqrt(1.0 - (drift_sigma / sigma) ** 2) if drift_sigma else 1.0
+    picks = tokens * top_k
+    dtype = np.int32 if picks < 2**31 else np.int64
+    out_TLE = np.empty((steps, L, E), dtype=dtype)
+    shift_set = set(shifts)
+    logp_CLE = np.empty((_GEN_CHUNK, L, E))
+    for start in range(0, steps, _GEN_CHUNK):
+        stop = min(start + _GEN_CHUNK, steps)
+        for t in range(start, stop):
+            if t in shift_set:
+                logp_LE = np.take_along_axis(logp_LE, np.argsort(pop_rng.random((L, E)), axis=1), axis=1)
+            if drift_sigma and t > 0:
+                logp_LE = rho * logp_LE + drift_sigma * pop_rng.standard_normal((L, E))
+            logp_CLE[t - start] = logp_LE
+        p_CLE = np.exp(logp_CLE[: stop - start] - logp_CLE[: stop - start].max(axis=-1, keepdims=True))
+        p_CLE /= p_CLE.sum(axis=-1, keepdims=True)
+        out_TLE[start:stop] = sample_rng.multinomial(picks, p_CLE)
+    meta = {"model": None, "top_k": top_k, "tokens_per_step": tokens, "source": spec}
+    return Trace(torch.from_numpy(out_TLE), meta)
+
+
+# ---------------------------------------------------------------------------------------- spec strings
+_COMMON_KEYS = {"steps": int, "layers": int, "experts": int, "tokens": int, "top_k": int, "seed": int}
+_SPEC_KEYS: dict[str, dict[str, type]] = {
+    "lognormal": {"sigma": float},
+    "zipf": {"alpha": float},
+    "drift": {"sigma": float, "drift": float},
+    "hot_shift": {"sigma": float, "shifts": tuple, "drift": float},
+}
+_RENAME = {"layers": "num_layers", "experts": "num_logical", "tokens": "tokens_per_step",
+           "drift": "drift_sigma", "shifts": "shift_steps"}
+_SPEC_DEFAULTS = {"steps": 1000, "layers": 4, "experts": 64, "tokens": 4096, "top_k": 8, "seed": 0}
+
+
+def synthetic_from_spec(spec: str) -> Trace:
+    """Generate the trace described by a spec string.
+
+    Grammar: ``synthetic:KIND[?KEY=VALUE(&KEY=VALUE)*]``, KIND one of ``lognormal``, ``zipf``,
+    ``drift``, ``hot_shift``. Keys of every kind (defaults in brackets): ``steps`` [1000],
+    ``layers`` [4], ``experts`` [64], ``tokens`` (per step) [4096], ``top_k`` [8], ``seed`` [0].
+    Per kind: lognormal ``sigma`` [1]; zipf ``alpha`` [1]; drift ``sigma`` [1], ``drift`` (per-step
+    log-sd) [0.01]; hot_shift ``sigma`` [1], ``shifts`` (comma-separated steps) [steps/2],
+    ``drift`` [0]. Example: ``synthetic:lognormal?steps=2000&layers=4&experts=64&sigma=1&seed=0``.
+    A generated trace's ``metadata["source"]`` is the full spec, so it can be regenerated.
+
+    Raises:
+        EPLBError: one line naming the bad part of the spec.
+    """
+    if not isinstance(spec, str) or not spec.startswith("synthetic:"):
+        raise EPLBError(
+            f"synthetic spec {spec!r} must start with 'synthetic:', e.g. synthetic:lognormal?sigma=1"
+        )
+    body = spec[len("synthetic:"):]
+    kind, _, query = body.partition("?")
+    if kind not in _SPEC_KEYS:
+        raise EPLBError(f"synthetic spec {spec!r}: unknown kind {kind!r}; use one of {', '.join(_SPEC_KEYS)}")
+    allowed = {**_COMMON_KEYS, **_SPEC_KEYS[kind]}
+    values: dict[str, Any] = dict(_SPEC_DEFAULTS)
+    for item in filter(None, query.split("&")):
+        key, eq, raw = item.partition("=")
+        if not eq or not raw:
+            raise EPLBError(f"synthetic spec {spec!r}: {item!r} is not KEY=VALUE")
+        if key not in allowed:
+            raise EPLBError(
+                f"synthetic spec {spec!r}: unknown key {key!r} for {kind}; keys: {', '.join(allowed)}"
+            )
+        try:
+            if allowed[key] is tuple:
+                values[key] = tuple(int(s) for s in raw.split(","))
+            elif allowed[key] is int:
+                number = float(raw)
+                if number != int(number):
+                    raise ValueError
+                values[key] = int(number)
+            else:
+                values[key] = float(raw)
+        except ValueError:
+            expected = {int: "an integer", float: "a number", tuple: "comma-separated integers"}[allowed[key]]
+            raise EPLBError(f"synthetic spec {spec!r}: {key}={raw!r} must be {expected}") from None
+    kwargs = {_RENAME.get(k, k): v for k, v in values.items() if k != "steps"}
+    num_layers, num_logical = kwargs.pop("num_layers"), kwargs.pop("num_logical")
+    generator = {"lognormal": lognormal, "zipf": zipf, "drift": drift, "hot_shift": hot_shift}[kind]
+    return generator(values["steps"], num_layers, num_logical, **kwargs)
