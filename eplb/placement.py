@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from eplb.errors import EPLBError
@@ -72,8 +73,9 @@ class Placement:
         logcnt = torch.zeros(num_layers, num_logical, dtype=torch.int64)
         logcnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
         # Sort slots by (expert, slot): the position inside each expert's run is its replica index.
-        slots = torch.arange(num_physical).expand(num_layers, -1)
-        order = torch.argsort(phy2log * num_physical + slots, dim=1, stable=True)
+        # Keys are unique, so any sort gives the same order; numpy's is ~4x faster than torch's here.
+        keys = (phy2log * num_physical + torch.arange(num_physical)).numpy()
+        order = torch.from_numpy(np.argsort(keys, axis=1))
         first = torch.cumsum(logcnt, dim=1) - logcnt  # [L, E] start of each expert's run
         sorted_experts = torch.gather(phy2log, 1, order)
         replica = torch.arange(num_physical).expand(num_layers, -1) - torch.gather(first, 1, sorted_experts)
