@@ -54,23 +54,25 @@ class Dispatcher:
         raise NotImplementedError
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        """Return each pair's output to its token: ``y_ND -> y_TKD`` (padding pairs give 0)."""
+        """Return each pair's output to its token: ``y_ND -> y_TKD``."""
         raise NotImplementedError
 
 
 class LocalDispatcher(Dispatcher):
-    """One rank: every pair stays here. Static shapes and no host sync (CUDA-graph safe);
-    padding pairs are computed on slot 0 and zeroed in ``combine``."""
+    """One rank: every pair stays here. Static shapes and no host sync (CUDA-graph safe).
+    Padding pairs (slot ``-1``) are computed on slot 0 and come back with that slot's output
+    (not zeroed: the caller must give them weight 0)."""
 
     def dispatch(self, x_TD, slots_TK, slots_per_rank):
         T, K = slots_TK.shape
-        x_ND = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, -1)
+        # Explicit sizes, not -1: with zero tokens a -1 would be ambiguous.
+        x_ND = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, x_TD.shape[-1])
         local_slot_N = slots_TK.reshape(-1).clamp(min=0)
         meta = DispatchMeta(num_tokens=T, top_k=K, order=None)
         return x_ND, local_slot_N, meta
 
     def combine(self, y_ND, meta):
-        return y_ND.reshape(meta.num_tokens, meta.top_k, -1)
+        return y_ND.reshape(meta.num_tokens, meta.top_k, y_ND.shape[-1])
 
 
 class AllToAllDispatcher(Dispatcher):
@@ -115,7 +117,7 @@ class AllToAllDispatcher(Dispatcher):
         )
         y_MD = y_ND.new_zeros((meta.num_tokens * meta.top_k, y_ND.shape[-1]))
         y_MD.index_copy_(0, meta.order, back)
-        return y_MD.reshape(meta.num_tokens, meta.top_k, -1)
+        return y_MD.reshape(meta.num_tokens, meta.top_k, y_ND.shape[-1])
 
 
 def make_dispatcher(group: dist.ProcessGroup | None) -> Dispatcher:

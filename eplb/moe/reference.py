@@ -1,0 +1,117 @@
+"""`MoE`: a small reference Mixture-of-Experts layer (linear router, softmax top-k, SwiGLU experts).
+
+Legend: T tokens, K top-k, E experts, D hidden size, I expert intermediate size, M = T * K pairs.
+
+Its experts module, `SwiGLUExperts`, follows the transformers (>= 5) experts convention —
+``experts(hidden_states, top_k_index, top_k_weights)`` with stacked parameters ``[E, ...]`` — so
+the built-in stacked-experts adapter wraps it with no special code. Examples, tests and
+benchmarks use it as a model that needs no download.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MoE", "SwiGLUExperts"]
+
+
+class SwiGLUExperts(nn.Module):
+    """``E`` SwiGLU experts stored as stacked tensors.
+
+    Parameters:
+        gate_up_proj: ``[E, 2 * I, D]`` — gate rows then up rows of each expert.
+        down_proj: ``[E, D, I]``.
+
+    ``forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D]``: each
+    pair's output is weighted and the ``K`` outputs of a token are summed in top-k order.
+    """
+
+    eplb_combine_order = "topk"
+    """How `forward` sums a token's ``K`` weighted outputs; the EPLB layer repeats it exactly."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, *, device=None, dtype=None
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        opts = {"device": device, "dtype": dtype}
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **opts))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **opts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform init in ``±1/sqrt(fan_in)``, like ``nn.Linear``."""
+        with torch.no_grad():
+            for p in (self.gate_up_proj, self.down_proj):
+                bound = p.shape[-1] ** -0.5
+                p.uniform_(-bound, bound)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        T, K = top_k_index.shape
+        ids_M = top_k_index.reshape(-1)
+        # Group the pairs by expert so each expert runs one matmul; one host sync for the counts.
+        order_M = torch.argsort(ids_M, stable=True)
+        counts = torch.bincount(ids_M, minlength=self.num_experts).tolist()
+        x_MD = hidden_states.index_select(0, torch.div(order_M, K, rounding_mode="floor"))
+        outs, start = [], 0
+        for expert, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(x_MD[start : start + n], self.gate_up_proj[expert]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
+            start += n
+        y_MD = torch.cat(outs) if outs else x_MD.new_zeros((0, self.down_proj.shape[1]))
+        y_TKD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD).view(T, K, y_MD.shape[-1])
+        return (y_TKD * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        E, two_i, d = self.gate_up_proj.shape
+        return f"num_experts={E}, hidden_size={d}, intermediate_size={two_i // 2}"
+
+
+class MoE(nn.Module):
+    """A reference MoE layer: ``softmax(gate(x))`` → top-k (renormalised) → SwiGLU experts.
+
+    Args:
+        hidden_size: ``D``.
+        intermediate_size: ``I`` of each expert.
+        num_experts: ``E``.
+        top_k: ``K`` experts per token.
+        norm_topk_prob: renormalise the ``K`` chosen probabilities to sum to 1.
+
+    ``forward(x [..., D]) -> [..., D]``. Submodules: ``gate`` (``nn.Linear(D, E)``, no bias) and
+    ``experts`` (`SwiGLUExperts`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        norm_topk_prob: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be in [1, num_experts={num_experts}]")
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
+        self.experts = SwiGLUExperts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_TD [T, D]`` -> (``topk_ids_TK`` int64, ``topk_weights_TK`` float32)."""
+        probs_TE = torch.softmax(self.gate(x_TD).float(), dim=-1)
+        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return ids_TK, weights_TK
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        ids_TK, weights_TK = self.route(x_TD)
+        return self.experts(x_TD, ids_TK, weights_TK).reshape(x.shape)

@@ -1,0 +1,547 @@
+"""`EPLBWrapper`: wrap any MoE model so its experts are load-balanced, without changing its outputs.
+
+Legend: L MoE layers, E logical experts, P = E + num_redundant_experts physical slots, G ranks,
+S = P // G slots per rank.
+
+The wrapper finds the MoE layers (`eplb.moe.find_moe_layers`), replaces each experts module by
+an `eplb.moe.EPLBExperts` holding this rank's slots, counts steps with a forward hook on the
+model, and every ``step_interval`` steps turns the tracker's window into a new placement with
+the configured policy and applies it through the executor. Everything that can be wrong with
+the inputs is checked before the model is modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import asdict, fields
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from eplb.comm.base import select_communicator
+from eplb.config import EPLBConfig
+from eplb.errors import EPLBError
+from eplb.executor import RebalanceReport, SyncExecutor
+from eplb.metrics import BalancednessLogger, balancedness, compute_stats, predicted_gain
+from eplb.moe import EPLBExperts, find_moe_layers
+from eplb.moe.adapters import direct_tensors
+from eplb.moe.dispatch import make_dispatcher
+from eplb.placement import Placement
+from eplb.policies import check_policy_inputs, get_policy
+from eplb.traces import TraceWriter
+from eplb.tracker import LoadTracker
+
+__all__ = ["EPLBWrapper"]
+
+logger = logging.getLogger("eplb")
+
+_FORMAT = "eplb.wrapper"
+_VERSION = 1
+_GROUP_ATTRS = ("n_group", "num_expert_group")  # model-config names of DeepSeek-style expert groups
+
+
+class EPLBWrapper:
+    """Expert-parallel load balancing for an ``nn.Module`` MoE model.
+
+    Args:
+        model: the model; its MoE layers are found by structure (see `eplb.register_adapter`
+            for layouts the built-in adapters do not know). Modified in place: its experts
+            modules are replaced (`unwrap` restores them).
+        config: an `EPLBConfig` (defaults when None).
+        ep_group: the expert-parallel process group (``G`` ranks), or None for one process.
+            Every rank wraps the same model; rank ``r`` keeps only slots ``[r*S, (r+1)*S)``.
+        num_nodes: hosts the ranks span (for hierarchical policies; ``G % num_nodes == 0``).
+        num_groups: expert groups of group-limited routing; None takes the model config's
+            ``n_group`` (DeepSeek) when it has one, else 1. A value that contradicts the model
+            config raises `EPLBError`.
+        initial_placement: a `Placement` (or a path to one saved with ``Placement.save``) to
+            start from instead of ``Placement.initial``.
+        record_trace: path of a ``.npz`` trace (`eplb.traces.TraceWriter`) that records the load of
+            every step (summed over the ranks, written by rank 0); finished by `close`.
+
+    Use::
+
+        wrapper = EPLBWrapper(model, EPLBConfig(num_redundant_experts=4, use_async=False))
+        out = wrapper(**batch)     # = model(**batch); one step
+        wrapper.rebalance()        # force a rebalance from the current window
+        wrapper.stats()            # balancedness and the last rebalance
+
+    The wrapper's own names are ``module``, ``eplb_config``, ``tracker``, ``placement``,
+    ``eplb_layers``, ``steps`` and the methods below; every other attribute falls through to the
+    model (``wrapper.generate(...)``, ``wrapper.config``, ``wrapper.eval()``). Every forward of
+    the model is one step, however it is called.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EPLBConfig | None = None,
+        ep_group: dist.ProcessGroup | None = None,
+        num_nodes: int = 1,
+        num_groups: int | None = None,
+        initial_placement: Placement | str | os.PathLike | None = None,
+        record_trace: str | os.PathLike | None = None,
+    ):
+        self.__dict__["module"] = model  # first, so __getattr__ never recurses on a half-built wrapper
+        config = EPLBConfig() if config is None else config
+        if not isinstance(config, EPLBConfig):
+            raise EPLBError(f"config must be an eplb.EPLBConfig, got {type(config).__name__}")
+        num_ranks, rank = _group_size_and_rank(ep_group)
+        # Step 1: find the layers and check every size, without touching the model. With several
+        # ranks, an error on one rank is shared so that no rank hangs in the agreement check.
+        error = None
+        try:
+            specs = find_moe_layers(model)
+            num_layers, num_logical = len(specs), specs[0].num_experts
+            num_physical = num_logical + config.num_redundant_experts
+            num_groups = _resolve_num_groups(model, num_groups)
+            _check_sizes(num_layers, num_logical, num_physical, num_groups, num_nodes, num_ranks)
+            placement = _initial_placement(
+                initial_placement, num_layers, num_logical, num_physical, num_ranks
+            )
+            device = _expert_device(specs)
+        except EPLBError as exc:
+            error = str(exc)
+        if num_ranks > 1:
+            summary = (
+                None
+                if error
+                else {
+                    "config": config.model_dump_json(),
+                    "num_logical": num_logical,
+                    "num_layers": num_layers,
+                    "num_physical": num_physical,
+                    "num_groups": num_groups,
+                    "num_nodes": num_nodes,
+                    "placement": placement.phy2log.tolist(),
+                }
+            )
+            _check_ranks_agree(error, summary, ep_group, num_ranks, rank)
+        elif error:
+            raise EPLBError(error) from None
+
+        # Step 2: build the new parts (copies; the model is still untouched).
+        self.eplb_config = config
+        self._ep_group = ep_group if num_ranks > 1 else None
+        self._num_ranks, self._rank = num_ranks, rank
+        self._num_nodes, self._num_groups = num_nodes, num_groups
+        self._num_layers, self._num_logical, self._num_physical = num_layers, num_logical, num_physical
+        self._placement = placement
+        self.tracker = LoadTracker(num_layers, num_logical, config.window_size, device)
+        dispatcher = make_dispatcher(self._ep_group)
+        self._specs = specs
+        self._layers = [
+            EPLBExperts(
+                spec.experts,
+                spec.expert_tensors,
+                layer_index=i,
+                phy2log=placement.phy2log[i],
+                num_ranks=num_ranks,
+                rank=rank,
+                dispatcher=dispatcher,
+                tracker=self.tracker,
+            )
+            for i, spec in enumerate(specs)
+        ]
+        self._executor = SyncExecutor(
+            rank=rank,
+            num_ranks=num_ranks,
+            communicator=_communicator(config, device, self._ep_group),
+            max_transfer_bytes=config.max_transfer_bytes,
+        )
+        self._recording = record_trace is not None
+        self._trace = _trace_writer(record_trace, model, num_layers, num_logical, rank)
+        self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
+        self._steps = 0
+        self._num_rebalances = 0
+        self._last_report = None
+        self._last_gain: float | None = None
+        self._closed = False
+        self._unwrapped = False
+        if config.use_async:
+            message = (
+                "EPLBConfig(use_async=True): the async executor is not available in this version; "
+                "rebalancing runs synchronously (blocking). Set use_async=False to silence this warning."
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
+
+        # Step 3: install (the only step that modifies the model).
+        for spec, layer in zip(specs, self._layers):
+            setattr(spec.parent, spec.attr, layer)
+            if spec.block_forward is not None:
+                spec.parent.forward = spec.block_forward
+        self._hook = model.register_forward_hook(self._forward_hook)
+
+    # ------------------------------------------------------------------ calling the model
+    def __call__(self, *args, **kwargs):
+        """Run the model (one step; the step is counted by a forward hook, see the class doc)."""
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Only called for names not found on the wrapper: fall through to the model.
+        module = self.__dict__.get("module")
+        if module is None:
+            raise AttributeError(name)
+        return getattr(module, name)
+
+    def __enter__(self) -> EPLBWrapper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"EPLBWrapper({type(self.module).__name__}, L={self._num_layers}, E={self._num_logical}, "
+            f"P={self._num_physical}, ranks={self._num_ranks}, step={self._steps})"
+        )
+
+    # ------------------------------------------------------------------ state
+    @property
+    def placement(self) -> Placement:
+        """The committed `Placement` of every MoE layer, in model order."""
+        return self._placement
+
+    @property
+    def eplb_layers(self) -> list:
+        """The `eplb.moe.EPLBExperts` layers, in model order."""
+        return list(self._layers)
+
+    @property
+    def steps(self) -> int:
+        """Steps (model forwards) since wrapping."""
+        return self._steps
+
+    def stats(self, *, reduce: bool = False) -> dict:
+        """Balancedness of the current window under the committed placement, and the last rebalance.
+
+        Args:
+            reduce: sum the window over the EP group first (a collective: every rank must call
+                it). By default the window of this rank alone is used and nothing communicates.
+
+        Returns:
+            The keys of `eplb.metrics.compute_stats` (``step``, ``avg_tokens_per_rank``,
+            ``max_tokens_per_rank``, ``balancedness``, ``imbalance``, ``steps_to_next_rebalance``),
+            plus ``balancedness_per_layer`` (list), ``num_rebalances``, ``last_predicted_gain``
+            and ``last_rebalance_<field>`` for every `eplb.executor.RebalanceReport` field
+            (None before the first rebalance).
+        """
+
+        group = self._ep_group if reduce else None
+        load_LE = self.tracker.window_load(group=group)
+        out = compute_stats(
+            load_LE,
+            self._placement,
+            self._num_ranks,
+            step=self._steps,
+            steps_to_next_rebalance=self._steps_to_next_rebalance(),
+        )
+        out["balancedness_per_layer"] = balancedness(
+            load_LE, self._placement, self._num_ranks
+        ).per_layer.tolist()
+        out["num_rebalances"] = self._num_rebalances
+        out["last_predicted_gain"] = self._last_gain
+        report = asdict(self._last_report) if self._last_report is not None else {}
+        for f in fields(RebalanceReport):
+            out[f"last_rebalance_{f.name}"] = report.get(f.name)
+        return out
+
+    def state_dict(self) -> dict:
+        """Placement, tracker window, step count and this rank's slot weights (CPU copies)."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "num_ranks": self._num_ranks,
+            "rank": self._rank,
+            "steps": self._steps,
+            "placement": self._placement.to_dict(),
+            "tracker": self.tracker.state_dict(),
+            "slots": [
+                {n: t.to("cpu", copy=True) for n, t in layer.slot_tensors().items()} for layer in self._layers
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict` (same model, config and ranks): placement, slot weights, tracker."""
+        self._check_open()
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise EPLBError(f'state is not an EPLBWrapper state_dict (expected "format": "{_FORMAT}")')
+        if state.get("version") != _VERSION:
+            raise EPLBError(
+                f"EPLBWrapper state has version {state.get('version')!r}; this eplb reads {_VERSION}"
+            )
+        if (state.get("num_ranks"), state.get("rank")) != (self._num_ranks, self._rank):
+            raise EPLBError(
+                f"state was saved by rank {state.get('rank')} of {state.get('num_ranks')} ranks; this "
+                f"wrapper is rank {self._rank} of {self._num_ranks} (each rank loads its own state)"
+            )
+        placement = Placement.from_dict(state["placement"], source="EPLBWrapper state placement")
+        _check_placement_shape(placement, self._num_layers, self._num_logical, self._num_physical)
+        placement.validate(self._num_ranks)
+        slots = state["slots"]
+        if len(slots) != len(self._layers):
+            raise EPLBError(f"state has slots of {len(slots)} layers; the model has {len(self._layers)}")
+        for layer, saved in zip(self._layers, slots):
+            current = layer.slot_tensors()
+            if set(saved) != set(current) or any(saved[n].shape != current[n].shape for n in current):
+                raise EPLBError(
+                    f"layer {layer.layer_index}: saved slot tensors "
+                    f"{ {n: tuple(t.shape) for n, t in saved.items()} } do not match this model's "
+                    f"{ {n: tuple(t.shape) for n, t in current.items()} }"
+                )
+        self.tracker.load_state_dict(state["tracker"])
+        all_slots = torch.arange(self._num_physical // self._num_ranks)
+        for layer, saved in zip(self._layers, slots):
+            layer.commit(placement.phy2log[layer.layer_index], saved, all_slots)
+        self._placement = placement
+        self._steps = int(state.get("steps", 0))
+
+    # ------------------------------------------------------------------ rebalancing
+    def rebalance(self):
+        """Rebalance now from the current window (all-reduced over the EP group: every rank must
+        call it). Returns the `eplb.executor.RebalanceReport`."""
+        self._check_open()
+        return self._start_rebalance()
+
+    def synchronize(self) -> None:
+        """Wait until any in-flight rebalance is committed (rebalancing is synchronous here)."""
+        self._check_open()
+
+    def _start_rebalance(self):
+
+        load_LE = self.tracker.window_load(group=self._ep_group).to("cpu", torch.float64)
+        old = self._placement
+        if not bool((load_LE > 0).any()):
+            return self._skip("no load recorded in the window")
+        policy = get_policy(self.eplb_config.policy)
+        new = policy(
+            load_LE,
+            num_physical=self._num_physical,
+            num_groups=self._num_groups,
+            num_nodes=self._num_nodes,
+            num_ranks=self._num_ranks,
+            old=old,
+        )
+        self._last_gain = predicted_gain(load_LE, old, new, self._num_ranks)
+        if self.eplb_config.min_improvement > 0 and self._last_gain < self.eplb_config.min_improvement:
+            return self._skip(
+                f"predicted balancedness gain {self._last_gain:.4f} < "
+                f"min_improvement {self.eplb_config.min_improvement}",
+            )
+        try:
+            report = self._executor.rebalance(self._layers, old, new)
+        except BaseException:
+            # Committed layers hold the new rows, the others the old: record what is really there.
+            rows = torch.stack([layer.placement_row() for layer in self._layers])
+            self._placement = Placement.from_phy2log(rows, self._num_logical)
+            raise
+        self._placement = new
+        self._num_rebalances += 1
+        self._last_report = report
+        return report
+
+    def _skip(self, reason: str) -> RebalanceReport:
+        report = RebalanceReport(
+            layers=0,
+            slots_changed=0,
+            network_transfers=0,
+            local_copies=0,
+            bytes_moved=0,
+            seconds=0.0,
+            skipped=True,
+            reason=reason,
+        )
+        if self._rank == 0:
+            logger.info("eplb rebalance skipped: %s", reason)
+        self._last_report = report
+        return report
+
+    def _steps_to_next_rebalance(self) -> int:
+        interval = self.eplb_config.step_interval
+        return interval - self._steps % interval
+
+    def _forward_hook(self, module, args, output) -> None:
+        self._on_step()
+
+    def _on_step(self) -> None:
+        self.tracker.step()
+        self._steps += 1
+        if self._recording:
+            # Every rank joins the all-reduce; rank 0 writes.
+            load_LE = self.tracker.last_step_load(group=self._ep_group)
+            if self._trace is not None:
+                self._trace.append(load_LE)
+        if self._balancedness_logger is not None:
+            self._balancedness_logger(
+                self._steps, self.tracker, self._placement, self._ep_group, self._steps_to_next_rebalance()
+            )
+        if self._steps % self.eplb_config.step_interval == 0:
+            self._start_rebalance()
+
+    # ------------------------------------------------------------------ ending
+    def close(self) -> None:
+        """Stop counting steps and finish the trace; the model keeps running with its current
+        placement. Idempotent; also called by ``with EPLBWrapper(...) as w:``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hook.remove()
+        if self._trace is not None:
+            self._trace.close()
+
+    def unwrap(self) -> nn.Module:
+        """Put the original experts modules back, holding the primary copy of every expert, and
+        return the model (for saving it in its own format). With several ranks this all-gathers
+        the slots over the EP group (every rank must call it). The wrapper is closed afterwards."""
+        if self._unwrapped:
+            raise EPLBError("this EPLBWrapper was already unwrapped")
+        restored = [layer.logical_module(self._ep_group) for layer in self._layers]
+        self.close()
+        for spec, module in zip(self._specs, restored):
+            if spec.block_forward is not None:
+                module = module.to_module_list()
+                del spec.parent.forward  # the instance attribute set at install; the class method is back
+            setattr(spec.parent, spec.attr, module)
+        self._unwrapped = True
+        return self.module
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EPLBError(
+                "this EPLBWrapper is closed (close() or unwrap() was called); wrap the model again"
+            )
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _group_size_and_rank(group) -> tuple[int, int]:
+    if group is None:
+        return 1, 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise EPLBError(
+            "ep_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first (or pass ep_group=None for one process)"
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _resolve_num_groups(model: nn.Module, num_groups: int | None) -> int:
+    config = getattr(model, "config", None)
+    from_model = None
+    for attr in _GROUP_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            from_model = (attr, value)
+            break
+    if num_groups is None:
+        return from_model[1] if from_model else 1
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise EPLBError(f"num_groups ({num_groups!r}) must be an int >= 1, or None to take it from the model")
+    if from_model and from_model[1] != num_groups:
+        raise EPLBError(
+            f"num_groups ({num_groups}) differs from the model config's {from_model[0]} ({from_model[1]}); "
+            f"pass num_groups={from_model[1]} or None"
+        )
+    return num_groups
+
+
+def _check_sizes(num_layers, num_logical, num_physical, num_groups, num_nodes, num_ranks) -> None:
+
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise EPLBError(f"num_nodes ({num_nodes!r}) must be an int >= 1")
+    check_policy_inputs(
+        torch.zeros(num_layers, num_logical),
+        num_physical=num_physical,
+        num_groups=num_groups,
+        num_nodes=num_nodes,
+        num_ranks=num_ranks,
+    )
+
+
+def _check_placement_shape(
+    placement: Placement, num_layers: int, num_logical: int, num_physical: int
+) -> None:
+    got = (placement.num_layers, placement.num_logical, placement.num_physical)
+    want = (num_layers, num_logical, num_physical)
+    if got != want:
+        raise EPLBError(
+            f"placement has (num_layers, num_logical, num_physical) = {got} but the model and config "
+            f"give {want}"
+        )
+
+
+def _initial_placement(initial, num_layers, num_logical, num_physical, num_ranks) -> Placement:
+    if initial is None:
+        return Placement.initial(num_layers, num_logical, num_physical, num_ranks)
+    if isinstance(initial, (str, os.PathLike)):
+        initial = Placement.load(initial)
+    if not isinstance(initial, Placement):
+        raise EPLBError(
+            "initial_placement must be a Placement, a path to a saved placement, or None; "
+            f"got {type(initial).__name__}"
+        )
+    _check_placement_shape(initial, num_layers, num_logical, num_physical)
+    return initial.validate(num_ranks)
+
+
+def _expert_device(specs) -> torch.device:
+
+    devices = set()
+    for spec in specs:
+        owned = direct_tensors(spec.experts)
+        devices.update(owned[n].device for n in spec.expert_tensors)
+    if len(devices) != 1:
+        raise EPLBError(
+            f"expert weights are on several devices ({sorted(map(str, devices))}); put every MoE layer's "
+            "experts on this rank's device before wrapping"
+        )
+    return devices.pop()
+
+
+def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int) -> None:
+    gathered: list = [None] * num_ranks
+    dist.all_gather_object(gathered, (error, summary), group=group)
+    errors = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+    if errors:
+        own = error or f"rank {errors[0][0]} failed: {errors[0][1]}"
+        raise EPLBError(own)
+    reference = gathered[0][1]
+    for r, (_, other) in enumerate(gathered):
+        differ = [k for k in reference if reference[k] != other[k]]
+        if differ:
+            shown = {k: (reference[k], other[k]) for k in differ if k != "placement"}
+            raise EPLBError(
+                f"ranks disagree at wrap time: rank 0 and rank {r} differ in {', '.join(differ)} "
+                f"(rank 0 vs rank {r}: {shown}); every rank must wrap the same model with the same config, "
+                "num_groups, num_nodes and initial placement"
+            )
+
+
+def _communicator(config: EPLBConfig, device: torch.device, group):
+
+    return select_communicator(
+        config.communicator, use_async=False, device=device, group=group, timeout_s=config.async_timeout_s
+    )
+
+
+def _trace_writer(path, model: nn.Module, num_layers: int, num_logical: int, rank: int):
+    if path is None or rank != 0:
+        return None
+
+    metadata = {
+        "num_layers": num_layers,
+        "num_logical": num_logical,
+        "model": type(model).__name__,
+        "source": "EPLBWrapper",
+    }
+    return TraceWriter(path, metadata)
+
+
+def _balancedness_logger(config: EPLBConfig, num_ranks: int, rank: int):
+    if not config.log_balancedness:
+        return None
+
+    return BalancednessLogger(config.log_balancedness_interval, num_ranks, rank)
