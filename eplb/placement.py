@@ -60,7 +60,8 @@ class Placement:
             )
         if phy2log.dtype.is_floating_point or phy2log.dtype == torch.bool:
             raise EPLBError(f"phy2log must hold integer expert ids, got dtype {phy2log.dtype}")
-        phy2log = phy2log.detach().to("cpu", torch.int64).contiguous()
+        # A private copy: a Placement never aliases a caller's (or a layer's) tensor.
+        phy2log = phy2log.detach().to("cpu", torch.int64, copy=True).contiguous()
         num_layers, num_physical = phy2log.shape
         if num_logical <= 0:
             raise EPLBError(f"num_logical ({num_logical}) must be > 0")

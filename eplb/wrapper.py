@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from eplb.comm.base import select_communicator
+from eplb.comm.base import dedicated_group, select_communicator
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError
-from eplb.executor import RebalanceReport, SyncExecutor
+from eplb.executor import AsyncExecutor, RebalanceReport, StepOutcome, SyncExecutor
 from eplb.metrics import BalancednessLogger, balancedness, compute_stats, predicted_gain
 from eplb.moe import EPLBExperts, find_moe_layers
 from eplb.moe.adapters import direct_tensors
@@ -146,12 +145,7 @@ class EPLBWrapper:
             )
             for i, spec in enumerate(specs)
         ]
-        self._executor = SyncExecutor(
-            rank=rank,
-            num_ranks=num_ranks,
-            communicator=_communicator(config, device, self._ep_group),
-            max_transfer_bytes=config.max_transfer_bytes,
-        )
+        self._executor = _executor(config, device, self._ep_group, rank, num_ranks)
         self._recording = record_trace is not None
         self._trace = _trace_writer(record_trace, model, num_layers, num_logical, rank)
         self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
@@ -159,15 +153,9 @@ class EPLBWrapper:
         self._num_rebalances = 0
         self._last_report = None
         self._last_gain: float | None = None
+        self._skip_reason = ""
         self._closed = False
         self._unwrapped = False
-        if config.use_async:
-            message = (
-                "EPLBConfig(use_async=True): the async executor is not available in this version; "
-                "rebalancing runs synchronously (blocking). Set use_async=False to silence this warning."
-            )
-            warnings.warn(message, UserWarning, stacklevel=2)
-            logger.warning(message)
 
         # Step 3: install (the only step that modifies the model).
         for spec, layer in zip(specs, self._layers):
@@ -268,6 +256,8 @@ class EPLBWrapper:
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` (same model, config and ranks): placement, slot weights, tracker."""
         self._check_open()
+        if self.async_in_flight:
+            raise EPLBError("an async rebalance is in flight; call synchronize() before load_state_dict()")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise EPLBError(f'state is not an EPLBWrapper state_dict (expected "format": "{_FORMAT}")')
         if state.get("version") != _VERSION:
@@ -301,22 +291,46 @@ class EPLBWrapper:
         self._steps = int(state.get("steps", 0))
 
     # ------------------------------------------------------------------ rebalancing
-    def rebalance(self):
+    def rebalance(self) -> RebalanceReport | None:
         """Rebalance now from the current window (all-reduced over the EP group: every rank must
-        call it). Returns the `eplb.executor.RebalanceReport`."""
+        call it).
+
+        Returns:
+            Sync: the `eplb.executor.RebalanceReport`, once every layer is committed. Async: None
+            at once; the rebalance commits layer by layer at the next steps (`synchronize` waits
+            for it) and ``stats()`` reports it when done. An async rebalance already in flight is
+            finished first.
+        """
         self._check_open()
+        if self.async_in_flight:
+            self.synchronize()
         return self._start_rebalance()
 
-    def synchronize(self) -> None:
-        """Wait until any in-flight rebalance is committed (rebalancing is synchronous here)."""
+    def synchronize(self) -> RebalanceReport | None:
+        """Drive an in-flight async rebalance to completion, blocking (collective: every rank must
+        call it). Returns its report, or None when nothing was in flight (always, in sync mode)."""
         self._check_open()
+        if not self.async_in_flight:
+            return None
+        self._apply(self._executor.synchronize())
+        return self._last_report
 
-    def _start_rebalance(self):
+    @property
+    def async_in_flight(self) -> bool:
+        """True while an async rebalance is planned, moving or being committed."""
+        return isinstance(self._executor, AsyncExecutor) and self._executor.in_flight
 
-        load_LE = self.tracker.window_load(group=self._ep_group).to("cpu", torch.float64)
-        old = self._placement
-        if not bool((load_LE > 0).any()):
-            return self._skip("no load recorded in the window")
+    def _apply(self, outcome: StepOutcome) -> None:
+        """Take over what the async executor committed, finished or aborted at a step boundary."""
+        if outcome.placement is not None:
+            self._placement = outcome.placement
+        if outcome.report is not None:
+            self._last_report = outcome.report
+            if not outcome.report.skipped:
+                self._num_rebalances += 1
+
+    def _plan(self, load_LE: torch.Tensor, old: Placement) -> Placement | None:
+        """Policy + ``min_improvement``; None (with ``self._skip_reason``) when the rebalance is skipped."""
         policy = get_policy(self.eplb_config.policy)
         new = policy(
             load_LE,
@@ -328,10 +342,31 @@ class EPLBWrapper:
         )
         self._last_gain = predicted_gain(load_LE, old, new, self._num_ranks)
         if self.eplb_config.min_improvement > 0 and self._last_gain < self.eplb_config.min_improvement:
-            return self._skip(
+            self._skip_reason = (
                 f"predicted balancedness gain {self._last_gain:.4f} < "
-                f"min_improvement {self.eplb_config.min_improvement}",
+                f"min_improvement {self.eplb_config.min_improvement}"
             )
+            return None
+        return new
+
+    def _start_rebalance(self):
+
+        load_LE = self.tracker.window_load(group=self._ep_group).to("cpu", torch.float64)
+        old = self._placement
+        if not bool((load_LE > 0).any()):
+            return self._skip("no load recorded in the window")
+        if isinstance(self._executor, AsyncExecutor):
+            # The policy runs on the worker thread; the main thread goes back to the forward passes.
+            def plan() -> Placement | None:
+                new = self._plan(load_LE, old)
+                plan.skip_reason = self._skip_reason if new is None else ""
+                return new
+
+            self._executor.start(self._layers, old, plan)
+            return None
+        new = self._plan(load_LE, old)
+        if new is None:
+            return self._skip(self._skip_reason)
         try:
             report = self._executor.rebalance(self._layers, old, new)
         except BaseException:
@@ -379,8 +414,17 @@ class EPLBWrapper:
             self._balancedness_logger(
                 self._steps, self.tracker, self._placement, self._ep_group, self._steps_to_next_rebalance()
             )
+        if self.async_in_flight:
+            self._apply(self._executor.on_step())
         if self._steps % self.eplb_config.step_interval == 0:
-            self._start_rebalance()
+            if self.async_in_flight:
+                if self._rank == 0:
+                    logger.warning(
+                        "eplb: step %d: the previous async rebalance is still in flight; this one is skipped "
+                        "(raise step_interval or async_layers_per_step)", self._steps,
+                    )
+            else:
+                self._start_rebalance()
 
     # ------------------------------------------------------------------ ending
     def close(self) -> None:
@@ -390,6 +434,8 @@ class EPLBWrapper:
             return
         self._closed = True
         self._hook.remove()
+        if isinstance(self._executor, AsyncExecutor):
+            self._executor.close()
         if self._trace is not None:
             self._trace.close()
 
@@ -399,6 +445,8 @@ class EPLBWrapper:
         the slots over the EP group (every rank must call it). The wrapper is closed afterwards."""
         if self._unwrapped:
             raise EPLBError("this EPLBWrapper was already unwrapped")
+        if not self._closed:
+            self.synchronize()
         restored = [layer.logical_module(self._ep_group) for layer in self._layers]
         self.close()
         for spec, module in zip(self._specs, restored):
@@ -520,10 +568,27 @@ def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int) -> None
             )
 
 
-def _communicator(config: EPLBConfig, device: torch.device, group):
-
-    return select_communicator(
-        config.communicator, use_async=False, device=device, group=group, timeout_s=config.async_timeout_s
+def _executor(config: EPLBConfig, device: torch.device, group, rank: int, num_ranks: int):
+    """The executor the config asks for; creating communicators and groups is collective."""
+    communicator = select_communicator(
+        config.communicator, use_async=config.use_async, device=device, group=group,
+        timeout_s=config.async_timeout_s,
+    )
+    if not config.use_async:
+        return SyncExecutor(
+            rank=rank, num_ranks=num_ranks, communicator=communicator,
+            max_transfer_bytes=config.max_transfer_bytes,
+        )
+    return AsyncExecutor(
+        rank=rank,
+        num_ranks=num_ranks,
+        communicator=communicator,
+        max_transfer_bytes=config.max_transfer_bytes,
+        timeout_s=config.async_timeout_s,
+        layers_per_step=config.async_layers_per_step,
+        on_error=config.async_on_error,
+        # Readiness agreement runs on its own gloo group: never on the forward pass's group.
+        control_group=dedicated_group(group, "gloo", config.async_timeout_s) if group is not None else None,
     )
 
 

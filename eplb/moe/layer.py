@@ -110,7 +110,7 @@ class EPLBExperts(nn.Module):
         own_S = row_P[rank * S : (rank + 1) * S]
         slots = {n: owned[n].detach().index_select(0, own_S.to(owned[n].device)) for n in names}
         self.experts = replace_expert_tensors(experts, slots)
-        self.register_buffer("phy2log", row_P.to(device), persistent=False)
+        self.register_buffer("phy2log", row_P.to(device, copy=True), persistent=False)
         self.register_buffer(
             "log2phy",
             torch.empty(num_logical, P - num_logical + 1, dtype=torch.int64, device=device),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 
 import moe_models as mm
 import pytest
@@ -124,11 +123,6 @@ def test_min_improvement_and_an_empty_window_skip_the_rebalance(caplog):
     report = wrapper.rebalance()  # one rank: balancedness is always 1, the gain 0
     assert report.skipped and "min_improvement" in report.reason and wrapper.placement is before
     assert "eplb rebalance skipped" in caplog.text
-
-
-def test_use_async_warns_that_the_sync_path_runs():
-    with pytest.warns(UserWarning, match="rebalancing runs synchronously"):
-        EPLBWrapper(mm.build_reference_model(), EPLBConfig())
 
 
 def test_balancedness_is_logged_when_asked(caplog):
@@ -330,8 +324,3 @@ def test_ep_group_without_torch_distributed_is_refused():
         EPLBWrapper(model, _config(), ep_group=object())
     assert all(isinstance(b.experts, SwiGLUExperts) for b in model.blocks)
 
-
-def test_use_async_warning_is_a_warning_not_an_error():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        EPLBWrapper(mm.build_reference_model(), _config())  # use_async=False: no warning at all
