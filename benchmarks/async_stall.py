@@ -34,18 +34,20 @@ from eplb.placement import Placement
 class BenchLayer:
     """Slot storage of one MoE layer with the `EPLBExperts` commit contract (one rank)."""
 
-    def __init__(self, index: int, host_w13: torch.Tensor, host_w2: torch.Tensor, phy2log: list[int], device):
+    def __init__(self, index: int, w13_E: torch.Tensor, w2_E: torch.Tensor, phy2log: list[int]):
         self.layer_index = index
-        self.w13 = host_w13[phy2log].to(device)  # [S, 2I, D]
-        self.w2 = host_w2[phy2log].to(device)  # [S, D, I]
+        rows = torch.tensor(phy2log, device=w13_E.device)
+        self.w13 = w13_E.index_select(0, rows)  # [S, 2I, D]
+        self.w2 = w2_E.index_select(0, rows)  # [S, D, I]
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         return {"w13": self.w13, "w2": self.w2}
 
     def commit(self, phy2log_P, staged, slots) -> None:
-        slots = slots.to(self.w13.device)
+        # Row by row, like EPLBExperts.apply_commit: one read and one write per slot, no temporary.
         for name, t in self.slot_tensors().items():
-            t.index_copy_(0, slots, staged[name].index_select(0, slots))
+            for s in slots.tolist():
+                t[s].copy_(staged[name][s])
 
 
 def forward(layers: list[BenchLayer], x_TD: torch.Tensor, rows_S: list[torch.Tensor]) -> torch.Tensor:
@@ -107,7 +109,9 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for mode in ("none", "sync", "async"):
-        layers = [BenchLayer(i, host_w13, host_w2, old_row, device) for i in range(L)]
+        w13_E, w2_E = host_w13.to(device), host_w2.to(device)
+        layers = [BenchLayer(i, w13_E, w2_E, old_row) for i in range(L)]
+        del w13_E, w2_E
         static_x = x_TD.clone()
         if cuda:
             side = torch.cuda.Stream()
@@ -120,10 +124,10 @@ def main() -> None:
             with torch.cuda.graph(graph):
                 static_out = forward(layers, static_x, rows_S)
 
-            def step():
+            def step(graph=graph):
                 graph.replay()
         else:
-            def step():
+            def step(layers=layers, static_x=static_x):
                 forward(layers, static_x, rows_S)
         executor = AsyncExecutor(rank=0, num_ranks=1, communicator=None, max_transfer_bytes=1 << 30,
                                  timeout_s=600, layers_per_step=1, transfer_fn=host_transfer)

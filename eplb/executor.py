@@ -166,6 +166,7 @@ class _StagedLayer:
     slots: torch.Tensor  # [n] local slot ids the commit writes
     buffer: _StagingBuffer
     ready_event: torch.cuda.Event | None
+    prepared: object | None = None  # layer.prepare_commit(...) result, when the layer has one
 
 
 class _StagingBuffer:
@@ -422,7 +423,10 @@ class AsyncExecutor:
         staged = job.staged[self._committed]
         if staged.ready_event is not None:
             torch.cuda.current_stream().wait_event(staged.ready_event)
-        staged.layer.commit(staged.row, staged.buffer.tensors, staged.slots)
+        if staged.prepared is not None:  # device copies only: no host sync on the main thread
+            staged.layer.apply_commit(staged.prepared, staged.buffer.tensors)
+        else:
+            staged.layer.commit(staged.row, staged.buffer.tensors, staged.slots)
         if staged.ready_event is not None:
             staged.buffer.free_event = torch.cuda.Event()
             staged.buffer.free_event.record(torch.cuda.current_stream())
@@ -516,19 +520,26 @@ class AsyncExecutor:
                 plan = plan_layer_transfer(job.old.phy2log[i], new.phy2log[i], rank=self.rank,
                                            num_ranks=self.num_ranks)
                 event = None
+                row = new.phy2log[i].clone()
+                slots = torch.tensor(plan.changed_local, dtype=torch.int64)
+                prepare = getattr(layer, "prepare_commit", None)
+                prepared = None
                 if stream is not None:
                     with torch.cuda.stream(stream):
                         stream.wait_event(job.start_event)
                         if buffer.free_event is not None:
                             stream.wait_event(buffer.free_event)
                         self._transfer(layer, plan, slot_tensors, buffer.tensors)
+                        if prepare is not None:
+                            prepared = prepare(row, slots, buffer.tensors)
                         event = torch.cuda.Event()
                         event.record(stream)
                 else:
                     self._transfer(layer, plan, slot_tensors, buffer.tensors)
-                staged = _StagedLayer(layer=layer, row=new.phy2log[i].clone(),
-                                      slots=torch.tensor(plan.changed_local, dtype=torch.int64),
-                                      buffer=buffer, ready_event=event)
+                    if prepare is not None:
+                        prepared = prepare(row, slots, buffer.tensors)
+                staged = _StagedLayer(layer=layer, row=row, slots=slots, buffer=buffer, ready_event=event,
+                                      prepared=prepared)
                 with job.cond:
                     if job.abort:
                         return

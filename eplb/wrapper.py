@@ -399,7 +399,16 @@ class EPLBWrapper:
         interval = self.eplb_config.step_interval
         return interval - self._steps % interval
 
+    def step(self) -> None:
+        """Count one step by hand: record-window bookkeeping, async commits, and the rebalance
+        trigger. Forwards count themselves; call this after each replay of a CUDA graph that
+        captured the model's forward (the capture itself counts no step)."""
+        self._check_open()
+        self._on_step()
+
     def _forward_hook(self, module, args, output) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # a capture is not a step; replays are counted by step()
         self._on_step()
 
     def _on_step(self) -> None:

@@ -12,6 +12,7 @@ order as the replaced module, so the result matches it (bitwise when the matmuls
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
 from eplb.placement import Placement
 
-__all__ = ["EPLBExperts"]
+__all__ = ["EPLBExperts", "PreparedCommit"]
 
 _HASH_MASK = 0x7FFFFFFF  # keys stay < 2**31 so the 32-bit mixing below never overflows int64
 
@@ -39,6 +40,22 @@ def _mix32(key: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 13)
     h = (h * 0xC2B2AE35) & 0xFFFFFFFF
     return h ^ (h >> 16)
+
+
+@dataclass(frozen=True)
+class PreparedCommit:
+    """A validated commit whose data already sits on the layer's device.
+
+    Attributes:
+        packed: int64 ``[n + P + E * (P - E + 1) + E]`` — local slot ids to copy, then the new
+            ``phy2log``, ``log2phy`` (flattened, ``-1`` padded) and ``logcnt``.
+        num_slots: ``n``.
+        slot_list: the same ``n`` slot ids as Python ints (row copies need no index tensor).
+    """
+
+    packed: torch.Tensor
+    num_slots: int
+    slot_list: tuple[int, ...] = ()
 
 
 class EPLBExperts(nn.Module):
@@ -150,6 +167,21 @@ class EPLBExperts(nn.Module):
             slots: int64 local slot ids (in ``[0, S)``) to copy from ``staged``; may be empty.
 
         Runs on the caller's current stream; copies in place (same storage) under no_grad.
+        Equivalent to ``apply_commit(prepare_commit(phy2log_P, slots, staged), staged)``.
+        """
+        self.apply_commit(self.prepare_commit(phy2log_P, slots, staged), staged)
+
+    def prepare_commit(
+        self,
+        phy2log_P: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        staged: dict[str, torch.Tensor] | None = None,
+    ) -> PreparedCommit:
+        """Validate a commit and put everything it needs on the device, ahead of time.
+
+        The async executor calls this on its worker (on the side stream), so that `apply_commit`
+        on the main thread issues only device-to-device copies: no host sync, no host-to-device
+        copy from pageable memory. Returns a `PreparedCommit`.
         """
         row_P = torch.as_tensor(phy2log_P, dtype=torch.int64).reshape(-1).cpu()
         if row_P.numel() != self.num_physical:
@@ -157,7 +189,7 @@ class EPLBExperts(nn.Module):
                 f"phy2log row has {row_P.numel()} slots; this layer has num_physical={self.num_physical}"
             )
         placement = Placement.from_phy2log(row_P, self.num_logical).validate(self.num_ranks)
-        slot_ids = torch.as_tensor(slots if slots is not None else [], dtype=torch.int64).reshape(-1)
+        slot_ids = torch.as_tensor(slots if slots is not None else [], dtype=torch.int64).reshape(-1).cpu()
         if slot_ids.numel():
             if staged is None:
                 raise EPLBError("commit got slots to copy but no staged tensors")
@@ -168,13 +200,28 @@ class EPLBExperts(nn.Module):
                 raise EPLBError(
                     f"staged tensors {sorted(staged)} must be exactly the slot tensors {sorted(current)}"
                 )
+        log2phy_ER = torch.full(tuple(self.log2phy.shape), -1, dtype=torch.int64)
+        log2phy_ER[:, : placement.log2phy.shape[2]] = placement.log2phy[0]
+        # One packed int64 vector: slot ids, phy2log, log2phy, logcnt; one copy to the device.
+        packed = torch.cat([slot_ids, placement.phy2log[0], log2phy_ER.reshape(-1), placement.logcnt[0]])
+        device = self.phy2log.device
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        return PreparedCommit(packed=packed, num_slots=int(slot_ids.numel()), slot_list=tuple(slot_ids.tolist()))
+
+    def apply_commit(self, prepared: PreparedCommit, staged: dict[str, torch.Tensor] | None) -> None:
+        """Apply a `prepare_commit` result on the current stream: device copies only (no sync)."""
+        n, P, E = prepared.num_slots, self.num_physical, self.num_logical
+        _, phy2log_P, log2phy_flat, logcnt_E = torch.split(prepared.packed, [n, P, self.log2phy.numel(), E])
         with torch.no_grad():
-            if slot_ids.numel():
-                for name, dst in current.items():
-                    src = staged[name]
-                    rows = src.index_select(0, slot_ids.to(src.device)).to(device=dst.device, dtype=dst.dtype)
-                    dst.index_copy_(0, slot_ids.to(dst.device), rows)
-            self._write_maps(placement)
+            for name, dst in self.slot_tensors().items():
+                src = staged[name]
+                # Row by row: one read and one write per slot, no temporary (slots are few and large).
+                for s in prepared.slot_list:
+                    dst[s].copy_(src[s])
+            self.phy2log.copy_(phy2log_P)
+            self.log2phy.copy_(log2phy_flat.view(self.log2phy.shape))
+            self.logcnt.copy_(logcnt_E)
 
     def _write_maps(self, placement: Placement) -> None:
         log2phy_ER = torch.full(tuple(self.log2phy.shape), -1, dtype=torch.int64)

@@ -118,7 +118,9 @@ def _checked(name: str, fn: Callable[..., Placement]) -> Callable[..., Placement
     return policy
 
 
-def register_policy(name: str, *, override: bool = False) -> Callable[[Callable[..., Placement]], Callable[..., Placement]]:
+def register_policy(
+    name: str, *, override: bool = False
+) -> Callable[[Callable[..., Placement]], Callable[..., Placement]]:
     """Decorator registering a policy under ``name``.
 
     The registered callable validates its inputs (`check_policy_inputs`) and its output
