@@ -147,6 +147,8 @@ def main() -> None:
                         plan = plan_layer_transfer(old.phy2log[0], new.phy2log[0], rank=0, num_ranks=1)
                         host_transfer(layer, plan, layer.slot_tensors(), staging)
                         layer.commit(new.phy2log[0], staging, torch.tensor(plan.changed_local))
+                    if cuda:
+                        torch.cuda.synchronize()
                     total = time.perf_counter() - t0
                 elif mode == "async":
                     executor.start(layers, old, lambda: new)

@@ -203,6 +203,7 @@ class _Job:
         self.error: BaseException | None = None
         self.error_tb = ""
         self.abort = False
+        self.go = False  # set once every rank has planned: transfers need every peer
         self.free_buffers: list[_StagingBuffer] = []
         self.num_buffers = 0
         self.counts = [0, 0, 0, 0]  # slots changed, network transfers, local copies, bytes moved
@@ -356,6 +357,12 @@ class AsyncExecutor:
             return self._abort(job, failed_rank=flags["failed_rank"] - 1)
         if flags["timed_out"]:
             return self._abort(job, timed_out=True)
+        if flags["planned"] and not job.go:
+            # Every rank planned without error: the workers may start exchanging weights. Before
+            # this, a rank whose planning failed would leave its peers blocked in a transfer.
+            with job.cond:
+                job.go = True
+                job.cond.notify_all()
         committed: list[int] = []
         while self._committed < flags["ready"] and len(committed) < self.layers_per_step:
             committed.append(self._commit_next(job))
@@ -510,6 +517,10 @@ class AsyncExecutor:
                     job.skip_reason = getattr(job.plan_fn, "skip_reason", "") or "the plan was skipped"
                 job.planned = True
                 job.cond.notify_all()
+                while not (job.go or job.abort):
+                    job.cond.wait(0.1)
+                if job.abort:
+                    return
             stream = self._stream
             for layer in changed:
                 i = layer.layer_index
