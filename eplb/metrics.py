@@ -89,7 +89,7 @@ def rank_share(placement: Placement, num_ranks: int) -> torch.Tensor:
     return replicas.view(L, E, num_ranks) / placement.logcnt.unsqueeze(-1).to(torch.float64)
 
 
-def rank_loads(load_LE, placement: Placement, num_ranks: int) -> torch.Tensor:
+def rank_loads(load_LE: torch.Tensor, placement: Placement, num_ranks: int) -> torch.Tensor:
     """Tokens each rank computes in each layer.
 
     Args:
@@ -109,7 +109,7 @@ def rank_loads(load_LE, placement: Placement, num_ranks: int) -> torch.Tensor:
     return slot_load_LP.view(placement.num_layers, num_ranks, S).sum(-1)
 
 
-def balancedness(load_LE, placement: Placement, num_ranks: int) -> Balancedness:
+def balancedness(load_LE: torch.Tensor, placement: Placement, num_ranks: int) -> Balancedness:
     """Balancedness of ``load_LE`` served with ``placement`` on ``num_ranks`` ranks.
 
     Args:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.distributed as dist
 
 from eplb.errors import EPLBError
 
@@ -137,7 +138,7 @@ class LoadTracker:
         self._pos_1.remainder_(self.window_size)
 
     # ------------------------------------------------------------------ reading
-    def window_load(self, group=None) -> torch.Tensor:
+    def window_load(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """The load over the window.
 
         Args:
@@ -153,7 +154,7 @@ class LoadTracker:
         load_LE = self._sum_LE.clone()
         return _all_reduce_sum(load_LE, group) if group is not None else load_LE
 
-    def last_step_load(self, group=None) -> torch.Tensor:
+    def last_step_load(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``[L, E]`` int64 — the load of the most recently completed step (zeros before the first).
 
         ``group`` works as in `window_load`. No host sync without a group.

@@ -24,10 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from eplb.errors import EPLBError
+
+if TYPE_CHECKING:
+    from eplb.comm.base import Communicator
 
 __all__ = [
     "NetworkTransfer",
@@ -227,7 +231,7 @@ def execute_layer_transfer(
     plan: LayerTransferPlan,
     slot_tensors: Mapping[str, torch.Tensor],
     staging: Mapping[str, torch.Tensor],
-    communicator,
+    communicator: Communicator,
     max_transfer_bytes: int,
 ) -> None:
     """Fill ``staging[name][plan.changed_local]`` with the new experts' weights.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from eplb.errors import EPLBError
 from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
 from eplb.placement import Placement
+
+if TYPE_CHECKING:
+    from eplb.tracker import LoadTracker
 
 __all__ = ["EPLBExperts", "PreparedCommit"]
 
@@ -68,12 +72,13 @@ class EPLBExperts(nn.Module):
         expert_tensors: names of the per-expert parameters/buffers of ``experts``.
         layer_index: position of the layer among the model's MoE layers (tracker row).
         phy2log: ``[P]`` int — the initial placement row (logical expert of each slot).
-        num_ranks, rank: ``G`` and this rank's index in the expert-parallel group.
+        num_ranks: ``G``, ranks of the expert-parallel group.
+        rank: this rank's index in the group.
         dispatcher: moves pairs to slot owners; `LocalDispatcher` by default (one rank).
         tracker: a `eplb.tracker.LoadTracker` to record logical ids into, or None.
 
-    Attributes:
-        layer_index, num_logical (E), num_physical (P), num_ranks (G), rank (r), slots_per_rank (S).
+    Attributes ``layer_index``, ``num_logical`` (E), ``num_physical`` (P), ``num_ranks`` (G),
+    ``rank`` (r) and ``slots_per_rank`` (S) describe the layer.
 
     Buffers (on the weights' device, updated in place by `commit`, never reallocated):
         phy2log ``[P]`` int64, log2phy ``[E, P - E + 1]`` int64 (``-1`` padded), logcnt ``[E]`` int64.
@@ -97,7 +102,7 @@ class EPLBExperts(nn.Module):
         num_ranks: int = 1,
         rank: int = 0,
         dispatcher: Dispatcher | None = None,
-        tracker=None,
+        tracker: LoadTracker | None = None,
     ):
         super().__init__()
         owned = direct_tensors(experts)

@@ -179,3 +179,11 @@ def test_load_rejects_bad_files(tmp_path):
             Placement.load(_write(tmp_path, content))
     with pytest.raises(EPLBError, match=r"placement file '.*missing.json' does not exist"):
         Placement.load(tmp_path / "missing.json")
+
+
+def test_a_placement_never_aliases_the_tensor_it_was_built_from():
+    row = torch.tensor([[0, 1, 2, 3, 0, 1]])
+    placement = Placement.from_phy2log(row, 4)
+    row[0, 0] = 3  # the caller (or a layer's buffer) changes its tensor in place
+    assert placement.phy2log[0, 0].item() == 0
+    placement.validate(2)

@@ -1,0 +1,142 @@
+"""EPLBConfig: defaults, JSON, frozen, unknown fields, every constraint, the cross-field rules
+(async only with the default policy; async never with torch_nccl), registry-backed names."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+import eplb
+from eplb import EPLBConfig
+from eplb.policies import unregister_policy
+
+DEFAULTS = {
+    "window_size": 1000,
+    "step_interval": 3000,
+    "num_redundant_experts": 0,
+    "log_balancedness": False,
+    "log_balancedness_interval": 1,
+    "use_async": True,
+    "policy": "default",
+    "communicator": "auto",
+    "min_improvement": 0.0,
+    "async_timeout_s": 300.0,
+}
+
+
+def test_defaults_match_the_documented_table():
+    config = EPLBConfig()
+    assert {k: getattr(config, k) for k in DEFAULTS} == DEFAULTS
+
+
+def test_every_field_has_an_attribute_docstring():
+    import inspect
+
+    source = inspect.getsource(EPLBConfig)
+    for name in EPLBConfig.model_fields:
+        after = source.split(f"\n    {name}:", 1)[1].split("\n", 2)[1]
+        assert after.strip().startswith('"""'), f"field {name} has no attribute docstring"
+
+
+def test_parses_json_and_round_trips():
+    config = EPLBConfig.model_validate_json('{"use_async": false}')
+    assert config.use_async is False and config.policy == "default"
+    assert EPLBConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_is_frozen_and_rejects_unknown_fields():
+    config = EPLBConfig()
+    with pytest.raises(ValidationError, match="frozen"):
+        config.window_size = 5
+    with pytest.raises(ValidationError, match="window_sizes"):
+        EPLBConfig(window_sizes=5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("window_size", 0, "greater than 0"),
+        ("step_interval", -1, "greater than 0"),
+        ("num_redundant_experts", -1, "greater than or equal to 0"),
+        ("log_balancedness_interval", 0, "greater than 0"),
+        ("min_improvement", 1.0, "less than 1"),
+        ("min_improvement", -0.1, "greater than or equal to 0"),
+        ("async_timeout_s", 0, "greater than 0"),
+        ("async_layers_per_step", 0, "greater than 0"),
+        ("async_on_error", "ignore", "'log' or 'raise'"),
+        ("max_transfer_bytes", 0, "greater than 0"),
+        ("communicator", "mpi", "communicator 'mpi' is unknown; use one of auto, torch_gloo, torch_nccl"),
+        ("policy", "nope", "policy 'nope' is not registered"),
+    ],
+)
+def test_each_constraint_names_the_field_and_the_rule(field, value, match):
+    kwargs = {field: value, "use_async": False}
+    with pytest.raises(ValidationError, match=match) as info:
+        EPLBConfig(**kwargs)
+    assert field in str(info.value)
+
+
+def test_async_rejects_any_policy_but_default():
+    with pytest.raises(
+        ValidationError,
+        match=r"Async EPLB is only supported with the default policy \(got policy='topk'\); "
+        r"set use_async=false to use 'topk'",
+    ):
+        EPLBConfig(policy="topk")
+    assert EPLBConfig(policy="topk", use_async=False).policy == "topk"
+
+
+def test_async_rejects_torch_nccl_with_the_reason_and_the_alternatives():
+    with pytest.raises(ValidationError, match=r"(?s)deadlock.*'torch_gloo' or 'auto'"):
+        EPLBConfig(communicator="torch_nccl")
+    assert EPLBConfig(communicator="torch_nccl", use_async=False).communicator == "torch_nccl"
+
+
+def test_plugin_policy_is_accepted_sync_and_rejected_async():
+    @eplb.register_policy("test_config_plugin")
+    def plugin(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None):
+        return eplb.get_policy("default")(load, num_physical=num_physical, num_groups=num_groups,
+                                          num_nodes=num_nodes, num_ranks=num_ranks, old=old)
+
+    try:
+        assert EPLBConfig(policy="test_config_plugin", use_async=False).policy == "test_config_plugin"
+        with pytest.raises(ValidationError, match="only supported with the default policy"):
+            EPLBConfig(policy="test_config_plugin")
+    finally:
+        unregister_policy("test_config_plugin")
+
+
+def test_policies_of_the_entry_point_group_are_registered(monkeypatch):
+    import importlib.metadata
+
+    import eplb.policies as registry
+
+    class FakeEntryPoint:
+        name = "from_entry_point"
+
+        def load(self):
+            return registry.get_policy("default").raw
+
+    def entry_points(group=None):
+        return [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert "from_entry_point" in registry.available_policies()
+        assert EPLBConfig(policy="from_entry_point", use_async=False).policy == "from_entry_point"
+    finally:
+        unregister_policy("from_entry_point")
+
+
+@given(
+    window=st.integers(1, 10**6), interval=st.integers(1, 10**6), redundant=st.integers(0, 4096),
+    gain=st.floats(0, 1, exclude_max=True), use_async=st.booleans(),
+)
+def test_valid_values_are_kept_exactly(window, interval, redundant, gain, use_async):
+    config = EPLBConfig(window_size=window, step_interval=interval, num_redundant_experts=redundant,
+                       min_improvement=gain, use_async=use_async)
+    assert (config.window_size, config.step_interval, config.num_redundant_experts, config.min_improvement) == (
+        window, interval, redundant, gain)
