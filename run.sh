@@ -13,7 +13,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install -q -e ".[dev]"
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+case "$VENV" in /*) VENV_BIN="$VENV/bin" ;; *) VENV_BIN="$PWD/$VENV/bin" ;; esac
+export PATH="$VENV_BIN:$PATH"
 
 case "${1:-}" in
     setup)
