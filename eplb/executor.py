@@ -429,14 +429,16 @@ class AsyncExecutor:
     def _commit_next(self, job: _Job) -> int:
         staged = job.staged[self._committed]
         if staged.ready_event is not None:
-            torch.cuda.current_stream().wait_event(staged.ready_event)
+            # The weights' device, not the thread's current one (they differ if the user never
+            # called torch.cuda.set_device): the commit must wait on the right stream.
+            torch.cuda.current_stream(self._stream.device).wait_event(staged.ready_event)
         if staged.prepared is not None:  # device copies only: no host sync on the main thread
             staged.layer.apply_commit(staged.prepared, staged.buffer.tensors)
         else:
             staged.layer.commit(staged.row, staged.buffer.tensors, staged.slots)
         if staged.ready_event is not None:
             staged.buffer.free_event = torch.cuda.Event()
-            staged.buffer.free_event.record(torch.cuda.current_stream())
+            staged.buffer.free_event.record(torch.cuda.current_stream(self._stream.device))
         with job.cond:
             job.free_buffers.append(staged.buffer)
             job.cond.notify_all()
@@ -504,6 +506,10 @@ class AsyncExecutor:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self, job: _Job) -> None:
+        if self._stream is not None:
+            # A new thread starts on cuda:0; without this, leaving the stream context would
+            # create a stray CUDA context on GPU 0 in every rank but rank 0.
+            torch.cuda.set_device(self._stream.device)
         try:
             new = job.plan_fn()
             changed = []

@@ -1,0 +1,562 @@
+"""Multi-GPU benchmark (issue 8): torch_nccl transfer bandwidth, and async rebalancing under NCCL load.
+
+Run on one host with N >= 2 GPUs, one process per GPU (NVLink multicast stays off):
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        torchrun --standalone --nproc-per-node N benchmarks/multi_gpu.py [--json out.json]
+
+The script sets those three variables itself too, before NCCL starts.
+
+Part ``bandwidth``. ``--bw-layers`` layers of ``--bw-slots`` slots per rank, each a full-size
+DeepSeek-V3 expert in bf16 (hidden 7168, intermediate 2048: 84 MiB), one copy of every expert
+(E = P = N * slots). The rebalance gives slot j of rank g the expert of slot j on rank
+(g + 1 + j mod (N - 1)) mod N, and back: every slot changes and every rank receives from every
+peer. Timed, median of ``--bw-repeats``, slowest rank:
+
+- ``transfer``: `eplb.transfer.execute_layer_transfer` through `TorchNCCLCommunicator` for every
+  layer into a staging buffer (the network part of a rebalance);
+- ``rebalance``: `SyncExecutor.rebalance` (transfer + commit into the slots), checked afterwards:
+  every slot holds its expert's weights.
+
+Both for each ``--max-transfer-mib`` (the default batch bound of `EPLBConfig` and a large one).
+The bandwidth is what one rank receives per second. It is compared with the machine's plain
+GPU-to-GPU copy bandwidth, measured here two ways: one NCCL send/recv of a ``--copy-mib`` buffer
+from rank 0 to rank 1, and a peer copy ``dst_on_cuda1.copy_(src_on_cuda0)`` in rank 0's process
+(run last: it gives rank 0 a CUDA context on GPU 1). Ratio = bandwidth / the larger of the two.
+Target >= 0.80.
+
+Part ``async``. Decode-like steps of an `EPLBWrapper` around a residual stack of `eplb.moe.MoE`
+layers (``--layers``, ``--experts``, ``--hidden``, ``--inter``, ``--topk``; routing skewed towards a
+few experts per layer, so the default policy moves weights), ``ep_group`` = all ranks: the
+forward dispatches tokens with NCCL all-to-all. ``--tokens`` tokens per rank per step; size it so
+that a step takes about 10-20 ms (the "none" row reports it). Three modes, each on a fresh copy
+of the same model, ``--steps`` steps, the rebalance at step ``--rebalance-at``:
+
+- ``none``: no rebalance;
+- ``sync``: `EPLBWrapper.rebalance` with ``use_async=False`` (``--sync-communicator``, ``auto``
+  = torch_nccl): the triggering step blocks for the whole transfer;
+- ``async``: ``use_async=True`` (``auto`` = torch_gloo): the worker thread moves weights through
+  gloo, staged in pinned host memory, while the forwards keep dispatching over NCCL.
+
+Per-step latency (wall time of the step, slowest rank) p50 / p99 / max over the steps after
+``--warmup``; the async run continues until the rebalance is committed (no hang: every wait has
+``--timeout``). Outputs are compared with the unwrapped model on the same GPU every
+``--check-every`` steps and at every step whose in-flight state changes; every slot is checked
+against its expert's weights after the rebalance. Also reported: on which GPUs each rank's
+process holds a CUDA context (expected: only its own). Targets (async issue): async p50 <= 1.05x
+and p99 <= 1.10x the no-rebalance step.
+
+Rank 0 prints the tables; ``--json`` writes every number. The script exits non-zero when a check
+fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+DSV3_HIDDEN, DSV3_INTER = 7168, 2048  # DeepSeek-V3 hidden size and MoE intermediate size
+DEFAULT_MAX_TRANSFER_MIB = 256  # EPLBConfig.max_transfer_bytes default, in MiB
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run with: torchrun --standalone --nproc-per-node N benchmarks/multi_gpu.py (N >= 2 GPUs).",
+    )
+    ap.add_argument("--parts", default="bandwidth,async", help="comma-separated: bandwidth, async")
+    ap.add_argument("--json", default=None, help="write every number to this file (rank 0)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds any wait may last before failing")
+    bw = ap.add_argument_group("bandwidth")
+    bw.add_argument("--bw-layers", type=int, default=4)
+    bw.add_argument("--bw-slots", type=int, default=16, help="slots (experts) per rank and layer")
+    bw.add_argument("--bw-hidden", type=int, default=DSV3_HIDDEN)
+    bw.add_argument("--bw-inter", type=int, default=DSV3_INTER)
+    bw.add_argument("--bw-repeats", type=int, default=5)
+    bw.add_argument("--copy-mib", type=int, default=2048, help="buffer of the plain-copy baselines")
+    bw.add_argument(
+        "--max-transfer-mib", default=f"{DEFAULT_MAX_TRANSFER_MIB},8192",
+        help="comma-separated max_transfer_bytes values (MiB) to measure",
+    )
+    load = ap.add_argument_group("async under load")
+    load.add_argument("--layers", type=int, default=12)
+    load.add_argument("--experts", type=int, default=32)
+    load.add_argument("--redundant-per-rank", type=int, default=2, help="num_redundant_experts = this x N")
+    load.add_argument("--hidden", type=int, default=2048)
+    load.add_argument("--inter", type=int, default=1024)
+    load.add_argument("--topk", type=int, default=4)
+    load.add_argument("--tokens", type=int, default=64, help="tokens per rank per step")
+    load.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    load.add_argument("--skew", type=float, default=4.0, help="router bias of the hottest expert")
+    load.add_argument("--steps", type=int, default=300)
+    load.add_argument("--warmup", type=int, default=10)
+    load.add_argument("--rebalance-at", type=int, default=50)
+    load.add_argument("--check-every", type=int, default=5)
+    load.add_argument(
+        "--max-extra-steps", type=int, default=5000,
+        help="steps the async run may continue past --steps before it counts as hung",
+    )
+    load.add_argument("--sync-communicator", default="auto", help="communicator of the sync mode")
+    load.add_argument("--async-layers-per-step", type=int, default=1)
+    args = ap.parse_args(argv)
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(args.parts) - {"bandwidth", "async"})
+    if unknown:
+        ap.error(f"--parts: unknown part(s) {unknown}; use bandwidth, async or both")
+    args.max_transfer_mib = [int(v) for v in args.max_transfer_mib.split(",")]
+    if args.rebalance_at <= args.warmup or args.rebalance_at >= args.steps:
+        ap.error(f"--rebalance-at ({args.rebalance_at}) must be in (--warmup, --steps)")
+    return args
+
+
+def require_gpus() -> tuple[int, int]:
+    """(rank, world size) of this torchrun process; exits with a clear message otherwise."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < 2:
+        sys.exit(
+            f"benchmarks/multi_gpu.py needs a host with >= 2 CUDA GPUs; this one has {gpus}. "
+            "Multi-GPU machines are not lent yet (issue 8); nothing was measured."
+        )
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        sys.exit(
+            "benchmarks/multi_gpu.py runs one process per GPU under torchrun: "
+            f"torchrun --standalone --nproc-per-node {gpus} benchmarks/multi_gpu.py"
+        )
+    rank, world = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if world < 2 or world > gpus or int(os.environ.get("RANK", rank)) != rank:
+        sys.exit(
+            f"benchmarks/multi_gpu.py needs 2 <= --nproc-per-node <= {gpus} GPUs on one host "
+            f"(got WORLD_SIZE={world}, RANK={os.environ.get('RANK')}, LOCAL_RANK={rank})"
+        )
+    return rank, world
+
+
+def median_max(seconds: list[float], device: torch.device) -> float:
+    """Median over repeats of this rank, then the max over ranks (an exchange lasts as long as its
+    slowest rank)."""
+    t = torch.tensor([statistics.median(seconds)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def contexts() -> list[int]:
+    """GPUs on which this process holds a CUDA primary context."""
+    has = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    return [] if has is None else [i for i in range(torch.cuda.device_count()) if has(i)]
+
+
+# -------------------------------------------------------------------------------------- bandwidth
+class Slots:
+    """One layer's slot storage with the executor's contract (``layer_index``, ``slot_tensors``,
+    ``commit``). Expert ``e`` of layer ``i`` has fixed pseudo-random weights, so any slot can be
+    checked on any rank."""
+
+    def __init__(self, layer_index: int, experts: list[int], shapes: dict, device: torch.device):
+        self.layer_index = layer_index
+        self.shapes = shapes
+        self.device = device
+        per_expert = [self.weights(e) for e in experts]
+        self.tensors = {n: torch.stack([w[n] for w in per_expert]) for n in shapes}
+
+    def weights(self, expert: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator(device=self.device).manual_seed(1_000_003 * self.layer_index + expert)
+        return {
+            n: torch.randn(shape, generator=gen, device=self.device).to(torch.bfloat16)
+            for n, shape in self.shapes.items()
+        }
+
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def commit(self, phy2log_P, staged, slots) -> None:
+        for name, t in self.tensors.items():
+            for s in slots.tolist():
+                t[s].copy_(staged[name][s])
+
+    def check(self, experts: list[int], tensors: dict[str, torch.Tensor] | None = None) -> bool:
+        """Row j of ``tensors`` (default: the slots) holds expert ``experts[j]``'s weights."""
+        tensors = self.tensors if tensors is None else tensors
+        for j, e in enumerate(experts):
+            weights = self.weights(e)
+            if not all(torch.equal(tensors[n][j], weights[n]) for n in self.shapes):
+                return False
+        return True
+
+
+def spread_placements(num_layers: int, num_ranks: int, slots: int):
+    """(old, new) `Placement` pair: one copy per expert, every slot changes, each rank receives
+    from every peer (with ``slots >= num_ranks - 1``)."""
+    from eplb.placement import Placement
+
+    P = num_ranks * slots
+    old_P = torch.arange(P)
+    new_P = torch.empty(P, dtype=torch.int64)
+    for g in range(num_ranks):
+        for j in range(slots):
+            src = (g + 1 + j % max(num_ranks - 1, 1)) % num_ranks
+            new_P[g * slots + j] = src * slots + j  # for each j, g -> src is a bijection
+    old = Placement.from_phy2log(old_P.repeat(num_layers, 1), P).validate(num_ranks)
+    new = Placement.from_phy2log(new_P.repeat(num_layers, 1), P).validate(num_ranks)
+    return old, new
+
+
+def peer_copy_seconds(nbytes: int, repeats: int) -> float:
+    """Rank 0 only: median seconds of one cuda:0 -> cuda:1 copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    samples = []
+    for _ in range(repeats + 1):  # the first is a warm-up (peer access set-up)
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples[1:])
+
+
+def nccl_one_buffer_seconds(rank: int, nbytes: int, repeats: int, device: torch.device) -> float:
+    """Median seconds of one NCCL send/recv of ``nbytes`` from rank 0 to rank 1 (others idle)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    samples = []
+    for _ in range(repeats + 1):  # the first is a warm-up (creates the pair's NCCL communicator)
+        dist.barrier(device_ids=[rank])
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+        torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - start)
+    t = torch.tensor([statistics.median(samples[1:]) if rank == 1 else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # rank 1's receive time, on every rank
+    return float(t.item())
+
+
+def run_bandwidth(args, rank: int, world: int, device: torch.device) -> dict:
+    from eplb.comm.base import select_communicator
+    from eplb.executor import SyncExecutor
+    from eplb.transfer import bytes_per_expert, execute_layer_transfer, plan_layer_transfer
+
+    S, L = args.bw_slots, args.bw_layers
+    shapes = {"w13": (2 * args.bw_inter, args.bw_hidden), "w2": (args.bw_hidden, args.bw_inter)}
+    old, new = spread_placements(L, world, S)
+    mine = slice(rank * S, (rank + 1) * S)
+    layers = [Slots(i, old.phy2log[i, mine].tolist(), shapes, device) for i in range(L)]
+    expert_bytes = bytes_per_expert(layers[0].slot_tensors())
+    comm = select_communicator(
+        "torch_nccl", use_async=False, device=device, group=dist.group.WORLD, timeout_s=args.timeout
+    )
+    plans = [
+        plan_layer_transfer(old.phy2log[i], new.phy2log[i], rank=rank, num_ranks=world) for i in range(L)
+    ]
+    received = sum(t.dst_rank == rank for plan in plans for t in plan.transfers) * expert_bytes
+    staging = {n: torch.empty_like(t) for n, t in layers[0].slot_tensors().items()}
+
+    nccl_s = nccl_one_buffer_seconds(rank, args.copy_mib * 2**20, args.bw_repeats, device)
+    rows = []
+    ok = True
+    for max_mib in args.max_transfer_mib:
+        max_bytes = max_mib * 2**20
+
+        samples = []
+        for _ in range(args.bw_repeats + 1):  # the first is a warm-up
+            dist.barrier(device_ids=[rank])
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for layer, plan in zip(layers, plans):
+                execute_layer_transfer(plan, layer.slot_tensors(), staging, comm, max_bytes)
+            torch.cuda.synchronize(device)
+            samples.append(time.perf_counter() - start)
+        transfer_s = median_max(samples[1:], device)
+        ok &= layers[-1].check(new.phy2log[L - 1, mine].tolist(), staging)  # staging holds the last layer
+
+        executor = SyncExecutor(rank=rank, num_ranks=world, communicator=comm, max_transfer_bytes=max_bytes)
+        samples = []
+        for i in range(2 * args.bw_repeats):  # old -> new -> old ...: the layers end where they began
+            src, dst = (old, new) if i % 2 == 0 else (new, old)
+            dist.barrier(device_ids=[rank])
+            samples.append(executor.rebalance(layers, src, dst).seconds)  # ends with a device sync
+            if i == 0:  # every slot holds its new expert
+                ok &= all(layer.check(new.phy2log[layer.layer_index, mine].tolist()) for layer in layers)
+        rebalance_s = median_max(samples, device)
+        rows.append({"max_transfer_mib": max_mib, "transfer_s": transfer_s, "rebalance_s": rebalance_s})
+    ok &= all(layer.check(old.phy2log[layer.layer_index, mine].tolist()) for layer in layers)
+    flags = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flags)
+    return {
+        "ranks": world, "layers": L, "slots_per_rank": S, "expert_mib": expert_bytes / 2**20,
+        "received_bytes_per_rank": received, "nccl_one_buffer_s": nccl_s, "copy_bytes": args.copy_mib * 2**20,
+        "rows": rows, "ranks_with_wrong_slots": int(flags.item()),
+    }
+
+
+def print_bandwidth(bw: dict) -> bool:
+    received = bw["received_bytes_per_rank"]
+    nccl_gbps = bw["copy_bytes"] / bw["nccl_one_buffer_s"] / 1e9
+    peer_gbps = bw["copy_bytes"] / bw["peer_copy_s"] / 1e9 if bw.get("peer_copy_s") else 0.0
+    base = max(nccl_gbps, peer_gbps)
+    print(
+        f"\n== torch_nccl transfer bandwidth: {bw['ranks']} GPUs, {bw['layers']} layers x "
+        f"{bw['slots_per_rank']} slots per rank, expert {bw['expert_mib']:.1f} MiB bf16; each rank receives "
+        f"{received / 2**30:.2f} GiB per rebalance"
+    )
+    print(
+        f"plain GPU-to-GPU copy of {bw['copy_bytes'] / 2**20:.0f} MiB, rank 0 -> 1: NCCL send/recv "
+        f"{nccl_gbps:.1f} GB/s, peer copy {peer_gbps:.1f} GB/s (P2P access: {bw.get('peer_access')})"
+    )
+    print(f"{'max_transfer MiB':>17}{'part':>11}{'ms':>10}{'GB/s per rank':>15}{'ratio':>8}")
+    for row in bw["rows"]:
+        for part in ("transfer", "rebalance"):
+            s = row[f"{part}_s"]
+            gbps = received / s / 1e9
+            print(f"{row['max_transfer_mib']:>17}{part:>11}{s * 1e3:>10.1f}{gbps:>15.1f}{gbps / base:>8.2f}")
+    print("ratio = received GB/s / max(NCCL send/recv, peer copy); target >= 0.80")
+    if bw["ranks_with_wrong_slots"]:
+        print(f"FAILED: {bw['ranks_with_wrong_slots']} rank(s) hold wrong weights after the rebalances")
+    return bw["ranks_with_wrong_slots"] == 0
+
+
+# --------------------------------------------------------------------------- async under load
+class MoEStack(nn.Module):
+    """``x + moe_l(x)`` over ``L`` `eplb.moe.MoE` layers; input and output ``[T, D]``."""
+
+    def __init__(self, args, device: torch.device, dtype: torch.dtype):
+        from eplb.moe import MoE
+
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            MoE(args.hidden, args.inter, args.experts, args.topk, device=device, dtype=dtype)
+            for _ in range(args.layers)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype, direction_D: torch.Tensor) -> MoEStack:
+    """The same model on every rank (rank 0's parameters are broadcast), with skewed routing: in
+    layer l, the i-th expert of a per-layer permutation gets ``skew / (i + 1)`` along ``direction_D``,
+    which every input leans along."""
+    torch.manual_seed(0)
+    model = MoEStack(args, device, dtype).eval()
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            perm = torch.randperm(args.experts, generator=torch.Generator().manual_seed(layer))
+            for i, e in enumerate(perm.tolist()):
+                block.gate.weight[e] += (args.skew / (i + 1)) * direction_D.to(device, dtype)
+        for p in model.parameters():
+            dist.broadcast(p, 0)
+    return model
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: int, world: int,
+             device: torch.device) -> dict:
+    from eplb import EPLBConfig, EPLBWrapper
+    from eplb.moe import find_moe_layers
+
+    config = EPLBConfig(
+        num_redundant_experts=args.redundant_per_rank * world,
+        window_size=args.rebalance_at,
+        step_interval=10**9,  # rebalances only when called below
+        use_async=mode == "async",
+        communicator="auto" if mode == "async" else args.sync_communicator,
+        async_timeout_s=args.timeout,
+        async_layers_per_step=args.async_layers_per_step,
+        async_on_error="raise",
+    )
+    records = _Records()
+    logger = logging.getLogger("eplb")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # select_communicator logs its choice at INFO on rank 0
+    logger.addHandler(records)
+    wrapper = EPLBWrapper(copy.deepcopy(base), config, ep_group=dist.group.WORLD)
+    logical = [{n: getattr(s.experts, n) for n in s.expert_tensors} for s in find_moe_layers(base)]
+    S = (args.experts + config.num_redundant_experts) // world
+    # Relative to the MoE layers' contribution; bf16 residual adds round differently once a GEMM differs.
+    tol = 1e-3 if args.dtype == "float32" else 1e-1
+    contexts_before = contexts()
+    times, worst_err, in_flight_steps, step = [], 0.0, 0, 0
+    with torch.no_grad():
+        while step < args.steps or wrapper.async_in_flight:  # in-flight state is agreed by all ranks
+            if step >= args.steps + args.max_extra_steps:  # the same step on every rank: none is left waiting
+                raise RuntimeError(f"{mode}: the async rebalance is still in flight after {step} steps")
+            x = pool[step % len(pool)]
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            if mode != "none" and step == args.rebalance_at:
+                wrapper.rebalance()
+            was_in_flight = wrapper.async_in_flight
+            out = wrapper(x)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            in_flight_steps += was_in_flight
+            due = step % args.check_every == 0 or step == args.rebalance_at
+            if due or was_in_flight != wrapper.async_in_flight:
+                ref = base(x)
+                # Relative to what the MoE layers add to x, so a wrong expert cannot hide in the residual.
+                err = (out.float() - ref.float()).abs().max() / (ref.float() - x.float()).abs().max()
+                worst_err = max(worst_err, float(err))
+            step += 1
+    stats = wrapper.stats()
+    slots_ok = all(
+        torch.equal(t, logical[layer.layer_index][n][
+            wrapper.placement.phy2log[layer.layer_index, rank * S : (rank + 1) * S].to(device)])
+        for layer in wrapper.eplb_layers for n, t in layer.slot_tensors().items()
+    )
+    contexts_after = contexts()
+    wrapper.close()
+    logger.removeHandler(records)
+    logger.setLevel(level)
+    chosen = [m.split()[2] for m in records.messages if m.startswith("eplb communicator:")]
+    local = {
+        "times": times, "worst_err": worst_err, "slots_ok": slots_ok,
+        "contexts": (contexts_before, contexts_after),
+    }
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, local)
+    del wrapper
+    gc.collect()
+    torch.cuda.empty_cache()
+    per_step = [max(r["times"][i] for r in everyone) for i in range(len(times))]  # slowest rank
+    warm = sorted(per_step[args.warmup :])
+    return {
+        "mode": mode,
+        "communicator": "-" if mode == "none" else (chosen[0] if chosen else config.communicator),
+        "p50_ms": statistics.median(warm) * 1e3,
+        "p99_ms": warm[int(0.99 * (len(warm) - 1))] * 1e3,
+        "max_ms": warm[-1] * 1e3,
+        "steps": len(per_step),
+        "steps_in_flight": in_flight_steps,
+        "rebalance_s": stats["last_rebalance_seconds"],
+        "bytes_moved": stats["last_rebalance_bytes_moved"],
+        "skipped": stats["last_rebalance_skipped"],
+        "reason": stats["last_rebalance_reason"],
+        "max_err": max(r["worst_err"] for r in everyone),
+        "tolerance": tol,
+        "slots_ok": all(r["slots_ok"] for r in everyone),
+        "contexts": [r["contexts"] for r in everyone],
+        "per_step_ms": [t * 1e3 for t in per_step],
+    }
+
+
+def run_async(args, rank: int, world: int, device: torch.device) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    direction_D = torch.randn(args.hidden, generator=torch.Generator().manual_seed(7))
+    direction_D /= direction_D.norm()
+    base = build_model(args, device, dtype, direction_D)
+    gen = torch.Generator(device=device).manual_seed(100 + rank)  # each rank its own tokens
+    pool = [
+        (0.5 * torch.randn(args.tokens, args.hidden, generator=gen, device=device) + direction_D.to(device))
+        .to(dtype) for _ in range(16)
+    ]
+    return [run_mode(mode, base, pool, args, rank, world, device) for mode in ("none", "sync", "async")]
+
+
+def print_async(results: list[dict], args, world: int) -> bool:
+    base = results[0]
+    expert_mib = 3 * args.hidden * args.inter * (4 if args.dtype == "float32" else 2) / 2**20
+    print(
+        f"\n== async under load: {world} GPUs, {args.layers} layers x {args.experts} experts "
+        f"(+{args.redundant_per_rank * world} redundant), hidden {args.hidden}, inter {args.inter}, "
+        f"{args.dtype} ({expert_mib:.1f} MiB per expert), {args.tokens} tokens per rank top-{args.topk}, "
+        f"NCCL all-to-all dispatch; rebalance at step {args.rebalance_at}"
+    )
+    print(
+        f"{'mode':<7}{'comm':>12}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50 x':>8}{'p99 x':>8}"
+        f"{'rebal s':>9}{'GB moved':>10}{'in flight':>11}{'max err':>10}"
+    )
+    ok = True
+    for r in results:
+        reb = "-" if r["mode"] == "none" else f"{r['rebalance_s']:.3f}"
+        moved = "-" if r["mode"] == "none" else f"{r['bytes_moved'] / 1e9:.2f}"
+        print(
+            f"{r['mode']:<7}{r['communicator']:>12}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}"
+            f"{r['p50_ms'] / base['p50_ms']:>8.3f}{r['p99_ms'] / base['p99_ms']:>8.3f}{reb:>9}{moved:>10}"
+            f"{r['steps_in_flight']:>11}{r['max_err']:>10.1e}"
+        )
+        if r["max_err"] > r["tolerance"]:
+            print(f"FAILED: {r['mode']}: outputs differ from the unwrapped model (error {r['max_err']:.2e})")
+            ok = False
+        if not r["slots_ok"]:
+            print(f"FAILED: {r['mode']}: a slot does not hold its expert's weights after the rebalance")
+            ok = False
+        if r["mode"] != "none" and (r["skipped"] or not r["bytes_moved"]):
+            print(f"FAILED: {r['mode']}: the rebalance moved nothing ({r['reason'] or 'no bytes moved'})")
+            ok = False
+    print("targets: async p50 x <= 1.05, p99 x <= 1.10 (per step, slowest rank)")
+    for r in results:
+        strays = [(g, after) for g, (_, after) in enumerate(r["contexts"]) if after not in ([], [g])]
+        if strays:
+            print(f"note: {r['mode']}: ranks hold CUDA contexts beyond their own GPU: {strays} (rank, GPUs)")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world = require_gpus()
+    os.environ.update(NO_MULTICAST)  # before NCCL reads its environment (its first communicator)
+    torch.cuda.set_device(rank)  # before any model or group is built: rank r works on cuda:r
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", timeout=timedelta(seconds=args.timeout))
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("eplb").setLevel(logging.INFO)  # eplb logs its choices and rebalances on rank 0
+    results: dict = {"ranks": world, "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    ok = True
+    try:
+        if "bandwidth" in args.parts:
+            results["bandwidth"] = run_bandwidth(args, rank, world, device)
+            torch.cuda.empty_cache()  # its slots are gone: give the memory back before the next part
+        if "async" in args.parts:
+            results["async"] = run_async(args, rank, world, device)
+        if "bandwidth" in args.parts:
+            dist.barrier(device_ids=[rank])
+            bw = results["bandwidth"]
+            bw["peer_access"] = torch.cuda.can_device_access_peer(0, 1)
+            # Last: the copy gives rank 0 a context on GPU 1, which would blur the context report.
+            if rank == 0:
+                bw["peer_copy_s"] = peer_copy_seconds(args.copy_mib * 2**20, args.bw_repeats)
+            dist.barrier(device_ids=[rank])
+        if rank == 0:
+            print(f"{world} x {results['gpu']}, torch {results['torch']}")
+            if "bandwidth" in results:
+                ok &= print_bandwidth(results["bandwidth"])
+            if "async" in results:
+                ok &= print_async(results["async"], args, world)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+    finally:
+        dist.destroy_process_group()
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
