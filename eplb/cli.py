@@ -353,8 +353,11 @@ def _layers_to_list(args: argparse.Namespace, num_layers: int) -> list[int]:
 
 
 def _run_demo(argv: list[str]) -> int:
+    import importlib
+
     try:
-        import eplb.demo as demo
+        # import_module reads sys.modules first (the package attribute may be stale).
+        demo = importlib.import_module("eplb.demo")
     except ModuleNotFoundError as exc:
         from eplb.errors import EPLBError
 
