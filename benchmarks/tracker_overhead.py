@@ -61,12 +61,12 @@ class StackedSwiGLUMoE:
             start += c
         return torch.cat(outs)
 
-    def forward(self, x_TD: torch.Tensor, tracker: LoadTracker | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, tracker: LoadTracker | None = None, trusted: bool = False) -> torch.Tensor:
         T, D = x_TD.shape
         scores_TE = torch.softmax((x_TD @ self.router_DE).float(), dim=-1)
         weights_TK, ids_TK = torch.topk(scores_TE, self.K, dim=-1)
         if tracker is not None:
-            tracker.record(0, ids_TK)
+            tracker.record(0, ids_TK, trusted=trusted)
         ids_N = ids_TK.reshape(-1)
         order_N = torch.argsort(ids_N, stable=True)
         counts_E = torch.zeros(self.E, dtype=torch.int64, device=x_TD.device)
@@ -117,7 +117,9 @@ def graph_time(fn, runs: int, inner: int) -> float:
     return statistics.median(time_cuda(graph.replay, runs)) / inner
 
 
-def bench_tokens(moe: StackedSwiGLUMoE, T: int, hidden: int, runs: int, chain: int, device, dtype) -> str:
+def bench_tokens(
+    moe: StackedSwiGLUMoE, T: int, hidden: int, runs: int, chain: int, device, dtype, trusted: bool = False
+) -> str:
     """One table row for ``T`` tokens."""
     cuda = device.type == "cuda"
     timer = time_cuda if cuda else time_cpu
@@ -126,7 +128,7 @@ def bench_tokens(moe: StackedSwiGLUMoE, T: int, hidden: int, runs: int, chain: i
     ids_TK = torch.topk(torch.rand(T, moe.E, device=device), moe.K, dim=-1).indices
 
     def record():
-        tracker.record(0, ids_TK)
+        tracker.record(0, ids_TK, trusted=trusted)
 
     inner = 100 if cuda else 20
     rec_eager = statistics.median(timer(record, runs, inner))
@@ -137,7 +139,7 @@ def bench_tokens(moe: StackedSwiGLUMoE, T: int, hidden: int, runs: int, chain: i
         # Alternate the two variants so drift (clocks, other load) hits both alike.
         for _ in range(runs):
             plain += timer(lambda: moe.forward(x_TD), 1, chain)
-            with_record += timer(lambda: moe.forward(x_TD, tracker), 1, chain)
+            with_record += timer(lambda: moe.forward(x_TD, tracker, trusted), 1, chain)
     t_moe, t_both = statistics.median(plain), statistics.median(with_record)
     graph_cols = f"{rec_graph:.1f}", f"{100 * rec_graph / t_moe:.2f}%"
     if not cuda:
@@ -163,6 +165,10 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1000, help="W for the step() timing")
     parser.add_argument("--runs", type=int, help="timed runs per number (default 200 on CUDA, 10 on the CPU)")
     parser.add_argument("--chain", type=int, help="forwards per timing (default 10 on CUDA, 1 on the CPU)")
+    parser.add_argument(
+        "--trusted", action="store_true",
+        help="record(..., trusted=True) as the EPLB layer calls it: ids known in [-1, E), one kernel",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -187,7 +193,7 @@ def main() -> None:
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for T in args.tokens:
-        print(bench_tokens(moe, T, hidden, runs, chain, device, dtype), flush=True)
+        print(bench_tokens(moe, T, hidden, runs, chain, device, dtype, args.trusted), flush=True)
 
     tracker = LoadTracker(args.layers, args.experts, args.window, device=device)
     timer = time_cuda if cuda else time_cpu

@@ -93,6 +93,8 @@ class LoadTracker:
         layer: int,
         topk_ids: torch.Tensor,
         num_valid_tokens: torch.Tensor | int | None = None,
+        *,
+        trusted: bool = False,
     ) -> None:
         """Add one batch of routing decisions of ``layer`` to the current step.
 
@@ -103,6 +105,10 @@ class LoadTracker:
             num_valid_tokens: optional ``0-d``/``[1]`` int tensor on the tracker's device (or a
                 Python int) — rows ``>= num_valid_tokens`` are ignored. A tensor can be updated
                 in place between CUDA-graph replays of a padded batch.
+
+            trusted: the caller guarantees ids in ``[-1, E)`` (a router's top-k output, as the
+                EPLB expert layer passes it): skips the clamping kernel, so recording is one
+                kernel launch. An id outside that range is then miscounted or faults.
 
         Ids ``>= E`` raise `EPLBError` at once when ``topk_ids`` is on the CPU. On an
         accelerator they are counted in a device counter (checking them here would need a
@@ -120,7 +126,7 @@ class LoadTracker:
                 "record logical expert ids (use a negative id for padding)"
             )
         # Padding -> -1, which put_ wraps to the last (padding) column; ids >= E -> column E.
-        col_TK = ids_TK.clamp(-1, E)
+        col_TK = ids_TK if trusted else ids_TK.clamp(-1, E)
         if num_valid_tokens is not None:
             col_TK = self._mask_rows(col_TK, num_valid_tokens)
         row_C.put_(col_TK, self._source(col_TK.numel()), accumulate=True)

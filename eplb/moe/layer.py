@@ -267,7 +267,8 @@ class EPLBExperts(nn.Module):
         self._check_inputs(x_TD, ids_TK, weights_TK)
         self._check_grad(x_TD)
         if self.tracker is not None:
-            self.tracker.record(self.layer_index, ids_TK)
+            # Router ids are in [0, E) (choose_slots indexes the maps with them too): one kernel.
+            self.tracker.record(self.layer_index, ids_TK, trusted=True)
         slots_TK = self.choose_slots(ids_TK)
         x_ND, local_slot_N, meta = self.dispatcher.dispatch(x_TD, slots_TK, self.slots_per_rank)
         # Each pair alone with weight 1 (exact): weighting and summing happen in _combine.

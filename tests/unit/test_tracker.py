@@ -240,3 +240,18 @@ def test_window_load_with_a_group_needs_torch_distributed():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(EPLBError, match="torch.distributed is not initialised"):
         LoadTracker(1, 2, 1).window_load(group=object())
+
+
+@given(
+    ids=st.lists(st.lists(st.integers(-1, 5), min_size=2, max_size=2), min_size=0, max_size=30),
+)
+def test_trusted_record_counts_like_the_checked_one(ids):
+    ids_TK = torch.tensor(ids, dtype=torch.int64).reshape(-1, 2)
+    checked, trusted = LoadTracker(1, 6, 2), LoadTracker(1, 6, 2)
+    checked.record(0, ids_TK)
+    trusted.record(0, ids_TK, trusted=True)
+    checked.step()
+    trusted.step()
+    assert torch.equal(checked.window_load(), trusted.window_load())
+    valid = ids_TK[ids_TK >= 0]
+    assert torch.equal(trusted.window_load()[0], torch.bincount(valid, minlength=6))
