@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -289,6 +290,9 @@ class AsyncExecutor:
         self._transfer = transfer_fn or self._communicate
         self._job: _Job | None = None
         self._thread: threading.Thread | None = None
+        # The latest job and worker, for the exit hook below (it must not hold a reference to self).
+        self._live: dict = {}
+        weakref.finalize(self, _stop_worker, self._live)
         self._stream: torch.cuda.Stream | None = None
         self._committed = 0
         self._placement: Placement | None = None
@@ -338,6 +342,7 @@ class AsyncExecutor:
             target=self._work, args=(job,), name="eplb-async-rebalance", daemon=True
         )
         self._thread.start()
+        self._live.update(job=job, thread=self._thread)
 
     def on_step(self) -> StepOutcome:
         """Commit what every rank has ready; finish or abort the rebalance when due. Call once per step."""
@@ -594,6 +599,18 @@ class AsyncExecutor:
                     break
                 job.cond.wait(0.1)
         return _StagingBuffer(slot_tensors)
+
+
+def _stop_worker(live: dict, join_s: float = 2.0) -> None:
+    """At interpreter exit (or when the executor is collected): abort the job and give the worker
+    a moment to leave its torch calls, so the process never dies inside one at shutdown."""
+    job, thread = live.get("job"), live.get("thread")
+    if job is not None:
+        with job.cond:
+            job.abort = True
+            job.cond.notify_all()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(join_s)
 
 
 def _device_of(layers: list) -> torch.device:

@@ -158,3 +158,32 @@ def test_load_state_dict_during_a_rebalance_is_refused():
     wrapper.synchronize()
     wrapper.load_state_dict(state)
     wrapper.close()
+
+
+def test_interpreter_exit_never_hangs_on_an_in_flight_rebalance(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "exit_mid_rebalance.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import moe_models as mm
+        from eplb import EPLBConfig, EPLBWrapper
+        wrapper = EPLBWrapper(mm.build_reference_model(), EPLBConfig(num_redundant_experts=4))
+        wrapper._executor._transfer = lambda *a: time.sleep(120)   # a transfer that never ends
+        with torch.no_grad():
+            wrapper(mm.hidden_batch(0))
+            wrapper.rebalance()
+            wrapper(mm.hidden_batch(1))
+        assert wrapper.async_in_flight
+        print("exiting with a rebalance in flight")
+    """))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exiting with a rebalance in flight" in result.stdout
+    assert time.monotonic() - start < 60
