@@ -26,7 +26,8 @@ case "${1:-}" in
     test)
         shift
         export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
-        python -m pytest -q "$@"
+        [ $# -eq 0 ] && set -- -q   # quiet by default; any arguments go to pytest as given
+        python -m pytest "$@"
         ;;
     *)
         echo "usage: bash run.sh setup   (only create the environment)" >&2

@@ -48,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), _EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:
+        # The reader went away (e.g. `eplb show p.json | head`): stop quietly, as Unix tools do.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         return _fail(_one_line(exc), _EXIT_ERROR)
 

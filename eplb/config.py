@@ -50,8 +50,9 @@ class EPLBConfig(BaseModel):
 
     communicator: str = "auto"
     """How expert weights move between ranks: ``"auto"``, ``"torch_nccl"`` or ``"torch_gloo"``
-    (or a registered plug-in). ``"auto"`` picks ``torch_gloo`` for async, ``torch_nccl`` for sync
-    on CUDA with an NCCL group, ``torch_gloo`` otherwise."""
+    (or a registered plug-in). ``"auto"`` picks ``local`` for one rank, else ``torch_gloo`` for
+    async, ``torch_nccl`` for sync on CUDA with an NCCL group, ``torch_gloo`` otherwise. Any name
+    gives ``local`` on one rank."""
 
     min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
     """Skip a rebalance whose predicted balancedness gain (new - old, on the window's load) is

@@ -138,17 +138,24 @@ def balancedness(load_LE: torch.Tensor, placement: Placement, num_ranks: int) ->
     )
 
 
-def predicted_gain(load_LE, old: Placement, new: Placement, num_ranks: int) -> float:
+def predicted_gain(load_LE: torch.Tensor, old: Placement, new: Placement, num_ranks: int) -> float:
     """``balancedness(load, new).aggregate - balancedness(load, old).aggregate``.
 
-    Positive when ``new`` serves the same load more evenly; the executors skip a rebalance whose
-    gain is below ``EPLBConfig.min_improvement``.
+    Args:
+        load_LE: ``[L, E]`` — tokens per logical expert (>= 0), e.g. the window's load.
+        old: the placement in force.
+        new: the candidate placement (same ``L``, ``E``, ``P``).
+        num_ranks: ``G``.
+
+    Returns:
+        A float in ``(-1, 1)``, positive when ``new`` serves the same load more evenly; the
+        wrapper skips a rebalance whose gain is below ``EPLBConfig.min_improvement``.
     """
     return balancedness(load_LE, new, num_ranks).aggregate - balancedness(load_LE, old, num_ranks).aggregate
 
 
 def compute_stats(
-    load_LE,
+    load_LE: torch.Tensor,
     placement: Placement,
     num_ranks: int,
     *,
@@ -156,6 +163,13 @@ def compute_stats(
     steps_to_next_rebalance: int | None = None,
 ) -> dict:
     """The numbers of one balancedness log line, as a plain dict (for your own metrics system).
+
+    Args:
+        load_LE: ``[L, E]`` — tokens per logical expert (>= 0).
+        placement: the placement the load is served with.
+        num_ranks: ``G``.
+        step: reported as is.
+        steps_to_next_rebalance: reported as is.
 
     Returns:
         ``{"step", "avg_tokens_per_rank", "max_tokens_per_rank", "balancedness", "imbalance",
@@ -230,7 +244,7 @@ class BalancednessLogger:
         self.last_stats: dict | None = None
 
     def should_log(self, step: int) -> bool:
-        """True on the steps that log (``step % interval == 0``)."""
+        """True on the steps that log (``step > 0`` and ``step % interval == 0``)."""
         return step > 0 and step % self.interval == 0
 
     def __call__(

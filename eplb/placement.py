@@ -94,6 +94,12 @@ class Placement:
         spread evenly over the ranks (the first ``(P - E) % G`` ranks get one more) and hold
         copies spread evenly over the experts, each preferably on a rank away from its primary.
 
+        Args:
+            num_layers: ``L``.
+            num_logical: ``E``.
+            num_physical: ``P >= E``, a multiple of ``num_ranks``.
+            num_ranks: ``G``.
+
         Returns:
             A `Placement` with ``phy2log: [num_layers, num_physical]``.
         """

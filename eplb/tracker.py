@@ -5,7 +5,8 @@ columns (the E experts, then one column for out-of-range ids, then one for paddi
 
 `record` is two kernels: ``clamp(-1, E)`` and ``put_(..., accumulate=True)`` into the layer's
 counter row. ``put_`` wraps negative indices, so padding (-1 after the clamp) lands in the
-last column and ids ``>= E`` in column ``E``, with no branch and no extra kernel.
+last column and ids ``>= E`` in column ``E``, with no branch and no extra kernel. With
+``trusted=True`` the caller vouches for ids in ``[-1, E)`` and the clamp is skipped.
 
 Everything on the hot path (`LoadTracker.record`, `LoadTracker.step`) is a fixed sequence of
 device kernels on preallocated buffers: no host synchronisation, no allocation whose size
@@ -105,7 +106,6 @@ class LoadTracker:
             num_valid_tokens: optional ``0-d``/``[1]`` int tensor on the tracker's device (or a
                 Python int) — rows ``>= num_valid_tokens`` are ignored. A tensor can be updated
                 in place between CUDA-graph replays of a padded batch.
-
             trusted: the caller guarantees ids in ``[-1, E)`` (a router's top-k output, as the
                 EPLB expert layer passes it): skips the clamping kernel, so recording is one
                 kernel launch. An id outside that range is then miscounted or faults.
@@ -295,7 +295,8 @@ class LoadTracker:
                 # A tensor made during capture holds no values until replay: never keep it.
                 if not (col_TK.is_cuda and torch.cuda.is_current_stream_capturing()):
                     self._row_ids_N1 = rows_T1
-            return col_TK.masked_fill_(rows_T1 >= n.reshape(()), -1)
+            # Out of place: col_TK may be the caller's own ids (trusted, int64).
+            return col_TK.masked_fill(rows_T1 >= n.reshape(()), -1)
         try:
             n_int = operator.index(num_valid_tokens)
         except TypeError:
@@ -304,6 +305,9 @@ class LoadTracker:
             ) from None
         if n_int < 0:
             raise EPLBError(f"num_valid_tokens ({n_int}) must be >= 0")
+        if n_int >= col_TK.shape[0]:
+            return col_TK
+        col_TK = col_TK.clone()  # never write into the caller's ids
         col_TK[n_int:] = -1
         return col_TK
 

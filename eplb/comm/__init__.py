@@ -16,7 +16,12 @@ _builtins_loaded = False
 
 
 def register_communicator(name: str, *, override: bool = False) -> Callable[[type], type]:
-    """Class decorator registering a communicator under ``name``."""
+    """Class decorator registering a communicator under ``name``.
+
+    The class subclasses `eplb.comm.base.Communicator` and is built as
+    ``cls(group=..., device=..., timeout_s=...)``; register it before building an `EPLBConfig`
+    that names it. A taken name raises `EPLBError` unless ``override=True``.
+    """
 
     def decorator(cls: type) -> type:
         _load_builtins()

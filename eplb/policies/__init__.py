@@ -26,6 +26,8 @@ ENTRY_POINT_GROUP = "eplb.policies"
 
 
 class Policy(Protocol):
+    """The signature of a policy (see the module docstring): ``load: [L, E]`` float64 -> `Placement`."""
+
     def __call__(
         self,
         load: torch.Tensor,

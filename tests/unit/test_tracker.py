@@ -255,3 +255,16 @@ def test_trusted_record_counts_like_the_checked_one(ids):
     assert torch.equal(checked.window_load(), trusted.window_load())
     valid = ids_TK[ids_TK >= 0]
     assert torch.equal(trusted.window_load()[0], torch.bincount(valid, minlength=6))
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_record_never_modifies_the_callers_ids(trusted, as_tensor):
+    ids_TK = torch.tensor([[0, 1], [2, 3], [1, 1]])
+    before = ids_TK.clone()
+    tracker = LoadTracker(1, 4, 2)
+    n = torch.tensor(1) if as_tensor else 1
+    tracker.record(0, ids_TK, n, trusted=trusted)
+    tracker.step()
+    assert torch.equal(ids_TK, before)
+    assert tracker.window_load()[0].tolist() == [1, 1, 0, 0]
