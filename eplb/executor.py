@@ -244,10 +244,12 @@ class AsyncExecutor:
 
     Faults: an exception on any rank's worker aborts the rebalance on every rank at the same step
     (``on_error="raise"`` raises `EPLBError` with the traceback on the rank that failed and names
-    that rank on the others; ``"log"`` logs it). No progress for ``timeout_s`` on some rank aborts
-    on all ranks. A rank that dies makes the all-reduce fail within ``timeout_s`` (the control group
-    is created with that timeout): `EPLBError`. Layers already committed keep the new placement,
-    the others the old one; both are valid.
+    that rank on the others; ``"log"`` logs it). A worker that owes its plan, or its next layer
+    once transfers may start, for ``timeout_s`` on some rank aborts on all ranks (time the main
+    thread spends between steps does not count against the worker). A rank that dies makes the
+    all-reduce fail within ``timeout_s`` (the control group is created with that timeout):
+    `EPLBError`. Layers already committed keep the new placement, the others the old one; both
+    are valid.
 
     Every rank must call `start`, `on_step`, `synchronize` and `close` at the same steps.
 
@@ -290,7 +292,8 @@ class AsyncExecutor:
         self._transfer = transfer_fn or self._communicate
         self._job: _Job | None = None
         self._thread: threading.Thread | None = None
-        # The latest job and worker, for the exit hook below (it must not hold a reference to self).
+        # The in-flight job and the latest worker, for the exit hooks (they must not hold a reference
+        # to self). The job is dropped once finished or aborted: it holds the staging buffers.
         self._live: dict = {}
         weakref.finalize(self, _stop_worker, self._live)
         self._stream: torch.cuda.Stream | None = None
@@ -346,14 +349,22 @@ class AsyncExecutor:
 
     def on_step(self) -> StepOutcome:
         """Commit what every rank has ready; finish or abort the rebalance when due. Call once per step."""
+        if self._job is not None:
+            self.steps_in_flight += 1
+        return self._advance()
+
+    def _advance(self) -> StepOutcome:
         job = self._job
         if job is None:
             return StepOutcome()
-        self.steps_in_flight += 1
         with job.cond:
             ready, planned = len(job.staged), job.planned
             failed = job.error is not None
-        stalled = ready <= self._committed and time.monotonic() - self._last_progress > self.timeout_s
+        # The clock runs only while this rank's worker owes the next piece of work (the plan, or
+        # the next layer once it may transfer): time the main thread spends away from the step
+        # boundaries (an idle server, a pause before synchronize()) is no stall of the worker.
+        owed = not planned or (job.go and job.new is not None and ready <= self._committed < job.total)
+        stalled = owed and time.monotonic() - self._last_progress > self.timeout_s
         flags = self._agree(
             failed_rank=self.rank + 1 if failed else 0, timed_out=int(stalled), ready=ready,
             planned=int(planned),
@@ -368,6 +379,7 @@ class AsyncExecutor:
             with job.cond:
                 job.go = True
                 job.cond.notify_all()
+            self._last_progress = time.monotonic()  # the worker's time for the first layer starts now
         committed: list[int] = []
         while self._committed < flags["ready"] and len(committed) < self.layers_per_step:
             committed.append(self._commit_next(job))
@@ -384,13 +396,18 @@ class AsyncExecutor:
         outcome = StepOutcome()
         committed: list[int] = []
         while self._job is not None:
-            outcome = self.on_step()
+            outcome = self._advance()  # not a forward step: steps_in_flight stays
             committed.extend(outcome.committed)
             if self._job is not None and not outcome.committed:
                 time.sleep(0.001)
         return StepOutcome(
             committed=tuple(committed), placement=outcome.placement or self._placement, report=outcome.report
         )
+
+    def stop_with(self, owner: object) -> None:
+        """Abort the in-flight rebalance, without waiting, once ``owner`` is garbage-collected: an
+        owner dropped without `close` must not leave the worker (and the layers its job holds) behind."""
+        weakref.finalize(owner, _stop_worker, self._live, 0.0).atexit = False
 
     def close(self) -> None:
         """Abort an in-flight rebalance locally and join the worker (bounded by ``timeout_s``)."""
@@ -400,6 +417,7 @@ class AsyncExecutor:
                 job.abort = True
                 job.cond.notify_all()
             self._job = None
+            self._live.pop("job", None)
         if self._thread is not None:
             self._thread.join(self.timeout_s)
             self._thread = None
@@ -418,6 +436,7 @@ class AsyncExecutor:
         except Exception as exc:  # a peer died or hung: gloo gives up after the group timeout
             job = self._job
             self._job = None
+            self._live.pop("job", None)
             if job is not None:
                 with job.cond:
                     job.abort = True
@@ -454,6 +473,7 @@ class AsyncExecutor:
 
     def _finish(self, job: _Job, committed: list[int], skipped: bool = False) -> StepOutcome:
         self._job = None
+        self._live.pop("job", None)
         if self._thread is not None:
             self._thread.join(self.timeout_s)
             self._thread = None
@@ -486,6 +506,7 @@ class AsyncExecutor:
             job.abort = True
             job.cond.notify_all()
         self._job = None
+        self._live.pop("job", None)
         if timed_out:
             reason = (
                 f"a layer was not ready on every rank within async_timeout_s ({self.timeout_s} s); "
@@ -526,6 +547,9 @@ class AsyncExecutor:
                 job.total = len(changed)
                 if new is None:
                     job.skip_reason = getattr(job.plan_fn, "skip_reason", "") or "the plan was skipped"
+                # plan_fn may hold the caller (the wrapper, hence the model): drop it, so a wrapper
+                # dropped mid-flight can be collected and its finaliser stop this worker.
+                job.plan_fn = None
                 job.planned = True
                 job.cond.notify_all()
                 while not (job.go or job.abort):

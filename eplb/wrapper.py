@@ -146,6 +146,8 @@ class EPLBWrapper:
             for i, spec in enumerate(specs)
         ]
         self._executor = _executor(config, device, self._ep_group, rank, num_ranks)
+        if isinstance(self._executor, AsyncExecutor):
+            self._executor.stop_with(self)
         self._recording = record_trace is not None
         self._trace = _trace_writer(record_trace, model, num_layers, num_logical, rank)
         self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
@@ -299,7 +301,7 @@ class EPLBWrapper:
             Sync: the `eplb.executor.RebalanceReport`, once every layer is committed. Async: None
             at once; the rebalance commits layer by layer at the next steps (`synchronize` waits
             for it) and ``stats()`` reports it when done. An async rebalance already in flight is
-            finished first.
+            finished first. Both: a skipped report at once when the window holds no load.
         """
         self._check_open()
         if self.async_in_flight:
@@ -312,7 +314,13 @@ class EPLBWrapper:
         self._check_open()
         if not self.async_in_flight:
             return None
-        self._apply(self._executor.synchronize())
+        try:
+            outcome = self._executor.synchronize()
+        except BaseException:
+            # Layers committed by this call before the failure hold the new rows: record what is there.
+            self._placement = self._committed_placement()
+            raise
+        self._apply(outcome)
         return self._last_report
 
     @property
@@ -371,13 +379,17 @@ class EPLBWrapper:
             report = self._executor.rebalance(self._layers, old, new)
         except BaseException:
             # Committed layers hold the new rows, the others the old: record what is really there.
-            rows = torch.stack([layer.placement_row() for layer in self._layers])
-            self._placement = Placement.from_phy2log(rows, self._num_logical)
+            self._placement = self._committed_placement()
             raise
         self._placement = new
         self._num_rebalances += 1
         self._last_report = report
         return report
+
+    def _committed_placement(self) -> Placement:
+        """The placement the layers hold now (their maps), read back from the layers."""
+        rows = torch.stack([layer.placement_row() for layer in self._layers])
+        return Placement.from_phy2log(rows, self._num_logical)
 
     def _skip(self, reason: str) -> RebalanceReport:
         report = RebalanceReport(
