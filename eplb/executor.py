@@ -461,8 +461,16 @@ class AsyncExecutor:
         else:
             staged.layer.commit(staged.row, staged.buffer.tensors, staged.slots)
         if staged.ready_event is not None:
+            main = torch.cuda.current_stream(self._stream.device)
             staged.buffer.free_event = torch.cuda.Event()
-            staged.buffer.free_event.record(torch.cuda.current_stream(self._stream.device))
+            staged.buffer.free_event.record(main)
+            # The buffers belong to the worker's stream; the main stream just read them. Tell the
+            # allocator, so their memory is never handed out again before these reads finish.
+            for t in staged.buffer.tensors.values():
+                t.record_stream(main)
+            packed = getattr(staged.prepared, "packed", None)
+            if isinstance(packed, torch.Tensor) and packed.is_cuda:
+                packed.record_stream(main)
         with job.cond:
             job.free_buffers.append(staged.buffer)
             job.cond.notify_all()
@@ -560,7 +568,13 @@ class AsyncExecutor:
             for layer in changed:
                 i = layer.layer_index
                 slot_tensors = layer.slot_tensors()
-                buffer = self._take_buffer(job, slot_tensors)
+                if stream is not None:
+                    # Allocate on the worker's stream: a block the main stream freed but may still
+                    # be reading must never be written by the side stream.
+                    with torch.cuda.stream(stream):
+                        buffer = self._take_buffer(job, slot_tensors)
+                else:
+                    buffer = self._take_buffer(job, slot_tensors)
                 if buffer is None:
                     return  # aborted
                 plan = plan_layer_transfer(job.old.phy2log[i], new.phy2log[i], rank=self.rank,

@@ -298,10 +298,11 @@ class EPLBWrapper:
         call it).
 
         Returns:
-            Sync: the `eplb.executor.RebalanceReport`, once every layer is committed. Async: None
-            at once; the rebalance commits layer by layer at the next steps (`synchronize` waits
-            for it) and ``stats()`` reports it when done. An async rebalance already in flight is
-            finished first. Both: a skipped report at once when the window holds no load.
+            The `eplb.executor.RebalanceReport` once every layer is committed (sync mode), or None
+            at once (async mode: the rebalance commits layer by layer at the next steps,
+            `synchronize` waits for it and ``stats()`` reports it when done). An async rebalance
+            already in flight is finished first. In both modes an empty window gives a skipped
+            report at once.
         """
         self._check_open()
         if self.async_in_flight:
