@@ -17,7 +17,8 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,34 @@ class RebalanceReport:
     seconds: float
     skipped: bool = False
     reason: str = ""
+
+    @classmethod
+    def skip(cls, reason: str, *, layers: int = 0, seconds: float = 0.0) -> RebalanceReport:
+        """A report of a rebalance that moved no weights (skipped or aborted) for ``reason``;
+        ``layers`` counts layers already committed before an abort."""
+        return cls(layers=layers, slots_changed=0, network_transfers=0, local_copies=0, bytes_moved=0,
+                   seconds=seconds, skipped=True, reason=reason)
+
+
+@dataclass
+class _Tally:
+    """Running totals of the layers of one rebalance (over all ranks, as the plans count them)."""
+
+    layers: int = 0
+    slots_changed: int = 0
+    network_transfers: int = 0
+    local_copies: int = 0
+    bytes_moved: int = 0
+
+    def add(self, plan, slot_tensors: dict[str, torch.Tensor]) -> None:
+        self.layers += 1
+        self.slots_changed += plan.num_changed_slots
+        self.network_transfers += plan.num_network_transfers
+        self.local_copies += plan.num_local_copies
+        self.bytes_moved += plan.bytes_moved(bytes_per_expert(slot_tensors))
+
+    def report(self, seconds: float, *, skipped: bool = False, reason: str = "") -> RebalanceReport:
+        return RebalanceReport(**asdict(self), seconds=seconds, skipped=skipped, reason=reason)
 
 
 class SyncExecutor:
@@ -104,7 +133,7 @@ class SyncExecutor:
         S = new.slots_per_rank(self.num_ranks)
         staging_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         device = None
-        n_layers = slots_changed = transfers = copies = moved = 0
+        tally = _Tally()
         for layer in layers:
             i = layer.layer_index
             if not 0 <= i < old.num_layers:
@@ -121,28 +150,17 @@ class SyncExecutor:
                         f"this rank {S} (num_physical {new.num_physical} / {self.num_ranks} ranks)"
                     )
             # One staging buffer per distinct layer shape, reused across layers, freed at the end.
-            key = tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in sorted(slot_tensors.items()))
+            key = _shape_key(slot_tensors)
             if key not in staging_cache:
                 staging_cache[key] = {n: torch.empty_like(t) for n, t in slot_tensors.items()}
             staging = staging_cache[key]
             execute_layer_transfer(plan, slot_tensors, staging, self.communicator, self.max_transfer_bytes)
             layer.commit(new_row, staging, torch.tensor(plan.changed_local, dtype=torch.int64))
             device = next(iter(slot_tensors.values())).device if slot_tensors else device
-            n_layers += 1
-            slots_changed += plan.num_changed_slots
-            transfers += plan.num_network_transfers
-            copies += plan.num_local_copies
-            moved += plan.bytes_moved(bytes_per_expert(slot_tensors))
+            tally.add(plan, slot_tensors)
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
-        report = RebalanceReport(
-            layers=n_layers,
-            slots_changed=slots_changed,
-            network_transfers=transfers,
-            local_copies=copies,
-            bytes_moved=moved,
-            seconds=time.perf_counter() - start,
-        )
+        report = tally.report(time.perf_counter() - start)
         if self.rank == 0:
             logger.info(
                 "eplb rebalance: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
@@ -207,7 +225,7 @@ class _Job:
         self.go = False  # set once every rank has planned: transfers need every peer
         self.free_buffers: list[_StagingBuffer] = []
         self.num_buffers = 0
-        self.counts = [0, 0, 0, 0]  # slots changed, network transfers, local copies, bytes moved
+        self.tally = _Tally()  # of the layers staged so far
         self.started = time.perf_counter()
 
 
@@ -485,17 +503,8 @@ class AsyncExecutor:
         if self._thread is not None:
             self._thread.join(self.timeout_s)
             self._thread = None
-        slots, transfers, copies, moved = job.counts
-        report = RebalanceReport(
-            layers=0 if skipped else job.total,
-            slots_changed=slots,
-            network_transfers=transfers,
-            local_copies=copies,
-            bytes_moved=moved,
-            seconds=time.perf_counter() - job.started,
-            skipped=skipped,
-            reason=job.skip_reason,
-        )
+        # Every changed layer was staged (and committed) by now; a skipped job staged none.
+        report = job.tally.report(time.perf_counter() - job.started, skipped=skipped, reason=job.skip_reason)
         if not skipped:
             self._placement = job.new
         self.last_report = report
@@ -524,9 +533,8 @@ class AsyncExecutor:
             reason = f"the worker on rank {self.rank} failed:\n{job.error_tb}"
         else:
             reason = f"the worker on rank {failed_rank} failed (its log has the traceback)"
-        report = RebalanceReport(
-            layers=self._committed, slots_changed=0, network_transfers=0, local_copies=0, bytes_moved=0,
-            seconds=time.perf_counter() - job.started, skipped=True, reason=f"aborted: {reason}",
+        report = RebalanceReport.skip(
+            f"aborted: {reason}", layers=self._committed, seconds=time.perf_counter() - job.started
         )
         self.last_report = report
         message = (
@@ -568,45 +576,33 @@ class AsyncExecutor:
             for layer in changed:
                 i = layer.layer_index
                 slot_tensors = layer.slot_tensors()
-                if stream is not None:
-                    # Allocate on the worker's stream: a block the main stream freed but may still
-                    # be reading must never be written by the side stream.
-                    with torch.cuda.stream(stream):
-                        buffer = self._take_buffer(job, slot_tensors)
-                else:
-                    buffer = self._take_buffer(job, slot_tensors)
-                if buffer is None:
-                    return  # aborted
                 plan = plan_layer_transfer(job.old.phy2log[i], new.phy2log[i], rank=self.rank,
                                            num_ranks=self.num_ranks)
-                event = None
                 row = new.phy2log[i].clone()
                 slots = torch.tensor(plan.changed_local, dtype=torch.int64)
                 prepare = getattr(layer, "prepare_commit", None)
-                prepared = None
-                if stream is not None:
-                    with torch.cuda.stream(stream):
+                event = None
+                # Everything on the worker's stream, allocations included: a block the main stream
+                # freed but may still be reading must never be written by the side stream.
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    buffer = self._take_buffer(job, slot_tensors)
+                    if buffer is None:
+                        return  # aborted
+                    if stream is not None:
                         stream.wait_event(job.start_event)
                         if buffer.free_event is not None:
                             stream.wait_event(buffer.free_event)
-                        self._transfer(layer, plan, slot_tensors, buffer.tensors)
-                        if prepare is not None:
-                            prepared = prepare(row, slots, buffer.tensors)
+                    self._transfer(layer, plan, slot_tensors, buffer.tensors)
+                    prepared = prepare(row, slots, buffer.tensors) if prepare is not None else None
+                    if stream is not None:
                         event = torch.cuda.Event()
                         event.record(stream)
-                else:
-                    self._transfer(layer, plan, slot_tensors, buffer.tensors)
-                    if prepare is not None:
-                        prepared = prepare(row, slots, buffer.tensors)
                 staged = _StagedLayer(layer=layer, row=row, slots=slots, buffer=buffer, ready_event=event,
                                       prepared=prepared)
                 with job.cond:
                     if job.abort:
                         return
-                    job.counts[0] += plan.num_changed_slots
-                    job.counts[1] += plan.num_network_transfers
-                    job.counts[2] += plan.num_local_copies
-                    job.counts[3] += plan.bytes_moved(bytes_per_expert(slot_tensors))
+                    job.tally.add(plan, slot_tensors)
                     job.staged.append(staged)
                     job.cond.notify_all()
         except BaseException as exc:  # surfaced on the main thread by on_step; never swallowed

@@ -26,6 +26,7 @@ __all__ = [
     "BalancednessLogger",
     "balancedness",
     "compute_stats",
+    "stats_of",
     "format_stats",
     "predicted_gain",
     "rank_loads",
@@ -176,7 +177,14 @@ def compute_stats(
         "steps_to_next_rebalance"}`` — Python ints/floats (``step`` and
         ``steps_to_next_rebalance`` as given, possibly None).
     """
-    b = balancedness(load_LE, placement, num_ranks)
+    return stats_of(
+        balancedness(load_LE, placement, num_ranks), step=step, steps_to_next_rebalance=steps_to_next_rebalance
+    )
+
+
+def stats_of(b: Balancedness, *, step: int | None = None, steps_to_next_rebalance: int | None = None) -> dict:
+    """`compute_stats` from an already computed `Balancedness` (so callers that also need its
+    per-layer values compute it once)."""
     return {
         "step": step,
         "avg_tokens_per_rank": b.avg_tokens_per_rank,

@@ -24,7 +24,7 @@ from eplb.comm.base import dedicated_group, select_communicator
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError
 from eplb.executor import AsyncExecutor, RebalanceReport, StepOutcome, SyncExecutor
-from eplb.metrics import BalancednessLogger, balancedness, compute_stats, predicted_gain
+from eplb.metrics import BalancednessLogger, balancedness, predicted_gain, stats_of
 from eplb.moe import EPLBExperts, find_moe_layers
 from eplb.moe.adapters import direct_tensors
 from eplb.moe.dispatch import make_dispatcher
@@ -223,16 +223,9 @@ class EPLBWrapper:
 
         group = self._ep_group if reduce else None
         load_LE = self.tracker.window_load(group=group)
-        out = compute_stats(
-            load_LE,
-            self._placement,
-            self._num_ranks,
-            step=self._steps,
-            steps_to_next_rebalance=self._steps_to_next_rebalance(),
-        )
-        out["balancedness_per_layer"] = balancedness(
-            load_LE, self._placement, self._num_ranks
-        ).per_layer.tolist()
+        b = balancedness(load_LE, self._placement, self._num_ranks)
+        out = stats_of(b, step=self._steps, steps_to_next_rebalance=self._steps_to_next_rebalance())
+        out["balancedness_per_layer"] = b.per_layer.tolist()
         out["num_rebalances"] = self._num_rebalances
         out["last_predicted_gain"] = self._last_gain
         report = asdict(self._last_report) if self._last_report is not None else {}
@@ -393,16 +386,7 @@ class EPLBWrapper:
         return Placement.from_phy2log(rows, self._num_logical)
 
     def _skip(self, reason: str) -> RebalanceReport:
-        report = RebalanceReport(
-            layers=0,
-            slots_changed=0,
-            network_transfers=0,
-            local_copies=0,
-            bytes_moved=0,
-            seconds=0.0,
-            skipped=True,
-            reason=reason,
-        )
+        report = RebalanceReport.skip(reason)
         if self._rank == 0:
             logger.info("eplb rebalance skipped: %s", reason)
         self._last_report = report

@@ -51,14 +51,13 @@ class PreparedCommit:
     """A validated commit whose data already sits on the layer's device.
 
     Attributes:
-        packed: int64 ``[n + P + E * (P - E + 1) + E]`` — local slot ids to copy, then the new
-            ``phy2log``, ``log2phy`` (flattened, ``-1`` padded) and ``logcnt``.
-        num_slots: ``n``.
-        slot_list: the same ``n`` slot ids as Python ints (row copies need no index tensor).
+        packed: int64 ``[P + E * (P - E + 1) + E]`` on the layer's device — the new ``phy2log``,
+            ``log2phy`` (flattened, ``-1`` padded) and ``logcnt``.
+        slot_list: local slot ids to copy from staging, as Python ints (rows are copied one by
+            one, so no index tensor is needed).
     """
 
     packed: torch.Tensor
-    num_slots: int
     slot_list: tuple[int, ...] = ()
 
 
@@ -113,7 +112,7 @@ class EPLBExperts(nn.Module):
             )
         num_logical = int(owned[names[0]].shape[0])
         row_P = torch.as_tensor(phy2log, dtype=torch.int64).reshape(-1).cpu()
-        placement = Placement.from_phy2log(row_P, num_logical).validate(num_ranks)
+        Placement.from_phy2log(row_P, num_logical).validate(num_ranks)  # fail before building anything
         P = row_P.numel()
         S = P // num_ranks
         if not 0 <= rank < num_ranks:
@@ -141,7 +140,7 @@ class EPLBExperts(nn.Module):
         self.register_buffer(
             "logcnt", torch.empty(num_logical, dtype=torch.int64, device=device), persistent=False
         )
-        self._write_maps(placement)
+        self.apply_commit(self.prepare_commit(row_P), None)
         self.train(experts.training)
         self._hooked: set[int] = set()  # ids of slot parameters carrying _refuse_replica_grad
         # Salt the replica hash per rank and layer: ranks with few tokens then use different replicas.
@@ -207,33 +206,28 @@ class EPLBExperts(nn.Module):
                 )
         log2phy_ER = torch.full(tuple(self.log2phy.shape), -1, dtype=torch.int64)
         log2phy_ER[:, : placement.log2phy.shape[2]] = placement.log2phy[0]
-        # One packed int64 vector: slot ids, phy2log, log2phy, logcnt; one copy to the device.
-        packed = torch.cat([slot_ids, placement.phy2log[0], log2phy_ER.reshape(-1), placement.logcnt[0]])
+        # One packed int64 vector: phy2log, log2phy, logcnt; one copy to the device.
+        packed = torch.cat([placement.phy2log[0], log2phy_ER.reshape(-1), placement.logcnt[0]])
         device = self.phy2log.device
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        return PreparedCommit(packed=packed, num_slots=int(slot_ids.numel()), slot_list=tuple(slot_ids.tolist()))
+        return PreparedCommit(packed=packed, slot_list=tuple(slot_ids.tolist()))
 
     def apply_commit(self, prepared: PreparedCommit, staged: dict[str, torch.Tensor] | None) -> None:
         """Apply a `prepare_commit` result on the current stream: device copies only (no sync)."""
-        n, P, E = prepared.num_slots, self.num_physical, self.num_logical
-        _, phy2log_P, log2phy_flat, logcnt_E = torch.split(prepared.packed, [n, P, self.log2phy.numel(), E])
+        phy2log_P, log2phy_flat, logcnt_E = torch.split(
+            prepared.packed, [self.num_physical, self.log2phy.numel(), self.num_logical]
+        )
         with torch.no_grad():
-            for name, dst in self.slot_tensors().items():
-                src = staged[name]
-                # Row by row: one read and one write per slot, no temporary (slots are few and large).
-                for s in prepared.slot_list:
-                    dst[s].copy_(src[s])
+            if prepared.slot_list:
+                for name, dst in self.slot_tensors().items():
+                    src = staged[name]
+                    # Row by row: one read and one write per slot, no temporary (slots are few and large).
+                    for s in prepared.slot_list:
+                        dst[s].copy_(src[s])
             self.phy2log.copy_(phy2log_P)
             self.log2phy.copy_(log2phy_flat.view(self.log2phy.shape))
             self.logcnt.copy_(logcnt_E)
-
-    def _write_maps(self, placement: Placement) -> None:
-        log2phy_ER = torch.full(tuple(self.log2phy.shape), -1, dtype=torch.int64)
-        log2phy_ER[:, : placement.log2phy.shape[2]] = placement.log2phy[0]
-        self.phy2log.copy_(placement.phy2log[0])
-        self.log2phy.copy_(log2phy_ER)
-        self.logcnt.copy_(placement.logcnt[0])
 
     # ------------------------------------------------------------------ forward
     def choose_slots(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
