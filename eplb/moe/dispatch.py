@@ -170,15 +170,16 @@ class _Buffers:
     """The fixed-size send/receive buffers of one (D, K, dtype, device, sentinel): allocated once, reused by every layer
     (layers run one after another on one stream), so CUDA graphs see stable addresses."""
 
-    def __init__(self, G: int, C: int, D: int, K: int, dtype, device, sentinel: int):
+    def __init__(self, G: int, C: int, D: int, K: int, dtype, device, sentinel: int, meta_dtype):
         rows = G * C + 1  # the last row: a target for tokens a rank does not receive / a zero row
         self.send_x = torch.zeros(rows, D, dtype=dtype, device=device)
         self.recv_x = torch.zeros(G * C, D, dtype=dtype, device=device)
-        # Per row: K local slot ids, then the K routing weights' float32 bits (one exchange).
-        self.empty_meta = torch.zeros(rows, 2 * K, dtype=torch.int32, device=device)
+        # Per row: K local slot ids, then the bits of the K routing weights (one exchange): int32
+        # with float32 weights (exact for bf16/fp16 too), int64 with float64 weights.
+        self.empty_meta = torch.zeros(rows, 2 * K, dtype=meta_dtype, device=device)
         self.empty_meta[:, :K] = sentinel
         self.send_meta = self.empty_meta.clone()
-        self.recv_meta = torch.empty(G * C, 2 * K, dtype=torch.int32, device=device)
+        self.recv_meta = torch.empty(G * C, 2 * K, dtype=meta_dtype, device=device)
         self.rank_G1 = torch.arange(G, device=device).unsqueeze(1)  # [G, 1]
         self.rank_1G1 = self.rank_G1.view(1, G, 1)
         self.base_1G = (self.rank_G1 * C).view(1, G)
@@ -223,11 +224,13 @@ class FixedCapacityDispatcher(Dispatcher):
         self._buffers: dict[tuple, _Buffers] = {}
         self._back: dict[tuple, torch.Tensor] = {}
 
-    def _buffers_for(self, D: int, K: int, dtype, device, sentinel: int) -> _Buffers:
-        key = (D, K, dtype, device, sentinel)
+    def _buffers_for(self, D: int, K: int, dtype, device, sentinel: int, meta_dtype) -> _Buffers:
+        key = (D, K, dtype, device, sentinel, meta_dtype)
         buffers = self._buffers.get(key)
         if buffers is None:
-            buffers = self._buffers[key] = _Buffers(self.num_ranks, self.capacity, D, K, dtype, device, sentinel)
+            buffers = self._buffers[key] = _Buffers(
+                self.num_ranks, self.capacity, D, K, dtype, device, sentinel, meta_dtype
+            )
         return buffers
 
     def _back_for(self, D: int, dtype, device) -> torch.Tensor:
@@ -252,8 +255,8 @@ class FixedCapacityDispatcher(Dispatcher):
             x_TD: ``[T, D]`` token activations, ``T <= C``.
             slots_TK: ``[T, K]`` int64 global physical slot per pair; ``-1`` marks padding
                 (not sent, not computed, contributes zero).
-            weights_TK: ``[T, K]`` routing weights (any float dtype; sent as float32, given back
-                in their dtype).
+            weights_TK: ``[T, K]`` routing weights (any float dtype; sent as float32, or float64
+                when they are, and given back in their dtype: exact).
             slots_per_rank: ``S``.
             sentinel: the local slot id that marks "not a pair of this rank" for the experts
                 module (``S`` when it skips ids ``>= S``, else 0 with weight 0).
@@ -275,7 +278,9 @@ class FixedCapacityDispatcher(Dispatcher):
                 "fixed-capacity dispatcher cannot send more; raise EPLBConfig.max_tokens_per_rank to at "
                 "least the largest batch (tokens per forward on one rank), or split the batch"
             )
-        buf = self._buffers_for(D, K, x_TD.dtype, x_TD.device, sentinel)
+        wide = weights_TK.dtype == torch.float64
+        w_dtype, meta_dtype = (torch.float64, torch.int64) if wide else (torch.float32, torch.int32)
+        buf = self._buffers_for(D, K, x_TD.dtype, x_TD.device, sentinel, meta_dtype)
         # Step 1: destination rank of every pair (G for padding), and which ranks each token visits.
         dest_TK = torch.where(slots_TK >= 0, torch.div(slots_TK, S, rounding_mode="floor"), G)
         hit_TG = torch.zeros(T, G + 1, dtype=torch.int64, device=x_TD.device)
@@ -286,8 +291,8 @@ class FixedCapacityDispatcher(Dispatcher):
         # Step 3: fill the send buffers (tokens not sent to a rank land in the spare last row).
         on_TGK = dest_TK.unsqueeze(1) == buf.rank_1G1
         local_TGK = torch.where(on_TGK, slots_TK.unsqueeze(1) - buf.rank_1G1 * S, sentinel)
-        w_TGK = torch.where(on_TGK, weights_TK.unsqueeze(1).float(), 0.0)
-        meta_TG2K = torch.cat([local_TGK.to(torch.int32), w_TGK.view(torch.int32)], dim=2)
+        w_TGK = torch.where(on_TGK, weights_TK.unsqueeze(1).to(w_dtype), 0.0)
+        meta_TG2K = torch.cat([local_TGK.to(meta_dtype), w_TGK.view(meta_dtype)], dim=2)
         buf.send_meta.copy_(buf.empty_meta)
         buf.send_meta.index_put_((row_TG,), meta_TG2K)
         buf.send_x.index_put_((row_TG,), x_TD.unsqueeze(1).expand(T, G, D))
@@ -300,7 +305,7 @@ class FixedCapacityDispatcher(Dispatcher):
         else:
             x_ND, meta_N2K = send_x, send_meta
         slots_NK = meta_N2K[:, :K].to(torch.int64)
-        weights_NK = meta_N2K[:, K:].view(torch.float32).to(weights_TK.dtype)
+        weights_NK = meta_N2K[:, K:].view(w_dtype).to(weights_TK.dtype)
         return x_ND, slots_NK, weights_NK, TokenDispatchMeta(num_tokens=T, row_TG=row_TG)
 
     def combine_tokens(self, y_ND: torch.Tensor, meta: TokenDispatchMeta) -> torch.Tensor:

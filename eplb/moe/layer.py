@@ -186,8 +186,8 @@ class EPLBExperts(nn.Module):
         self._hooked: set[int] = set()  # ids of slot parameters carrying _refuse_replica_grad
         # Slot ids >= S mark pairs to skip (padding, another rank's pairs) where the module allows.
         self._was_expert_parallel = getattr(self.experts, "_is_expert_parallel", None)
-        self._skips_out_of_range = self._was_expert_parallel is not None or bool(
-            getattr(self.experts, "eplb_skips_out_of_range_ids", False)
+        self._skips_out_of_range = bool(getattr(self.experts, "eplb_skips_out_of_range_ids", False)) or (
+            self._was_expert_parallel is not None and self._probe_expert_parallel()
         )
         self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
 
@@ -367,7 +367,10 @@ class EPLBExperts(nn.Module):
         if padded and self._skips_out_of_range:
             # Padding -> slot S: skipped by the module (no GEMM rows), contributes zero.
             self._mark_expert_parallel(True)
-            return self.experts(x_TD, torch.where(slots_TK >= 0, slots_TK, self.slots_per_rank), weights_TK)
+            valid_TK = slots_TK >= 0
+            return self.experts(
+                x_TD, torch.where(valid_TK, slots_TK, self.slots_per_rank), torch.where(valid_TK, weights_TK, 0)
+            )
         # Without padding rows the module runs unmarked (marking costs it two masking passes);
         # router ids < 0 are then computed on slot 0 with weight 0.
         self._mark_expert_parallel(False)
@@ -396,13 +399,45 @@ class EPLBExperts(nn.Module):
         weights_TK = torch.where(slots_TK >= 0, weights_TK, 0)
         return self._combine(y_TKD, weights_TK, ids_TK, x_TD.dtype)
 
+    def _probe_expert_parallel(self) -> bool:
+        """Whether the module, marked expert-parallel, skips slot ids ``>= S`` (transformers
+        experts do in the versions that handle ``_is_expert_parallel`` ids as sentinels): one
+        tiny forward at wrap time, compared with the same pair left out. Modules on the meta
+        device are trusted."""
+        weight = next(iter(self.slot_tensors().values()))
+        config = getattr(self.experts, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if weight.device.type == "meta":
+            return True
+        if not isinstance(hidden, int):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x_TD = torch.randn(2, hidden, generator=gen).to(weight.device, weight.dtype)
+        S = self.slots_per_rank
+        ids_TK = torch.tensor([[0, S], [S, S]], device=weight.device)
+        w_TK = torch.tensor([[0.5, 0.25], [0.5, 0.25]], device=weight.device, dtype=weight.dtype)
+        try:
+            with torch.no_grad():
+                self._mark_expert_parallel(True)
+                skipped = self.experts(x_TD, ids_TK, w_TK)
+                self._mark_expert_parallel(False)
+                alone = self.experts(x_TD[:1], ids_TK[:1, :1], w_TK[:1, :1])
+        except (RuntimeError, IndexError, ValueError):
+            return False
+        finally:
+            self._mark_expert_parallel(False)
+        return bool(torch.isfinite(skipped).all()) and bool(
+            torch.allclose(skipped[:1].float(), alone.float(), rtol=1e-2, atol=1e-3)
+        ) and bool((skipped[1] == 0).all())
+
     def _mark_expert_parallel(self, value: bool) -> None:
         if self._was_expert_parallel is not None:
             self.experts._is_expert_parallel = value
 
     def _row_ids(self, T: int) -> torch.Tensor:
         if self._row_ids_T1.shape[0] < T:
-            self._row_ids_T1 = torch.arange(max(T, 2 * self._row_ids_T1.shape[0]), device=self.log2phy.device).unsqueeze(1)
+            size = max(T, 2 * self._row_ids_T1.shape[0])
+            self._row_ids_T1 = torch.arange(size, device=self.log2phy.device).unsqueeze(1)
         return self._row_ids_T1[:T]
 
     def combine_order(self) -> str:
