@@ -184,12 +184,15 @@ class EPLBExperts(nn.Module):
         self.apply_commit(self.prepare_commit(row_P), None)
         self.train(experts.training)
         self._hooked: set[int] = set()  # ids of slot parameters carrying _refuse_replica_grad
-        # Slot ids >= S mark pairs to skip (padding, another rank's pairs) where the module allows.
+        # Slot ids >= S mark pairs to skip (padding, another rank's pairs) where the module allows:
+        # always (`_skips_plain`), or once marked expert-parallel (`_skips_marked`).
         self._was_expert_parallel = getattr(self.experts, "_is_expert_parallel", None)
-        self._skips_out_of_range = bool(getattr(self.experts, "eplb_skips_out_of_range_ids", False)) or (
-            self._was_expert_parallel is not None and self._probe_expert_parallel()
-        )
+        self._skips_plain, self._skips_marked = self._probe_skipping()
         self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
+        # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
+        # with weight 0 when the module cannot skip unmarked.
+        pad_slot = -1 if dispatcher is not None else (S if self._skips_plain else 0)
+        self._replica_HC[:, num_logical] = pad_slot
 
     # ------------------------------------------------------------------ contract with the executor
     def slot_tensors(self) -> dict[str, torch.Tensor]:
@@ -278,34 +281,45 @@ class EPLBExperts(nn.Module):
     # ------------------------------------------------------------------ forward
     def _init_replica_choice(self, device) -> None:
         E = self.num_logical
-        # replica_HC[h, 1 + e]: global slot of expert e for hash bucket h; column 0: -1 (padding id).
+        # replica_HC[h, e]: global slot of expert e for hash bucket h; column E: what padding ids
+        # (-1) map to. Flat index bucket * (E + 1) + id: an id of -1 lands in a padding column.
         self.register_buffer(
             "_replica_HC", torch.full((_BUCKETS, E + 1), -1, dtype=torch.int64, device=device), persistent=False
         )
-        self._bucket_H1 = torch.arange(_BUCKETS, device=device).unsqueeze(1)
-        self._expert_1E = torch.arange(E, device=device).unsqueeze(0)
-        self._table_base_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
+        self.register_buffer("_bucket_H1", torch.arange(_BUCKETS, device=device).unsqueeze(1), persistent=False)
+        self.register_buffer("_expert_1E", torch.arange(E, device=device).unsqueeze(0), persistent=False)
         # round robin: each expert's first pair of a batch starts at a salted replica.
-        self._rr_offset_E = _mix32((torch.arange(E, device=device) + self._hash_salt) & _HASH_MASK)
+        self.register_buffer(
+            "_rr_offset_E", _mix32((torch.arange(E, device=device) + self._hash_salt) & _HASH_MASK), persistent=False
+        )
+        self._table_base_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
         self._positions_M = torch.arange(0, device=device)  # grows to the largest T * K
 
     def _refresh_replica_table(self) -> None:
         """Derive the hash table from ``log2phy``/``logcnt`` (device ops, in place: graph-safe)."""
         replica_HE = self._bucket_H1 % self.logcnt.unsqueeze(0)
-        self._replica_HC[:, 1:] = self.log2phy[self._expert_1E, replica_HE]
+        self._replica_HC[:, : self.num_logical] = self.log2phy[self._expert_1E, replica_HE]
 
-    def _table_base(self, T: int) -> torch.Tensor:
-        """``[T, 1]`` int64: ``bucket(t) * (E + 1) + 1`` — where row ``t``'s choices start in the table."""
-        if self._table_base_T1.shape[0] < T:
-            size = max(T, 2 * self._table_base_T1.shape[0], 64)
-            key = (torch.arange(size, device=self.log2phy.device) + self._hash_salt) & _HASH_MASK
-            bucket = _mix32(key) % _BUCKETS
-            self._table_base_T1 = (bucket * (self.num_logical + 1) + 1).unsqueeze(1)
-        return self._table_base_T1[:T]
+    def _grown(self, name: str, size: int, make) -> torch.Tensor:
+        """The first ``size`` rows of the cached tensor ``name``, remade larger by ``make(n)`` when
+        short. A tensor made during a CUDA-graph capture holds values only once replayed: not kept."""
+        cached = getattr(self, name)
+        if cached.shape[0] >= size:
+            return cached[:size]
+        fresh = make(max(size, 2 * cached.shape[0], 64))
+        if not (fresh.is_cuda and torch.cuda.is_current_stream_capturing()):
+            setattr(self, name, fresh)
+        return fresh[:size]
+
+    def _make_table_base(self, size: int) -> torch.Tensor:
+        """``[size, 1]`` int64: ``bucket(t) * (E + 1)`` — where row ``t``'s choices start in the table."""
+        key = (torch.arange(size, device=self.log2phy.device) + self._hash_salt) & _HASH_MASK
+        return ((_mix32(key) % _BUCKETS) * (self.num_logical + 1)).unsqueeze(1)
 
     def choose_slots(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
-        """``[T, K]`` logical ids -> ``[T, K]`` global physical slots, one replica per pair
-        (``-1`` for padding ids ``< 0``).
+        """``[T, K]`` logical ids -> ``[T, K]`` global physical slots, one replica per pair.
+        Padding ids (``-1``) give ``-1`` with a dispatcher; with one rank and no dispatcher they
+        give ``S`` (a slot id the experts module skips) or ``0`` (when it cannot skip).
 
         ``"hash"``: replica = bucket(hash(token index)) mod replica count, read from a table
         derived from the buffers at each commit (two kernels). ``"round_robin"``: the pairs of each
@@ -315,19 +329,18 @@ class EPLBExperts(nn.Module):
         ids_TK = topk_ids_TK if topk_ids_TK.dtype == torch.int64 else topk_ids_TK.long()
         T, K = ids_TK.shape
         if self.replica_choice == "hash":
-            return self._replica_HC.take(self._table_base(T) + ids_TK)
+            return self._replica_HC.take(self._grown("_table_base_T1", T, self._make_table_base) + ids_TK)
         M = T * K
-        if self._positions_M.shape[0] < M:
-            self._positions_M = torch.arange(max(M, 2 * self._positions_M.shape[0]), device=ids_TK.device)
+        positions_M = self._grown("_positions_M", M, lambda n: torch.arange(n, device=ids_TK.device))
         ids_M = ids_TK.reshape(M)
         # Step 1: rank of each pair among the pairs of its expert (padding forms its own group).
         sorted_M, perm_M = torch.sort(ids_M, stable=True)
-        rank_sorted_M = self._positions_M[:M] - torch.searchsorted(sorted_M, sorted_M)
+        rank_sorted_M = positions_M - torch.searchsorted(sorted_M, sorted_M)
         rank_M = torch.empty_like(rank_sorted_M).scatter_(0, perm_M, rank_sorted_M)
         # Step 2: replica = (rank + salted start) mod replica count.
         replica_TK = (rank_M.view(T, K) + self._rr_offset_E[ids_TK]) % self.logcnt[ids_TK]
         slots_TK = self.log2phy[ids_TK, replica_TK]
-        return torch.where(ids_TK >= 0, slots_TK, -1)
+        return torch.where(ids_TK >= 0, slots_TK, self._replica_HC[0, self.num_logical])
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index=None, top_k_weights=None, **kwargs
@@ -350,7 +363,8 @@ class EPLBExperts(nn.Module):
         self._check_grad(x_TD)
         padded = self.valid_tokens is not None
         if padded:
-            ids_TK = torch.where(self._row_ids(x_TD.shape[0]) < self.valid_tokens, ids_TK, -1)
+            rows_T1 = self._grown("_row_ids_T1", x_TD.shape[0], lambda n: torch.arange(n, device=x_TD.device)[:, None])
+            ids_TK = torch.where(rows_T1 < self.valid_tokens, ids_TK, -1)
         if self.tracker is not None:
             # Router ids are in [-1, E) (padding -> -1): one kernel.
             self.tracker.record(self.layer_index, ids_TK, trusted=True)
@@ -359,28 +373,28 @@ class EPLBExperts(nn.Module):
         if dispatcher is not None and dispatcher.token_level:
             return self._forward_tokens(x_TD, slots_TK, weights_TK)
         if dispatcher is None and self.combine_order() == "topk":
-            return self._forward_direct(x_TD, slots_TK, weights_TK, padded)
+            return self._forward_direct(x_TD, slots_TK, weights_TK, ids_TK, padded)
         return self._forward_pairs(x_TD, slots_TK, weights_TK, ids_TK)
 
-    def _forward_direct(self, x_TD, slots_TK, weights_TK, padded: bool) -> torch.Tensor:
+    def _forward_direct(self, x_TD, slots_TK, weights_TK, ids_TK, padded: bool) -> torch.Tensor:
         """One rank: the experts module gets the slot ids in place of the expert ids."""
-        if padded and self._skips_out_of_range:
-            # Padding -> slot S: skipped by the module (no GEMM rows), contributes zero.
+        if self._skips_plain:
+            # Padding ids already map to slot S, which the module skips: nothing else to do.
+            return self.experts(x_TD, slots_TK, weights_TK)
+        valid_TK = ids_TK >= 0
+        if padded and self._skips_marked:
+            # Padding -> slot S, skipped by the marked module (no GEMM rows), contributes zero.
             self._mark_expert_parallel(True)
-            valid_TK = slots_TK >= 0
-            return self.experts(
-                x_TD, torch.where(valid_TK, slots_TK, self.slots_per_rank), torch.where(valid_TK, weights_TK, 0)
-            )
-        # Without padding rows the module runs unmarked (marking costs it two masking passes);
+            return self.experts(x_TD, torch.where(valid_TK, slots_TK, self.slots_per_rank), weights_TK)
+        # Without padding rows the module runs unmarked (marking may cost it masking passes);
         # router ids < 0 are then computed on slot 0 with weight 0.
         self._mark_expert_parallel(False)
-        valid_TK = slots_TK >= 0
-        return self.experts(x_TD, slots_TK.clamp(min=0), torch.where(valid_TK, weights_TK, 0))
+        return self.experts(x_TD, slots_TK, torch.where(valid_TK, weights_TK, 0))
 
     def _forward_tokens(self, x_TD, slots_TK, weights_TK) -> torch.Tensor:
         """A token dispatcher: this rank's experts module weights and sums its pairs of each row."""
-        skips = self._skips_out_of_range
-        self._mark_expert_parallel(True)
+        skips = self._skips_plain or self._skips_marked
+        self._mark_expert_parallel(not self._skips_plain and self._skips_marked)
         sentinel = self.slots_per_rank if skips else 0
         x_ND, slots_NK, weights_NK, meta = self.dispatcher.dispatch_tokens(
             x_TD, slots_TK, weights_TK, self.slots_per_rank, sentinel
@@ -396,49 +410,53 @@ class EPLBExperts(nn.Module):
         ones_N1 = x_ND.new_ones((x_ND.shape[0], 1))
         y_ND = self.experts(x_ND, local_slot_N.unsqueeze(1), ones_N1)
         y_TKD = dispatcher.combine(y_ND, meta)
-        weights_TK = torch.where(slots_TK >= 0, weights_TK, 0)
+        weights_TK = torch.where(ids_TK >= 0, weights_TK, 0)
         return self._combine(y_TKD, weights_TK, ids_TK, x_TD.dtype)
 
-    def _probe_expert_parallel(self) -> bool:
-        """Whether the module, marked expert-parallel, skips slot ids ``>= S`` (transformers
-        experts do in the versions that handle ``_is_expert_parallel`` ids as sentinels): one
-        tiny forward at wrap time, compared with the same pair left out. Modules on the meta
-        device are trusted."""
+    def _probe_skipping(self) -> tuple[bool, bool]:
+        """``(plain, marked)``: whether the experts module skips slot ids ``>= S`` (they contribute
+        zero, whatever their weight) as it is, and once marked ``_is_expert_parallel = True``.
+
+        A module declaring ``eplb_skips_out_of_range_ids = True`` is trusted. A transformers
+        experts module (hidden size in ``module.config``) is probed: one tiny forward per mode at
+        wrap time, compared with the same pairs left out (transformers versions differ here).
+        Anything else, or weights on the meta device, counts as not skipping.
+        """
+        if getattr(self.experts, "eplb_skips_out_of_range_ids", False):
+            return True, True
         weight = next(iter(self.slot_tensors().values()))
-        config = getattr(self.experts, "config", None)
-        hidden = getattr(config, "hidden_size", None)
-        if weight.device.type == "meta":
-            return True
-        if not isinstance(hidden, int):
-            return False
+        hidden = getattr(getattr(self.experts, "config", None), "hidden_size", None)
+        if weight.device.type == "meta" or not isinstance(hidden, int):
+            return False, False
         gen = torch.Generator().manual_seed(0)
         x_TD = torch.randn(2, hidden, generator=gen).to(weight.device, weight.dtype)
         S = self.slots_per_rank
         ids_TK = torch.tensor([[0, S], [S, S]], device=weight.device)
         w_TK = torch.tensor([[0.5, 0.25], [0.5, 0.25]], device=weight.device, dtype=weight.dtype)
-        try:
-            with torch.no_grad():
-                self._mark_expert_parallel(True)
-                skipped = self.experts(x_TD, ids_TK, w_TK)
+        results = []
+        for marked in (False, True):
+            if marked and self._was_expert_parallel is None:
+                results.append(False)
+                continue
+            try:
+                with torch.no_grad():
+                    self._mark_expert_parallel(marked)
+                    both = self.experts(x_TD, ids_TK, w_TK)
+                    alone = self.experts(x_TD[:1], ids_TK[:1, :1], w_TK[:1, :1])
+                results.append(
+                    bool(torch.isfinite(both).all())
+                    and bool((both[1] == 0).all())
+                    and torch.allclose(both[:1].float(), alone.float(), rtol=1e-2, atol=1e-3)
+                )
+            except (RuntimeError, IndexError, ValueError):
+                results.append(False)
+            finally:
                 self._mark_expert_parallel(False)
-                alone = self.experts(x_TD[:1], ids_TK[:1, :1], w_TK[:1, :1])
-        except (RuntimeError, IndexError, ValueError):
-            return False
-        finally:
-            self._mark_expert_parallel(False)
-        return bool(torch.isfinite(skipped).all()) and bool(
-            torch.allclose(skipped[:1].float(), alone.float(), rtol=1e-2, atol=1e-3)
-        ) and bool((skipped[1] == 0).all())
+        return results[0], results[1]
 
     def _mark_expert_parallel(self, value: bool) -> None:
         if self._was_expert_parallel is not None:
             self.experts._is_expert_parallel = value
-
-    def _row_ids(self, T: int) -> torch.Tensor:
-        if self._row_ids_T1.shape[0] < T:
-            size = max(T, 2 * self._row_ids_T1.shape[0])
-            self._row_ids_T1 = torch.arange(size, device=self.log2phy.device).unsqueeze(1)
-        return self._row_ids_T1[:T]
 
     def combine_order(self) -> str:
         """How the replaced module sums a token's ``K`` weighted outputs:
