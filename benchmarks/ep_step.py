@@ -257,7 +257,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny sizes, gloo, few steps")
     parser.add_argument("--json", help="write the rows here (rank 0)")
+    parser.add_argument("--plot", help="write a PNG of step time vs unwrapped here (rank 0)")
+    parser.add_argument("--replot", help="only redraw --plot from this --json file")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            report = json.load(f)
+        plot(report["rows"], args.plot, report["ranks"])
+        return 0
     if args.tiny:
         args.device = "cpu"
         args.hidden, args.inter, args.top_k, args.experts, args.stack_experts = 32, 16, 2, 8, 8
@@ -322,6 +329,8 @@ def _finish(results, args, world, device, rank) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ranks": world, "device": str(device), "rows": results}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot, world)
 
     def fmt(value, spec="{:.2f}"):
         return "-" if value is None else spec.format(value)
@@ -341,6 +350,33 @@ def _finish(results, args, world, device, rank) -> None:
             f"{fmt(r.get('cpu_ms'))} | {fmt(r.get('gpu_ms'))} | {fmt(r.get('balancedness'))} | "
             f"{fmt(r.get('predicted_speedup'), '{:.2f}x')} | {fmt(r.get('realised_speedup'), '{:.2f}x')} |"
         )
+
+
+def plot(rows, path, world) -> None:
+    """Median step time relative to the unwrapped model, per model, tokens, eager / graph."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and "vs_unwrapped" in r and r["row"] != "unwrapped"]
+        groups = sorted({(r["tokens"], r["graph"]) for r in mine})
+        names = [n for n in ROWS if n != "unwrapped" and any(r["row"] == n for r in mine)]
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            values = [next((r["vs_unwrapped"] for r in mine if (r["tokens"], r["graph"], r["row"]) == (*g, name)), 0)
+                      for g in groups]
+            ax.bar([j + i * width for j in range(len(groups))], values, width, label=name)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels([f"{t}\n{'graph' if g else 'eager'}" for t, g in groups], fontsize=8)
+        ax.set_title(f"{model}, {world} GPU(s): step time / unwrapped")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

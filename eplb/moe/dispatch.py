@@ -170,7 +170,7 @@ class _Buffers:
     """The fixed-size send/receive buffers of one (D, K, dtype, device, sentinel): allocated once, reused by every layer
     (layers run one after another on one stream), so CUDA graphs see stable addresses."""
 
-    def __init__(self, G: int, C: int, D: int, K: int, dtype, device, sentinel: int, meta_dtype):
+    def __init__(self, G: int, C: int, S: int, D: int, K: int, dtype, device, sentinel: int, meta_dtype):
         rows = G * C + 1  # the last row: a target for tokens a rank does not receive / a zero row
         self.send_x = torch.zeros(rows, D, dtype=dtype, device=device)
         self.recv_x = torch.zeros(G * C, D, dtype=dtype, device=device)
@@ -182,7 +182,11 @@ class _Buffers:
         self.recv_meta = torch.empty(G * C, 2 * K, dtype=meta_dtype, device=device)
         self.rank_G1 = torch.arange(G, device=device).unsqueeze(1)  # [G, 1]
         self.rank_1G1 = self.rank_G1.view(1, G, 1)
-        self.base_1G = (self.rank_G1 * C).view(1, G)
+        self.base_1G = (self.rank_G1 * C - 1).view(1, G)  # a block's start, minus 1 for 1-based counts
+        # Per global slot (index -1, the last entry, for padding): owner rank (G: none) and local id.
+        slot_Q = torch.arange(G * S, device=device)
+        self.dest_Q = torch.cat([slot_Q // S, slot_Q.new_full((1,), G)])
+        self.local_Q = torch.cat([slot_Q % S, slot_Q.new_full((1,), sentinel)]).to(meta_dtype)
         self.sentinel = sentinel
 
 
@@ -224,12 +228,12 @@ class FixedCapacityDispatcher(Dispatcher):
         self._buffers: dict[tuple, _Buffers] = {}
         self._back: dict[tuple, torch.Tensor] = {}
 
-    def _buffers_for(self, D: int, K: int, dtype, device, sentinel: int, meta_dtype) -> _Buffers:
-        key = (D, K, dtype, device, sentinel, meta_dtype)
+    def _buffers_for(self, S: int, D: int, K: int, dtype, device, sentinel: int, meta_dtype) -> _Buffers:
+        key = (S, D, K, dtype, device, sentinel, meta_dtype)
         buffers = self._buffers.get(key)
         if buffers is None:
             buffers = self._buffers[key] = _Buffers(
-                self.num_ranks, self.capacity, D, K, dtype, device, sentinel, meta_dtype
+                self.num_ranks, self.capacity, S, D, K, dtype, device, sentinel, meta_dtype
             )
         return buffers
 
@@ -280,19 +284,20 @@ class FixedCapacityDispatcher(Dispatcher):
             )
         wide = weights_TK.dtype == torch.float64
         w_dtype, meta_dtype = (torch.float64, torch.int64) if wide else (torch.float32, torch.int32)
-        buf = self._buffers_for(D, K, x_TD.dtype, x_TD.device, sentinel, meta_dtype)
-        # Step 1: destination rank of every pair (G for padding), and which ranks each token visits.
-        dest_TK = torch.where(slots_TK >= 0, torch.div(slots_TK, S, rounding_mode="floor"), G)
+        buf = self._buffers_for(S, D, K, x_TD.dtype, x_TD.device, sentinel, meta_dtype)
+        # Step 1: owner rank (G for padding) and local slot id of every pair, and which ranks each
+        # token visits.
+        dest_TK = buf.dest_Q[slots_TK]
         hit_TG = torch.zeros(T, G + 1, dtype=torch.int64, device=x_TD.device)
         hit_TG.scatter_(1, dest_TK, 1)
         hit_TG = hit_TG[:, :G]
         # Step 2: position of each token in its block of each destination: a prefix sum.
-        row_TG = torch.where(hit_TG > 0, buf.base_1G + hit_TG.cumsum(0) - 1, G * C)
+        row_TG = torch.where(hit_TG > 0, buf.base_1G + hit_TG.cumsum(0), G * C)
         # Step 3: fill the send buffers (tokens not sent to a rank land in the spare last row).
         on_TGK = dest_TK.unsqueeze(1) == buf.rank_1G1
-        local_TGK = torch.where(on_TGK, slots_TK.unsqueeze(1) - buf.rank_1G1 * S, sentinel)
+        local_TGK = torch.where(on_TGK, buf.local_Q[slots_TK].unsqueeze(1), sentinel)
         w_TGK = torch.where(on_TGK, weights_TK.unsqueeze(1).to(w_dtype), 0.0)
-        meta_TG2K = torch.cat([local_TGK.to(meta_dtype), w_TGK.view(meta_dtype)], dim=2)
+        meta_TG2K = torch.cat([local_TGK, w_TGK.view(meta_dtype)], dim=2)
         buf.send_meta.copy_(buf.empty_meta)
         buf.send_meta.index_put_((row_TG,), meta_TG2K)
         buf.send_x.index_put_((row_TG,), x_TD.unsqueeze(1).expand(T, G, D))

@@ -105,9 +105,11 @@ class EPLBExperts(nn.Module):
     may be updated in place between CUDA-graph replays) marks rows ``>= valid_tokens`` as padding;
     `eplb.EPLBWrapper.set_valid_tokens` sets it on every layer. Padding rows and router ids
     ``< 0`` are not recorded, not dispatched and contribute zero to the output. An experts module
-    that skips slot ids ``>= S`` (transformers experts, which check ``_is_expert_parallel``, or
-    a module declaring ``eplb_skips_out_of_range_ids = True``) computes nothing for them; other
-    modules compute them on slot 0 with weight 0.
+    that skips slot ids ``>= S`` computes nothing for them: a module declaring
+    ``eplb_skips_out_of_range_ids = True``, or transformers experts (probed once here, as they
+    are and marked ``_is_expert_parallel``; versions differ). Other modules compute them on slot 0
+    with weight 0, as does a module that skips only when marked, in a one-rank forward without
+    ``valid_tokens`` (marking costs it masking passes over every row).
 
     Attributes ``layer_index``, ``num_logical`` (E), ``num_physical`` (P), ``num_ranks`` (G),
     ``rank`` (r) and ``slots_per_rank`` (S) describe the layer.
@@ -282,7 +284,7 @@ class EPLBExperts(nn.Module):
     def _init_replica_choice(self, device) -> None:
         E = self.num_logical
         # replica_HC[h, e]: global slot of expert e for hash bucket h; column E: what padding ids
-        # (-1) map to. Flat index bucket * (E + 1) + id: an id of -1 lands in a padding column.
+        # map to (indexing wraps an id of -1 to it).
         self.register_buffer(
             "_replica_HC", torch.full((_BUCKETS, E + 1), -1, dtype=torch.int64, device=device), persistent=False
         )
@@ -292,7 +294,7 @@ class EPLBExperts(nn.Module):
         self.register_buffer(
             "_rr_offset_E", _mix32((torch.arange(E, device=device) + self._hash_salt) & _HASH_MASK), persistent=False
         )
-        self._table_base_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
+        self._bucket_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
         self._positions_M = torch.arange(0, device=device)  # grows to the largest T * K
 
     def _refresh_replica_table(self) -> None:
@@ -311,10 +313,10 @@ class EPLBExperts(nn.Module):
             setattr(self, name, fresh)
         return fresh[:size]
 
-    def _make_table_base(self, size: int) -> torch.Tensor:
-        """``[size, 1]`` int64: ``bucket(t) * (E + 1)`` — where row ``t``'s choices start in the table."""
+    def _make_buckets(self, size: int) -> torch.Tensor:
+        """``[size, 1]`` int64: the hash bucket of token index ``t`` (salted per rank and layer)."""
         key = (torch.arange(size, device=self.log2phy.device) + self._hash_salt) & _HASH_MASK
-        return ((_mix32(key) % _BUCKETS) * (self.num_logical + 1)).unsqueeze(1)
+        return (_mix32(key) % _BUCKETS).unsqueeze(1)
 
     def choose_slots(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """``[T, K]`` logical ids -> ``[T, K]`` global physical slots, one replica per pair.
@@ -322,14 +324,14 @@ class EPLBExperts(nn.Module):
         give ``S`` (a slot id the experts module skips) or ``0`` (when it cannot skip).
 
         ``"hash"``: replica = bucket(hash(token index)) mod replica count, read from a table
-        derived from the buffers at each commit (two kernels). ``"round_robin"``: the pairs of each
+        derived from the buffers at each commit (one indexing kernel). ``"round_robin"``: the pairs of each
         expert, in (token, k) order, take its replicas in turn from a salted start (a stable
         sort and a search). Both are deterministic and computed on the device (no host sync).
         """
         ids_TK = topk_ids_TK if topk_ids_TK.dtype == torch.int64 else topk_ids_TK.long()
         T, K = ids_TK.shape
         if self.replica_choice == "hash":
-            return self._replica_HC.take(self._grown("_table_base_T1", T, self._make_table_base) + ids_TK)
+            return self._replica_HC[self._grown("_bucket_T1", T, self._make_buckets), ids_TK]
         M = T * K
         positions_M = self._grown("_positions_M", M, lambda n: torch.arange(n, device=ids_TK.device))
         ids_M = ids_TK.reshape(M)

@@ -137,7 +137,8 @@ def test_one_rank_forward_is_sync_free_and_graph_safe_across_async_commits():
     plain.close()
     wrapper = EPLBWrapper(model, EPLBConfig(num_redundant_experts=4, step_interval=10**6, async_on_error="raise"))
     # grouped_mm experts skip slot ids >= S (as they are, or once marked expert-parallel).
-    assert all(layer.dispatcher is None and (layer._skips_plain or layer._skips_marked) for layer in wrapper.eplb_layers)
+    layers = wrapper.eplb_layers
+    assert all(layer.dispatcher is None and (layer._skips_plain or layer._skips_marked) for layer in layers)
     placements = []
 
     def rebalance_async():
