@@ -28,7 +28,9 @@ import time
 import torch
 
 from eplb.executor import AsyncExecutor
+from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
+from eplb.planner import Decision
 
 
 class BenchLayer:
@@ -48,6 +50,16 @@ class BenchLayer:
         for name, t in self.slot_tensors().items():
             for s in slots.tolist():
                 t[s].copy_(staged[name][s])
+
+    def placement_row(self) -> torch.Tensor:
+        return self.row_P.clone()  # the row last committed (the executor reads committed layers only)
+
+    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
+        return PreparedCommit.of(phy2log_P, slots)
+
+    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
+        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
+        self.row_P = prepared.row_P
 
 
 def forward(layers: list[BenchLayer], x_TD: torch.Tensor, rows_S: list[torch.Tensor]) -> torch.Tensor:
@@ -151,7 +163,7 @@ def main() -> None:
                         torch.cuda.synchronize()
                     total = time.perf_counter() - t0
                 elif mode == "async":
-                    executor.start(layers, old, lambda: new)
+                    executor.begin(layers, old, lambda: Decision.move_to(new))
             if mode == "async" and executor.in_flight:
                 outcome = executor.on_step()
                 if outcome.report is not None:

@@ -62,10 +62,14 @@ import statistics
 import sys
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from eplb.moe.slot_layer import PreparedCommit
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DSV3_HIDDEN, DSV3_INTER = 7168, 2048  # DeepSeek-V3 hidden size and MoE intermediate size
@@ -185,6 +189,18 @@ class Slots:
         for name, t in self.tensors.items():
             for s in slots.tolist():
                 t[s].copy_(staged[name][s])
+
+    def placement_row(self) -> torch.Tensor:
+        return self.row_P.clone()  # the row last committed (the executor reads committed layers only)
+
+    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
+        from eplb.moe.slot_layer import PreparedCommit
+
+        return PreparedCommit.of(phy2log_P, slots)
+
+    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
+        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
+        self.row_P = prepared.row_P
 
     def check(self, experts: list[int], tensors: dict[str, torch.Tensor] | None = None) -> bool:
         """Row j of ``tensors`` (default: the slots) holds expert ``experts[j]``'s weights."""

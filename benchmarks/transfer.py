@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from eplb.comm.base import select_communicator
 from eplb.comm.gloo import TorchGlooCommunicator
 from eplb.executor import SyncExecutor
+from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
 from eplb.policies import get_policy
 from eplb.transfer import bytes_per_expert
@@ -56,6 +57,16 @@ class SlotStore:
     def commit(self, phy2log_P, staged, slots) -> None:
         for name, t in self.tensors.items():
             t[slots] = staged[name][slots]
+
+    def placement_row(self) -> torch.Tensor:
+        return self.row_P.clone()  # the row last committed (the executor reads committed layers only)
+
+    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
+        return PreparedCommit.of(phy2log_P, slots)
+
+    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
+        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
+        self.row_P = prepared.row_P
 
 
 def placements(layers: int, num_ranks: int, drift: float, seed: int) -> tuple[Placement, Placement]:

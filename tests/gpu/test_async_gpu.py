@@ -19,7 +19,9 @@ from torch import nn
 
 from eplb import EPLBConfig, EPLBWrapper
 from eplb.executor import AsyncExecutor
+from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
+from eplb.planner import Decision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -114,6 +116,16 @@ class _Layer:
     def commit(self, phy2log_P, staged, slots):
         self.w.index_copy_(0, slots.cuda(), staged["w"].index_select(0, slots.cuda()))
 
+    def placement_row(self) -> torch.Tensor:
+        return self.row_P.clone()  # the row last committed (the executor reads committed layers only)
+
+    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
+        return PreparedCommit.of(phy2log_P, slots)
+
+    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
+        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
+        self.row_P = prepared.row_P
+
 
 def test_transfers_run_on_the_side_stream_and_the_main_stream_does_not_wait():
     L, S, numel = 4, 4, 32 * 2**20  # 512 MiB per layer in fp32
@@ -136,7 +148,7 @@ def test_transfers_run_on_the_side_stream_and_the_main_stream_does_not_wait():
                        transfer_fn=transfer)
     main = torch.cuda.current_stream()
     a = torch.randn(256, 256, device="cuda")
-    ex.start(layers, old, lambda: new)
+    ex.begin(layers, old, lambda: Decision.move_to(new))
     overlapped = 0
     while ex.in_flight:
         ex.on_step()

@@ -10,6 +10,7 @@ from eplb.comm import available_communicators, get_communicator
 from eplb.comm.base import LocalCommunicator, select_communicator
 from eplb.errors import EPLBError
 from eplb.executor import RebalanceReport, SyncExecutor
+from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
 from eplb.transfer import (
     LocalCopy,
@@ -54,6 +55,15 @@ class FakeExperts:
             for name, t in self.tensors.items():
                 t[slots] = staged[name][slots]
         self.phy2log.copy_(phy2log_P)
+
+    def placement_row(self) -> torch.Tensor:
+        return self.phy2log.clone()
+
+    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
+        return PreparedCommit.of(phy2log_P, slots)
+
+    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
+        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
 
     def check(self) -> None:
         for j in range(self.slots_per_rank):
