@@ -28,12 +28,12 @@ import time
 import torch
 
 from eplb.executor import AsyncExecutor
-from eplb.moe.slot_layer import PreparedCommit
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
 from eplb.planner import Decision
 
 
-class BenchLayer:
+class BenchLayer(SlotStorage):
     """Slot storage of one MoE layer with the `EPLBExperts` commit contract (one rank)."""
 
     def __init__(self, index: int, w13_E: torch.Tensor, w2_E: torch.Tensor, phy2log: list[int]):
@@ -50,16 +50,6 @@ class BenchLayer:
         for name, t in self.slot_tensors().items():
             for s in slots.tolist():
                 t[s].copy_(staged[name][s])
-
-    def placement_row(self) -> torch.Tensor:
-        return self.row_P.clone()  # the row last committed (the executor reads committed layers only)
-
-    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
-        return PreparedCommit.of(phy2log_P, slots)
-
-    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
-        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
-        self.row_P = prepared.row_P
 
 
 def forward(layers: list[BenchLayer], x_TD: torch.Tensor, rows_S: list[torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["SlotLayer", "PreparedCommit"]
+__all__ = ["SlotLayer", "PreparedCommit", "SlotStorage"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,3 +78,27 @@ class SlotLayer(Protocol):
         """Apply ``prepared`` on the current stream: device copies only, in place (same storage,
         so CUDA graphs stay valid), no host sync."""
         ...
+
+
+class SlotStorage:
+    """A base class that makes a `SlotLayer` of anything with ``layer_index`` and
+    ``slot_tensors()`` and no maps of its own (benchmarks, tests, custom slot stores).
+
+    `apply_commit` copies the changed rows from staging, row by row, on the current stream, and
+    keeps the committed row for `placement_row` (None before the first commit).
+    """
+
+    _row_P: torch.Tensor | None = None
+
+    def placement_row(self) -> torch.Tensor:
+        return self._row_P.clone()
+
+    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
+        return PreparedCommit.of(phy2log_P, slots)
+
+    def apply_commit(self, prepared: PreparedCommit, staged: dict[str, torch.Tensor] | None) -> None:
+        with torch.no_grad():
+            for name, dst in self.slot_tensors().items():
+                for s in prepared.slot_list:
+                    dst[s].copy_(staged[name][s])
+        self._row_P = prepared.row_P

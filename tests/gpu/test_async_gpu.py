@@ -19,7 +19,7 @@ from torch import nn
 
 from eplb import EPLBConfig, EPLBWrapper
 from eplb.executor import AsyncExecutor
-from eplb.moe.slot_layer import PreparedCommit
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
 from eplb.planner import Decision
 
@@ -104,7 +104,7 @@ def test_cuda_graph_stays_correct_across_async_commits_without_recapture():
     wrapper.close()
 
 
-class _Layer:
+class _Layer(SlotStorage):
     def __init__(self, index, S, numel):
         self.layer_index = index
         self.w = torch.zeros(S, numel, device="cuda")
@@ -112,19 +112,6 @@ class _Layer:
 
     def slot_tensors(self):
         return {"w": self.w}
-
-    def commit(self, phy2log_P, staged, slots):
-        self.w.index_copy_(0, slots.cuda(), staged["w"].index_select(0, slots.cuda()))
-
-    def placement_row(self) -> torch.Tensor:
-        return self.row_P.clone()  # the row last committed (the executor reads committed layers only)
-
-    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
-        return PreparedCommit.of(phy2log_P, slots)
-
-    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
-        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
-        self.row_P = prepared.row_P
 
 
 def test_transfers_run_on_the_side_stream_and_the_main_stream_does_not_wait():

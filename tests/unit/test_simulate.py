@@ -224,7 +224,7 @@ def test_json_output_has_every_series_and_rebalance(tmp_path):
     assert json.loads(text) == data
     assert data["format"] == "eplb.simresult" and data["trace"]["steps"] == 5
     (run,) = data["runs"]
-    assert run["config"]["interval"] == 2
+    assert run["config"]["step_interval"] == 2
     assert run["balancedness"] == pytest.approx([4 / 6, 4 / 6, 1, 1, 1])
     assert len(run["max_load"]) == len(run["mean_load"]) == 5
     assert [r["step"] for r in run["rebalances"]] == [2, 4]

@@ -10,7 +10,7 @@ from eplb.comm import available_communicators, get_communicator
 from eplb.comm.base import LocalCommunicator, select_communicator
 from eplb.errors import EPLBError
 from eplb.executor import RebalanceReport, SyncExecutor
-from eplb.moe.slot_layer import PreparedCommit
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
 from eplb.transfer import (
     LocalCopy,
@@ -25,7 +25,7 @@ def code(layer: int, expert: int, param: int) -> int:
     return layer * 10_000 + expert * 10 + param
 
 
-class FakeExperts:
+class FakeExperts(SlotStorage):
     """The slot-storage half of the EPLBExperts contract, with weights that encode (layer, expert, param)."""
 
     SHAPES = {"w_up": ((3, 4), torch.float32), "bias": ((3,), torch.float64), "scale": ((), torch.int32)}
@@ -59,10 +59,7 @@ class FakeExperts:
     def placement_row(self) -> torch.Tensor:
         return self.phy2log.clone()
 
-    def prepare_commit(self, phy2log_P, *, slots=None, staged=None) -> PreparedCommit:
-        return PreparedCommit.of(phy2log_P, slots)
-
-    def apply_commit(self, prepared: PreparedCommit, staged) -> None:
+    def apply_commit(self, prepared, staged) -> None:
         self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
 
     def check(self) -> None:
