@@ -87,7 +87,8 @@ def build_runtime(
     Args:
         topology: from `Topology.from_group`.
         config: the `EPLBConfig`.
-        num_layers, num_logical: ``L`` and ``E`` (the tracker's window is ``[W, L, E]``).
+        num_layers: ``L`` (the tracker's window is ``[W, L, E]``).
+        num_logical: ``E``.
         device: the experts' device (the tracker's and the communicator's).
 
     Returns:

@@ -148,8 +148,10 @@ def stage_layer(
 
     Args:
         layer: the layer (its ``layer_index`` row of ``old``/``new`` differs).
-        old, new: ``[L, P]`` placements.
-        rank, num_ranks: this rank and ``G``.
+        old: ``[L, P]`` — the placement the layer holds.
+        new: ``[L, P]`` — the placement to stage.
+        rank: this rank in the EP group.
+        num_ranks: ``G``.
         transfer: fills the staging buffer (see `Transfer`).
         pool: where the buffer comes from.
         stream: the side CUDA stream to stage on (async mode on CUDA), or None for the current one.
