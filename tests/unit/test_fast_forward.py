@@ -173,7 +173,7 @@ def test_replica_choice_follows_a_commit_in_place():
         layer = _layer(experts, replica_choice=choice)
         table = layer._replica_HC
         new_row = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0, 1, 1, 1, 2])
-        layer.commit(new_row, {n: t[new_row].clone() for n, t in full.items()}, torch.arange(12))
+        layer.commit(new_row, staged={n: t[new_row].clone() for n, t in full.items()}, slots=torch.arange(12))
         assert layer._replica_HC is table  # same storage: a captured graph sees the new table
         x_TD, ids_TK, w_TK = _routing(50, seed=1)
         assert torch.equal(new_row[layer.choose_slots(ids_TK)], ids_TK)
