@@ -167,8 +167,9 @@ class AllToAllDispatcher(Dispatcher):
 
 
 class _Buffers:
-    """The fixed-size send/receive buffers of one (D, K, dtype, device, sentinel): allocated once, reused by every layer
-    (layers run one after another on one stream), so CUDA graphs see stable addresses."""
+    """The fixed-size send/receive buffers of one (S, D, K, dtype, device, sentinel, meta dtype):
+    allocated once, reused by every layer (layers run one after another on one stream), so CUDA
+    graphs see stable addresses."""
 
     def __init__(self, G: int, C: int, S: int, D: int, K: int, dtype, device, sentinel: int, meta_dtype):
         rows = G * C + 1  # the last row: a target for tokens a rank does not receive / a zero row
@@ -204,8 +205,8 @@ class FixedCapacityDispatcher(Dispatcher):
     syncs, so a whole step can be captured in a CUDA graph (with NCCL) and replayed.
 
     Cost: each rank computes ``G * C`` rows per layer, of which the padding rows (sentinel ids)
-    cost no GEMM when the experts module skips ids ``>= S`` (transformers' ``grouped_mm``
-    experts marked expert-parallel, eplb's `eplb.moe.SwiGLUExperts`); the buffers take
+    cost no GEMM when the experts module skips ids ``>= S`` (transformers experts, probed by the
+    EPLB layer at wrap time; eplb's `eplb.moe.SwiGLUExperts`); the buffers take
     ``3 * G * C * D`` activation elements per (hidden size, dtype). Works with one rank too (a
     group of one: the same code path, e.g. to capture it in a graph on one GPU) and over gloo.
 
@@ -232,6 +233,7 @@ class FixedCapacityDispatcher(Dispatcher):
         key = (S, D, K, dtype, device, sentinel, meta_dtype)
         buffers = self._buffers.get(key)
         if buffers is None:
+            _refuse_first_use_in_capture(device)
             buffers = self._buffers[key] = _Buffers(
                 self.num_ranks, self.capacity, S, D, K, dtype, device, sentinel, meta_dtype
             )
@@ -241,6 +243,7 @@ class FixedCapacityDispatcher(Dispatcher):
         key = (D, dtype, device)
         back = self._back.get(key)
         if back is None:
+            _refuse_first_use_in_capture(device)
             # G * C rows of outputs, then one row that stays zero (tokens a rank did not receive).
             back = self._back[key] = torch.zeros(self.num_ranks * self.capacity + 1, D, dtype=dtype, device=device)
         return back
@@ -327,6 +330,16 @@ class FixedCapacityDispatcher(Dispatcher):
         if G == 1:
             return y_TGD.view(T, D)
         return y_TGD.sum(dim=1, dtype=torch.float32).to(y_ND.dtype)
+
+
+def _refuse_first_use_in_capture(device) -> None:
+    # Buffers made inside a capture would hold their initial values only once the graph is
+    # replayed; every eager use before that would read garbage.
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise EPLBError(
+            "the fixed-capacity dispatcher allocates its buffers at the first forward; run the model once "
+            "(a warm-up forward, as torch.cuda.graphs recommends) before capturing it in a CUDA graph"
+        )
 
 
 def make_dispatcher(
