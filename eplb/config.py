@@ -49,10 +49,11 @@ class EPLBConfig(BaseModel):
     registered before the config is built."""
 
     communicator: str = "auto"
-    """How expert weights move between ranks: ``"auto"``, ``"torch_nccl"`` or ``"torch_gloo"``
-    (or a registered plug-in). ``"auto"`` picks ``local`` for one rank, else ``torch_gloo`` for
-    async, ``torch_nccl`` for sync on CUDA with an NCCL group, ``torch_gloo`` otherwise. Any name
-    gives ``local`` on one rank."""
+    """How expert weights move between ranks: ``"auto"``, ``"torch_nccl"``, ``"torch_gloo"`` or
+    ``"torch_p2p"`` (or a registered plug-in). ``"auto"`` picks ``local`` for one rank; for async
+    on CUDA ``torch_p2p`` (receivers pull over the copy engines) when every EP rank is on one host
+    with peer access, else ``torch_gloo``; for sync ``torch_nccl`` on CUDA with an NCCL group,
+    ``torch_gloo`` otherwise. The choice and why are logged. Any name gives ``local`` on one rank."""
 
     min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
     """Skip a rebalance whose predicted balancedness gain (new - old, on the window's load) is
@@ -71,8 +72,9 @@ class EPLBConfig(BaseModel):
     traceback; ``"raise"`` raises `EPLBError` carrying it on the main thread at the next step."""
 
     max_transfer_bytes: int = Field(256 * 2**20, gt=0)
-    """Largest batch of weights exchanged in one communicator call; bigger exchanges are split,
-    so a hot expert with many receivers cannot exhaust memory. Also bounds staging memory."""
+    """Largest batch of weights ``torch_gloo`` exchanges in one call through its pinned host
+    buffers; bigger exchanges are split, so a hot expert with many receivers cannot exhaust host
+    memory. ``torch_nccl`` and ``torch_p2p`` buffer nothing per batch and move a layer at once."""
 
     @field_validator("policy")
     @classmethod
@@ -108,6 +110,6 @@ class EPLBConfig(BaseModel):
             raise ValueError(
                 "use_async=true cannot use communicator='torch_nccl': NCCL point-to-point traffic from a "
                 "background stream can deadlock against the forward pass's own NCCL collectives; "
-                "set communicator to 'torch_gloo' or 'auto' (or set use_async=false)"
+                "set communicator to 'torch_p2p' (one host), 'torch_gloo' or 'auto' (or set use_async=false)"
             )
         return self

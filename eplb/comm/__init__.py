@@ -1,6 +1,6 @@
 """Communicators: move sets of tensors between ranks.
 
-Registry of communicator classes; built-ins are ``torch_nccl``, ``torch_gloo`` and ``local``.
+Registry of communicator classes; built-ins are ``torch_nccl``, ``torch_gloo``, ``torch_p2p`` and ``local``.
 """
 
 from __future__ import annotations
@@ -51,4 +51,4 @@ def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        from eplb.comm import base, gloo, nccl  # noqa: F401  (register on import)
+        from eplb.comm import base, gloo, nccl, p2p  # noqa: F401  (register on import)

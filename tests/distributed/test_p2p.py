@@ -1,0 +1,198 @@
+"""The torch_p2p protocol over 2 and 4 gloo ranks on the CPU (`p2p_shm`: the communicator's own
+code with CPU shared memory in place of CUDA IPC; tests/gpu runs it with CUDA IPC):
+
+- every slot holds its expert after chains of rebalances, replicas identical, each layer in one
+  exchange; each peer storage is mapped once, and a freed storage is retired and re-exported;
+- async rebalances through it keep the wrapped model's outputs equal to the unwrapped model at
+  every step;
+- mismatched sends and receives make both ranks raise at once; a peer that dies or freezes
+  mid-transfer makes the survivor raise `CommunicationError` within ``timeout_s``, never hang.
+
+Legend: L layers, E logical experts, P physical slots, G ranks, S = P // G slots per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import time
+
+import moe_models as mm
+import p2p_shm
+import pytest
+import torch
+import torch.distributed as dist
+from harness import run_ranks, spawn_ranks
+from test_transfer import SHAPES, FakeExperts, L, P, expected, random_placement
+
+from eplb import EPLBConfig, EPLBWrapper
+from eplb.comm.base import CommunicationError, select_communicator
+from eplb.executor import SyncExecutor
+
+pytestmark = pytest.mark.distributed
+
+
+def _slots_hold(layers, placement, rank: int, world_size: int) -> bool:
+    S = P // world_size
+    return all(
+        torch.equal(layer.tensors[n][j], expected(layer.layer_index, int(placement.phy2log[layer.layer_index,
+                                                                                          rank * S + j]), n))
+        for layer in layers for j in range(S) for n in SHAPES
+    )
+
+
+def _chain_on_rank(rank: int, world_size: int, seed: int):
+    p2p_shm.register()
+    comm = select_communicator(p2p_shm.NAME, use_async=False, device="cpu", group=dist.group.WORLD, timeout_s=60)
+    probe_opens = len(comm.opened)
+    executions = []
+    execute = comm.execute
+    comm.execute = lambda: (executions.append(1), execute())[1]
+    placements = [random_placement(seed + k, world_size) for k in range(4)]
+    layers = [FakeExperts(i, placements[0].phy2log[i], rank, world_size) for i in range(L)]
+    p2p_shm.share_slots(layers)
+    # max_transfer_bytes=1 would split gloo's exchanges per expert: torch_p2p moves a layer at once.
+    executor = SyncExecutor(rank=rank, num_ranks=world_size, communicator=comm, max_transfer_bytes=1)
+    ok, changed_layers = [], 0
+    for old, new in zip(placements, placements[1:]):
+        executor.rebalance(layers, old, new)
+        ok.append(_slots_hold(layers, new, rank, world_size))
+        changed_layers += sum(not torch.equal(old.phy2log[i], new.phy2log[i]) for i in range(L))
+    opens, rounds_executions = comm.opened[probe_opens:], len(executions)
+    # Fresh slot storages (the old ones freed): the peers must map the new ones, not reuse stale maps.
+    fresh = [FakeExperts(i, placements[-1].phy2log[i], rank, world_size) for i in range(L)]
+    p2p_shm.share_slots(fresh)
+    del layers
+    executor.rebalance(fresh, placements[-1], placements[0])
+    ok.append(_slots_hold(fresh, placements[0], rank, world_size))
+    return {
+        "ok": ok, "executions": rounds_executions, "changed_layers": changed_layers, "opens": opens,
+        "reopens": len(comm.opened) - probe_opens - len(opens), "mapped_now": len(comm._imports),
+    }
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_slot_holds_its_expert_after_p2p_rebalances(world_size):
+    outs = run_ranks(_chain_on_rank, world_size, 30 + world_size, timeout=180)
+    storages = L * len(SHAPES)  # slot tensors per rank
+    for o in outs:
+        assert all(o["ok"]), o["ok"]
+        assert o["executions"] <= o["changed_layers"], "one exchange per layer, whatever max_transfer_bytes"
+        assert len(o["opens"]) == len({tuple(h) for h in o["opens"]}), "each peer storage is mapped once"
+        assert len(o["opens"]) <= storages * (world_size - 1)
+        assert 0 < o["reopens"] <= storages * (world_size - 1), "replaced storages are mapped anew"
+        # Retired mappings are dropped once the sender's next offer says so: what stays mapped is
+        # bounded by the peers' live storages (plus the probe's and the last round's not yet retired).
+        assert o["mapped_now"] <= 2 * storages * (world_size - 1) + 1
+
+
+def _async_wrapper_on_rank(rank: int, world_size: int):
+    p2p_shm.register()
+    reference = mm.build_reference_model(num_layers=3)
+    config = EPLBConfig(num_redundant_experts=4, step_interval=10_000, communicator=p2p_shm.NAME,
+                        async_on_error="raise", async_timeout_s=60)
+    wrapper = EPLBWrapper(copy.deepcopy(reference), config, ep_group=dist.group.WORLD)
+    p2p_shm.share_slots(wrapper.eplb_layers)
+    steps_in_flight = 0
+    with torch.no_grad():
+        for seed in range(3):
+            wrapper(mm.hidden_batch(10 * seed + rank, batch=1, length=6 + 3 * rank))
+        for round_ in range(2):
+            old = wrapper.placement
+            wrapper.rebalance()
+            step = 0
+            while wrapper.async_in_flight:
+                x = mm.hidden_batch(500 + 100 * round_ + 10 * step + rank, batch=1, length=4 + rank)
+                torch.testing.assert_close(wrapper(x), reference(x))
+                steps_in_flight += 1
+                step += 1
+                assert step < 500
+            assert not wrapper.placement.equals(old), "the rebalance must move experts"
+            x = mm.hidden_batch(999 + rank, batch=1, length=7)
+            torch.testing.assert_close(wrapper(x), reference(x))
+    name = type(wrapper._executor.communicator).name
+    wrapper.close()
+    return name, steps_in_flight
+
+
+def test_async_p2p_outputs_equal_unwrapped_at_every_step():
+    outs = run_ranks(_async_wrapper_on_rank, 2, timeout=300)
+    assert all(name == p2p_shm.NAME and steps >= 2 for name, steps in outs)
+
+
+def _mismatch_on_rank(rank: int, world_size: int):
+    p2p_shm.register()
+    comm = select_communicator(p2p_shm.NAME, use_async=False, device="cpu", group=dist.group.WORLD, timeout_s=60)
+    if rank == 0:
+        comm.add_send([torch.arange(4.0)], 1)
+    else:
+        comm.add_recv([torch.zeros(5)], 0)
+    start = time.monotonic()
+    with pytest.raises(CommunicationError) as info:
+        comm.execute()
+    return str(info.value), time.monotonic() - start
+
+
+def test_mismatched_send_and_receive_raise_on_both_ranks_at_once():
+    (sender, t0), (receiver, t1) = run_ranks(_mismatch_on_rank, 2, timeout=120)
+    assert "same shapes and dtypes" in receiver and "rank 0 sends tensors [((4,), torch.float32)]" in receiver
+    assert "receivers of rank 0 failed" in sender and "same shapes and dtypes" in sender
+    assert max(t0, t1) < 30, "an error ack, not the 60 s timeout"
+
+
+class _Fault:
+    """Make rank 1 die (SIGKILL) or freeze (SIGSTOP) when it pulls at its ``at``-th exchange: it has
+    posted its own offer, rank 0 waits for its ack."""
+
+    def __init__(self, comm, sig: int, at: int):
+        pull = comm._pull
+        calls = [0]
+
+        def faulty_pull(into, stream, posted):
+            calls[0] += 1
+            if calls[0] == at:
+                os.kill(os.getpid(), sig)
+                time.sleep(60)  # SIGKILL ends the process; SIGSTOP stops it here
+            return pull(into, stream, posted)
+
+        comm._pull = faulty_pull
+
+
+def _peer_fault_on_rank(rank: int, world_size: int, sig: int, timeout_s: float):
+    p2p_shm.register()
+    comm = select_communicator(p2p_shm.NAME, use_async=False, device="cpu", group=dist.group.WORLD,
+                               timeout_s=timeout_s)
+    pids: list = [None] * world_size
+    dist.all_gather_object(pids, os.getpid())
+    if rank == 1:
+        _Fault(comm, sig, at=2)
+    peer = 1 - rank
+    for k in range(2):  # the first exchange works; rank 1 faults in the second
+        src = torch.full((1000,), float(10 * rank + k))
+        src.share_memory_()
+        dst = torch.zeros(1000)
+        comm.add_send([src], peer)
+        comm.add_recv([dst], peer)
+        start = time.monotonic()
+        try:
+            comm.execute()
+        except CommunicationError as exc:
+            elapsed = time.monotonic() - start
+            with contextlib.suppress(ProcessLookupError):  # a frozen peer: end it here, the test is over
+                os.kill(pids[1], signal.SIGKILL)
+            return {"exchange": k, "elapsed": elapsed, "error": str(exc)}
+        assert torch.equal(dst, torch.full((1000,), float(10 * peer + k)))
+    return {"exchange": None}
+
+
+@pytest.mark.parametrize("sig, timeout_s", [(signal.SIGKILL, 4.0), (signal.SIGSTOP, 4.0)], ids=["dies", "freezes"])
+def test_a_peer_that_dies_or_freezes_mid_transfer_makes_the_survivor_raise(sig, timeout_s):
+    results = spawn_ranks(_peer_fault_on_rank, 2, sig, timeout_s, timeout=90, grace_s=None)
+    survivor = results[0]
+    assert survivor.ok, survivor.error
+    assert survivor.value["exchange"] == 1, survivor.value
+    assert "torch_p2p" in survivor.value["error"]
+    assert survivor.value["elapsed"] < timeout_s + 10, "raised within the timeout"
+    assert results[1].exitcode == -signal.SIGKILL
