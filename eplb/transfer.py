@@ -239,8 +239,9 @@ def execute_layer_transfer(
 
     Network transfers run first, in batches of at most ``max_transfer_bytes`` per rank (see
     `LayerTransferPlan.batches`) when the communicator stages each batch in a buffer
-    (``communicator.stages_batches``; else in one exchange), then the local copies. Slot storage is only read, so the old
-    contents stay valid for every source; the caller commits staging afterwards.
+    (``communicator.stages_batches``; else in one exchange), then the local copies. Slot storage
+    is only read, so the old contents stay valid for every source; the caller commits staging
+    afterwards.
 
     Args:
         plan: this rank's plan of the layer.

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
+import re
 import signal
 import time
 
@@ -196,3 +198,72 @@ def test_a_peer_that_dies_or_freezes_mid_transfer_makes_the_survivor_raise(sig, 
     assert "torch_p2p" in survivor.value["error"]
     assert survivor.value["elapsed"] < timeout_s + 10, "raised within the timeout"
     assert results[1].exitcode == -signal.SIGKILL
+
+
+class _Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _auto_on_rank(rank: int, world_size: int, verdict: str, probe_fails: bool):
+    """``auto`` for async CUDA tensors, with the host check's verdict and the constructor's probe
+    replaced (no GPU here): which communicator it builds, and what rank 0 logs."""
+    import eplb.comm.p2p as p2p
+    from eplb.comm import register_communicator
+    from eplb.comm.base import Communicator
+    from eplb.errors import EPLBError
+
+    p2p.peer_to_peer_support = lambda group, device: verdict
+
+    class Fake(Communicator):
+        def __init__(self, *, group, device, timeout_s):
+            if self.name == "torch_p2p" and probe_fails:
+                raise EPLBError("communicator 'torch_p2p' cannot read peer memory with CUDA IPC here (rank 1: boom)")
+            super().__init__(group=group, device="cpu", timeout_s=timeout_s)
+
+        def _exchange(self, sends, recvs):
+            pass
+
+    register_communicator("torch_p2p", override=True)(type("FakeP2P", (Fake,), {"name": "torch_p2p"}))
+    register_communicator("torch_gloo", override=True)(type("FakeGloo", (Fake,), {"name": "torch_gloo"}))
+    records = _Recorder()
+    logger = logging.getLogger("eplb")
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    comm = select_communicator("auto", use_async=True, device="cuda", group=dist.group.WORLD, timeout_s=30)
+    sync = select_communicator("auto", use_async=False, device="cpu", group=dist.group.WORLD, timeout_s=30)
+    return comm.name, sync.name, records.messages
+
+
+@pytest.mark.parametrize(
+    "verdict, probe_fails, chosen, why",
+    [
+        ("", False, "torch_p2p", "every rank of the EP group is on one host with peer access"),
+        ("the EP group spans 2 hosts (n0, n1); peer-to-peer copies need one host", False, "torch_gloo",
+         "staged through pinned host memory: the EP group spans 2 hosts"),
+        ("", True, "torch_gloo", "cannot read peer memory with CUDA IPC here \\(rank 1: boom\\)"),
+    ],
+    ids=["one-host", "two-hosts", "ipc-fails"],
+)
+def test_auto_picks_p2p_for_async_on_one_host_and_logs_why(verdict, probe_fails, chosen, why):
+    outs = run_ranks(_auto_on_rank, 2, verdict, probe_fails, timeout=120)
+    for rank, (name, sync_name, messages) in enumerate(outs):
+        assert name == chosen and sync_name == "torch_gloo"
+        logged = [m for m in messages if m.startswith("eplb communicator:")]
+        assert len(logged) == (2 if rank == 0 else 0)
+    assert re.search(rf"eplb communicator: {chosen} \(requested 'auto', use_async=True.*\): .*{why}", outs[0][2][0])
+
+
+def _cpu_support_on_rank(rank: int, world_size: int):
+    from eplb.comm.p2p import peer_to_peer_support
+
+    return peer_to_peer_support(dist.group.WORLD, "cpu")
+
+
+def test_peer_copies_are_refused_for_cpu_experts_on_every_rank():
+    assert run_ranks(_cpu_support_on_rank, 2, timeout=60) == ["rank 0 holds its experts on the CPU; "
+                                                              "peer-to-peer copies move GPU memory"] * 2
