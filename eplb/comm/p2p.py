@@ -15,19 +15,24 @@ runs the steps for all its peers at once; the plan says who talks to whom, so th
    slots hold their committed contents from that point of ``a``'s stream on) and posts, per
    tensor, which storage and view to read; handles of storages ``b`` has not mapped yet, and the
    ids of storages that are gone, travel with it.
-2. **pull** (``b``): ``b`` maps new storages, makes its stream wait on ``ready``, queues the copies
-   into its receive tensors, records an interprocess event ``done`` and posts it back (**ack**).
-   A receive that cannot be served (mismatched shapes, a handle that does not open) posts an
-   error ack instead, so the sender raises too instead of waiting.
-3. **settle** (``a``): ``a`` makes its stream wait on ``done``: whatever ``a`` queues later on that
-   stream, a commit that overwrites the slots included, runs after ``b``'s copies have read them.
+2. **pull** (``b``): ``b`` maps new storages, waits until ``ready`` has completed, queues the
+   copies into its receive tensors on its stream, records an interprocess event ``done`` and
+   posts it back (**ack**). A receive that cannot be served (mismatched shapes, a handle that
+   does not open) posts an error ack instead, so the sender raises too instead of waiting.
+3. **settle** (``a``): ``a`` waits until ``done`` has completed and orders its stream after it:
+   whatever ``a`` queues later on that stream, a commit that overwrites the slots included, runs
+   after ``b``'s copies have read them.
 
 So a peer never reads a slot while its owner overwrites it: the owner's commit of a layer is
 queued on its main stream after the async executor's ready event of that layer, which is
-recorded on the worker's stream after step 3. Nothing here blocks the host on the device;
-every host wait is a gloo receive bounded by ``timeout_s``, so a dead or frozen peer raises
-`CommunicationError` instead of hanging. Events are only posted after they are recorded, so no
-device wait depends on a process that might stop: a frozen peer cannot stall this GPU.
+recorded on the worker's stream after step 3.
+
+Faults: every wait is on the host and bounded by ``timeout_s`` (a gloo receive, or polling a
+peer's event), so a dead or frozen peer raises `CommunicationError` instead of hanging. A peer's
+event is waited for on the host before this rank's stream is ordered after it, so no device-side
+wait ever depends on another process: a peer killed mid-copy cannot stall this GPU. The price is
+one host round trip per exchange, and the sender's worker thread waits for the copies of each
+exchange (one per layer, so the link stays busy for all but that round trip).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import itertools
 import logging
 import pickle
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -318,8 +324,21 @@ class TorchP2PCommunicator(Communicator):
         return event, event.ipc_handle()
 
     def _wait(self, stream, handle: bytes) -> None:
-        """``stream`` waits for a peer's event (on the device: the host does not block)."""
-        stream.wait_event(torch.cuda.Event.from_ipc_handle(self.device, handle))
+        """Wait on the host until a peer's event has completed (at most ``timeout_s``), then order
+        ``stream`` after it. Never a device-side wait on an unfinished peer event: a peer killed
+        before its GPU work ran would leave that wait pending forever, and this GPU with it."""
+        event = torch.cuda.Event.from_ipc_handle(self.device, handle)
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.0
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise CommunicationError(
+                    f"torch_p2p: a peer's GPU work did not finish within timeout_s ({self.timeout_s} s); "
+                    "its process has probably died"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause + 1e-5, 1e-3)
+        stream.wait_event(event)
 
     # ------------------------------------------------------------------ one exchange
     def _exchange(self, sends: Queue, recvs: Queue) -> None:
