@@ -58,6 +58,7 @@ __all__ = ["TorchP2PCommunicator", "PeerInfo", "peer_to_peer_verdict", "peer_to_
 logger = logging.getLogger("eplb")
 
 _TAG_OFFER, _TAG_ACK = 17, 18  # gloo tags: an offer and an ack between the same pair never mix
+_HEAD = 16384  # bytes of a message's first part: a layer's offer (after the first) and an ack fit
 
 
 # ----------------------------------------------------------------------------- auto selection
@@ -336,8 +337,9 @@ class TorchP2PCommunicator(Communicator):
                     f"torch_p2p: a peer's GPU work did not finish within timeout_s ({self.timeout_s} s); "
                     "its process has probably died"
                 )
+            # Short naps: a late wake-up idles the link, a sleeping thread leaves the GIL to the forward.
             time.sleep(pause)
-            pause = min(2 * pause + 1e-5, 1e-3)
+            pause = min(2 * pause + 1e-5, 5e-5)
         stream.wait_event(event)
 
     # ------------------------------------------------------------------ one exchange
@@ -419,20 +421,31 @@ class TorchP2PCommunicator(Communicator):
 
     # ------------------------------------------------------------------ messages over gloo
     def _post(self, peer: int, message: dict, tag: int, posted: list) -> None:
-        payload = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
-        length = torch.tensor([payload.numel()], dtype=torch.int64)
+        """Send ``message`` to ``peer``: one gloo message of ``_HEAD`` bytes (length + the start of
+        the pickle), and a second with the rest only when it does not fit."""
+        data = pickle.dumps(message)
+        head = torch.zeros(_HEAD, dtype=torch.uint8)
+        head[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+        first = data[: _HEAD - 8]
+        head[8 : 8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
         dst = self._global_ranks[peer]
-        posted.append((dist.isend(length, dst, self._pg, tag=tag), length))
-        posted.append((dist.isend(payload, dst, self._pg, tag=tag), payload))
+        posted.append((dist.isend(head, dst, self._pg, tag=tag), head))
+        if len(data) > len(first):
+            rest = torch.frombuffer(bytearray(data[len(first) :]), dtype=torch.uint8)
+            posted.append((dist.isend(rest, dst, self._pg, tag=tag), rest))
 
     def _receive(self, peer: int, tag: int) -> dict:
         src = self._global_ranks[peer]
         timeout = timedelta(seconds=self.timeout_s)
-        length = torch.zeros(1, dtype=torch.int64)
-        dist.irecv(length, src, self._pg, tag=tag).wait(timeout=timeout)
-        payload = torch.empty(int(length.item()), dtype=torch.uint8)
-        dist.irecv(payload, src, self._pg, tag=tag).wait(timeout=timeout)
-        return pickle.loads(payload.numpy().tobytes())
+        head = torch.empty(_HEAD, dtype=torch.uint8)
+        dist.irecv(head, src, self._pg, tag=tag).wait(timeout=timeout)
+        length = int(head[:8].view(torch.int64).item())
+        data = head[8 : 8 + min(length, _HEAD - 8)].numpy().tobytes()
+        if length > len(data):
+            rest = torch.empty(length - len(data), dtype=torch.uint8)
+            dist.irecv(rest, src, self._pg, tag=tag).wait(timeout=timeout)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
 
     # ------------------------------------------------------------------ construction check
     def _probe(self) -> None:

@@ -267,3 +267,20 @@ def _cpu_support_on_rank(rank: int, world_size: int):
 def test_peer_copies_are_refused_for_cpu_experts_on_every_rank():
     assert run_ranks(_cpu_support_on_rank, 2, timeout=60) == ["rank 0 holds its experts on the CPU; "
                                                               "peer-to-peer copies move GPU memory"] * 2
+
+
+def _many_on_rank(rank: int, world_size: int):
+    p2p_shm.register()
+    comm = select_communicator(p2p_shm.NAME, use_async=False, device="cpu", group=dist.group.WORLD, timeout_s=60)
+    peer = 1 - rank
+    src = torch.arange(600, dtype=torch.float64) + 1000 * rank
+    src.share_memory_()
+    dst = torch.zeros(600, dtype=torch.float64)
+    comm.add_send([src[i] for i in range(600)], peer)  # an offer of 600 views: larger than one message head
+    comm.add_recv([dst[i] for i in range(600)], peer)
+    comm.execute()
+    return torch.equal(dst, torch.arange(600, dtype=torch.float64) + 1000 * peer)
+
+
+def test_an_offer_of_many_tensors_arrives_whole():
+    assert run_ranks(_many_on_rank, 2, timeout=120) == [True, True]
