@@ -204,7 +204,7 @@ def select_communicator(
     elif device.type == "cuda" and "nccl" in str(dist.get_backend(group)).lower():
         chosen, why = "torch_nccl", "sync on CUDA with an NCCL group"
     else:
-        chosen, why = "torch_gloo", "sync without an NCCL group on CUDA"
+        chosen, why = "torch_gloo", "sync on the CPU" if device.type == "cpu" else "sync without an NCCL group"
     if communicator is None:
         cls = get_communicator(chosen)
         communicator = cls(group=None if single else group, device=device, timeout_s=timeout_s)
