@@ -33,6 +33,7 @@ sys.path[:0] = [p for p in (str(_TESTS_DIR / "distributed"), str(_TESTS_DIR)) if
 
 import moe_models as mm  # noqa: E402
 from harness import run_ranks, spawn_ranks  # noqa: E402
+from test_p2p import _Recorder  # noqa: E402
 from test_transfer import SHAPES, FakeExperts, L, P, expected, random_placement  # noqa: E402
 
 from eplb import EPLBConfig, EPLBWrapper  # noqa: E402
@@ -42,15 +43,6 @@ from eplb.executor import AsyncExecutor, SyncExecutor  # noqa: E402
 from eplb.moe import find_moe_layers  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def _one_gpu() -> torch.device:
@@ -70,7 +62,7 @@ def _layers_hold_their_rows(layers, rank: int, world_size: int) -> bool:
 # ------------------------------------------------------------------------------- the wrapper
 def _async_wrapper(rank: int, world_size: int):
     device = _one_gpu()
-    records = _Records()
+    records = _Recorder()
     logger = logging.getLogger("eplb")
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
