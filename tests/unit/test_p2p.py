@@ -5,6 +5,7 @@ the errors users can hit, and one exchange per layer for communicators that stag
 from __future__ import annotations
 
 import gc
+import re
 
 import pytest
 import torch
@@ -46,10 +47,7 @@ def test_two_processes_on_one_gpu_need_no_peer_access():
     ],
 )
 def test_auto_says_why_peer_copies_are_not_possible(infos, rank, access, reason):
-    with pytest.raises(AssertionError, match=reason):
-        assert not peer_to_peer_verdict(infos, rank, lambda i, j: access), peer_to_peer_verdict(
-            infos, rank, lambda i, j: access
-        )
+    assert re.search(reason, peer_to_peer_verdict(infos, rank, lambda i, j: access))
 
 
 class _FakeIpc:
