@@ -19,7 +19,8 @@ def register_communicator(name: str, *, override: bool = False) -> Callable[[typ
     """Class decorator registering a communicator under ``name``.
 
     The class subclasses `eplb.comm.base.Communicator` and is built as
-    ``cls(group=..., device=..., timeout_s=...)``; register it before building an `EPLBConfig`
+    ``cls(group=..., device=..., timeout_s=...)`` (``"auto"`` also passes ``gloo_group=`` to a
+    class registered over ``torch_gloo`` or ``torch_p2p``); register it before building an `EPLBConfig`
     that names it. A taken name raises `EPLBError` unless ``override=True``.
     """
 

@@ -191,14 +191,22 @@ def select_communicator(
         # The same verdict on every rank (gathered), so every rank takes the same branch below.
         why = peer_to_peer_support(group, device)
         chosen = "torch_gloo" if why else "torch_p2p"
+        # One gloo group whichever is built: every process of the job creates the same groups in
+        # the same order, even when EP groups of one job decide differently.
+        gloo_group = dedicated_group(group, "gloo", timeout_s)
         if not why:
             why = "every rank of the EP group is on one host with peer access: receivers pull with device copies"
             try:
-                communicator = get_communicator("torch_p2p")(group=group, device=device, timeout_s=timeout_s)
+                communicator = get_communicator("torch_p2p")(
+                    group=group, device=device, timeout_s=timeout_s, gloo_group=gloo_group
+                )
             except EPLBError as exc:  # raised on every rank alike (the probe's verdict is gathered)
                 chosen, why = "torch_gloo", str(exc)
         if chosen == "torch_gloo":
             why = f"async without peer-to-peer copies, staged through pinned host memory: {why}"
+            communicator = get_communicator("torch_gloo")(
+                group=group, device=device, timeout_s=timeout_s, gloo_group=gloo_group
+            )
     elif use_async:
         chosen, why = "torch_gloo", "async on the CPU"
     elif device.type == "cuda" and "nccl" in str(dist.get_backend(group)).lower():

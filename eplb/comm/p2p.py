@@ -274,7 +274,8 @@ class TorchP2PCommunicator(Communicator):
 
     Every rank of the group must be on one host, with peer access between its GPUs (or on one
     GPU); `peer_to_peer_support` tells. Creating it is collective over the whole job: it creates
-    a gloo group for its small messages and checks, with one real exchange around the ring of
+    a gloo group for its small messages (unless ``gloo_group`` hands it one, as for
+    `eplb.comm.gloo.TorchGlooCommunicator`) and checks, with one real exchange around the ring of
     ranks, that every rank can map and read its neighbour's memory (`EPLBError` on every rank
     otherwise). ``timeout_s`` bounds every wait for a peer's message.
 
@@ -286,7 +287,14 @@ class TorchP2PCommunicator(Communicator):
     stages_batches = False
     device_type = "cuda"  # what the memory handles and events below are for
 
-    def __init__(self, *, group: dist.ProcessGroup | None, device="cuda", timeout_s: float = 300.0):
+    def __init__(
+        self,
+        *,
+        group: dist.ProcessGroup | None,
+        device="cuda",
+        timeout_s: float = 300.0,
+        gloo_group: dist.ProcessGroup | None = None,
+    ):
         if group is None:
             raise EPLBError("communicator 'torch_p2p' needs a process group; use 'local' for one rank")
         if torch.device(device).type != self.device_type:
@@ -298,7 +306,7 @@ class TorchP2PCommunicator(Communicator):
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._global_ranks = dist.get_process_group_ranks(group)
-        self._pg = dedicated_group(group, "gloo", timeout_s)
+        self._pg = gloo_group if gloo_group is not None else dedicated_group(group, "gloo", timeout_s)
         self._exports = Exports(self._export, _storage_weakref)
         self._imports = Imports(self._open)
         self._ready = None  # our last ready event, alive until every receiver has opened it
@@ -452,6 +460,7 @@ class TorchP2PCommunicator(Communicator):
         """One exchange around the ring: each rank sends a pattern to the next and checks what
         it pulled from the previous. Raises `EPLBError` on every rank if any rank failed."""
         error = ""
+        timeout_s, self.timeout_s = self.timeout_s, min(self.timeout_s, 30.0)  # a failing probe fails soon
         try:
             nxt, prv = (self.rank + 1) % self.num_ranks, (self.rank - 1) % self.num_ranks
             source = torch.arange(256, dtype=torch.int32, device=self.device) + 1000 * self.rank
@@ -464,6 +473,8 @@ class TorchP2PCommunicator(Communicator):
                 error = f"rank {self.rank} read wrong data from rank {prv}'s memory"
         except Exception as exc:
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        finally:
+            self.timeout_s = timeout_s
         errors: list = [None] * self.num_ranks
         dist.all_gather_object(errors, error, group=self._pg)
         failed = [e for e in errors if e]

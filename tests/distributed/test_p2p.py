@@ -219,8 +219,11 @@ def _auto_on_rank(rank: int, world_size: int, verdict: str, probe_fails: bool):
 
     p2p.peer_to_peer_support = lambda group, device: verdict
 
+    gloo_groups = []
+
     class Fake(Communicator):
-        def __init__(self, *, group, device, timeout_s):
+        def __init__(self, *, group, device, timeout_s, gloo_group=None):
+            gloo_groups.append(gloo_group)
             if self.name == "torch_p2p" and probe_fails:
                 raise EPLBError("communicator 'torch_p2p' cannot read peer memory with CUDA IPC here (rank 1: boom)")
             super().__init__(group=group, device="cpu", timeout_s=timeout_s)
@@ -235,6 +238,8 @@ def _auto_on_rank(rank: int, world_size: int, verdict: str, probe_fails: bool):
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     comm = select_communicator("auto", use_async=True, device="cuda", group=dist.group.WORLD, timeout_s=30)
+    # Whatever is built, the same one dedicated gloo group: every process creates the same groups.
+    assert gloo_groups and all(g is not None and g is gloo_groups[0] for g in gloo_groups), gloo_groups
     sync = select_communicator("auto", use_async=False, device="cpu", group=dist.group.WORLD, timeout_s=30)
     return comm.name, sync.name, records.messages
 
@@ -270,8 +275,15 @@ def test_peer_copies_are_refused_for_cpu_experts_on_every_rank():
 
 
 def _many_on_rank(rank: int, world_size: int):
+    from eplb.comm.base import dedicated_group
+    from eplb.comm.gloo import TorchGlooCommunicator
+
     p2p_shm.register()
-    comm = select_communicator(p2p_shm.NAME, use_async=False, device="cpu", group=dist.group.WORLD, timeout_s=60)
+    # Both communicators share one dedicated gloo group handed to them (as "auto" does).
+    gloo_group = dedicated_group(dist.group.WORLD, "gloo", 60)
+    comm = p2p_shm.ShmP2PCommunicator(group=dist.group.WORLD, device="cpu", timeout_s=60, gloo_group=gloo_group)
+    staged = TorchGlooCommunicator(group=dist.group.WORLD, device="cpu", timeout_s=60, gloo_group=gloo_group)
+    assert comm._pg is gloo_group and staged._pg is gloo_group
     peer = 1 - rank
     src = torch.arange(600, dtype=torch.float64) + 1000 * rank
     src.share_memory_()
