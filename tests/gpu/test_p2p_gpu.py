@@ -41,6 +41,7 @@ from eplb.comm.base import dedicated_group, select_communicator  # noqa: E402
 from eplb.errors import EPLBError  # noqa: E402
 from eplb.executor import AsyncExecutor, SyncExecutor  # noqa: E402
 from eplb.moe import find_moe_layers  # noqa: E402
+from eplb.planner import Decision  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -131,8 +132,8 @@ def _executors(rank: int, world_size: int, use_async: bool):
                 executor = AsyncExecutor(rank=rank, num_ranks=world_size, communicator=comm,
                                          max_transfer_bytes=1, timeout_s=60, on_error="raise",
                                          control_group=control)
-                executor.start(layers, old, lambda new=new: new)
-                executor.synchronize()
+                executor.begin(layers, old, lambda new=new: Decision.move_to(new))
+                executor.drain()
                 executor.close()
             else:
                 SyncExecutor(rank=rank, num_ranks=world_size, communicator=comm,
@@ -172,7 +173,7 @@ def _fault(rank: int, world_size: int, sig: int, timeout_s: float):
         comm._pull = faulty_pull
     executor = AsyncExecutor(rank=rank, num_ranks=world_size, communicator=comm, max_transfer_bytes=1 << 30,
                              timeout_s=timeout_s, on_error="raise", control_group=control)
-    executor.start(layers, old, lambda: new)
+    executor.begin(layers, old, lambda: Decision.move_to(new))
     start = time.monotonic()
     error = ""
     x = torch.randn(256, 256, device=device)
