@@ -54,7 +54,9 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
     """Balanced packing of ``n`` items into ``num_packs`` packs of ``n // num_packs`` items, per row.
 
     Items are taken heaviest first (ties: lowest index); each goes to the lightest pack that still
-    has room (ties: lowest pack).
+    has room (ties: lowest pack). With one item per pack (``n == num_packs``) item ``k`` goes to
+    pack ``k``, as in DeepSeek's reference (its shortcut for that case): same pack loads, and the
+    labels stay identical to the reference's.
 
     Args:
         weight_Xn: ``[X, n]`` float64 — weight of each item; ``n`` a multiple of ``num_packs``.
@@ -65,10 +67,10 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
         ``item_of_slot_Xn[x, k * (n // K) + j]``; positions are filled in packing order.
     """
     num_rows, n = weight_Xn.shape
+    if n == num_packs:  # one item per pack: the reference keeps items in place (pack k gets item k)
+        return np.broadcast_to(np.arange(n), (num_rows, n)).copy()
     cap = n // num_packs
     order_Xn = _argsort_descending(weight_Xn)
-    if cap == 1:  # one item per pack: the k-th heaviest item fills the k-th empty pack
-        return order_Xn
     weight_nX = np.ascontiguousarray(np.take_along_axis(weight_Xn, order_Xn, 1).T)
     pack_weight_XK = np.zeros((num_rows, num_packs))
     pack_count_XK = np.zeros((num_rows, num_packs), dtype=np.int64)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from eplb.placement import Placement
 
-__all__ = ["Shape", "shapes", "loads", "problems", "placements", "LOAD_KINDS"]
+__all__ = ["Shape", "shapes", "one_per_pack_shapes", "loads", "problems", "placements", "LOAD_KINDS"]
 
 LOAD_KINDS = ("continuous", "ties", "floats")
 """``continuous``: log-normal from a drawn seed (distinct values, no ties in practice);
@@ -68,6 +68,26 @@ def shapes(
     num_physical = min_physical + num_ranks * draw(st.integers(0, 2))
     num_layers = draw(st.integers(1, max_layers))
     return Shape(num_layers, num_logical, num_physical, num_groups, num_nodes, num_ranks)
+
+
+@st.composite
+def one_per_pack_shapes(draw, *, max_layers: int = 3) -> Shape:
+    """Shapes where a packing step puts exactly one item in each pack: one group per node
+    (hierarchical) and/or one slot per rank, the cases where DeepSeek's reference keeps items in
+    place instead of sorting them."""
+    num_nodes = draw(st.integers(1, 3))
+    num_ranks = num_nodes * draw(st.integers(1, 4))
+    one_slot_per_rank = draw(st.booleans())
+    group_size = draw(st.integers(1, 3))
+    num_groups = num_nodes if one_slot_per_rank is False or draw(st.booleans()) else 1
+    if one_slot_per_rank:
+        # P = G slots; E <= P and E a multiple of the groups.
+        num_logical = num_groups * draw(st.integers(1, max(num_ranks // num_groups, 1)))
+        num_physical = num_ranks
+    else:
+        num_logical = num_groups * group_size
+        num_physical = -(-num_logical // num_ranks) * num_ranks + num_ranks * draw(st.integers(0, 1))
+    return Shape(draw(st.integers(1, max_layers)), num_logical, num_physical, num_groups, num_nodes, num_ranks)
 
 
 @st.composite
