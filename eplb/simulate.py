@@ -35,11 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from eplb.errors import EPLBError
 from eplb.metrics import balancedness, predicted_gain, rank_share
 from eplb.placement import Placement
-from eplb.policies import check_policy_inputs, get_policy
+from eplb.policies import check_policy_inputs, check_policy_options, get_policy, set_options
 from eplb.traces import Trace
-from eplb.transfer import plan_layer_transfer
 
-__all__ = ["SimConfig", "Rebalance", "RunResult", "SimResult", "simulate"]
+__all__ = ["SimConfig", "Rebalance", "RunResult", "SimResult", "simulate", "count_transfers"]
 
 _CHUNK_STEPS = 1024  # steps multiplied at once: bounds memory to ~chunk * L * (E + G) floats
 _PROGRESS_MIN_STEPS = 2000  # a progress bar below this many (steps x configs) is only noise
@@ -79,6 +78,13 @@ class SimConfig(BaseModel):
 
     min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
     """Skip a rebalance whose predicted balancedness gain is below this (``EPLBConfig.min_improvement``)."""
+
+    migration_budget: float | None = Field(None, gt=0.0, le=1.0)
+    """Policy option (``EPLBConfig.migration_budget``): at most this fraction of each layer's slots
+    may receive an expert their rank did not hold."""
+
+    refine: bool = False
+    """Policy option (``EPLBConfig.refine``): swap search after packing."""
 
     bytes_per_expert: int = Field(0, ge=0)
     """Bytes of one expert's weights, to turn weight transfers into bytes; 0 reports 0 bytes."""
@@ -258,8 +264,9 @@ class SimResult:
         return text
 
     def plot(self, path: str | os.PathLike) -> None:
-        """Write a figure: balancedness over time for every config (rebalances marked), then per
-        config the rank loads of the whole trace as heatmaps ``[L, G]`` (each layer divided by
+        """Write a figure: balancedness over time for every config (rebalances marked), next to
+        each config's fraction of slots moved per rebalance against its overall balancedness; then
+        per config the rank loads of the whole trace as heatmaps ``[L, G]`` (each layer divided by
         its mean rank load): served by the initial placement (static) and as simulated.
 
         Needs matplotlib (``pip install eplb[plot]``). Draws on its own Agg canvas, without
@@ -272,7 +279,9 @@ class SimResult:
         n = len(self.runs)
         fig = Figure(figsize=(11, 3.2 + 2.6 * n), layout="constrained")
         grid = fig.add_gridspec(1 + n, 2, height_ratios=[1.3] + [1.0] * n)
-        ax = fig.add_subplot(grid[0, :])
+        grid_top = grid[0, :].subgridspec(1, 2, width_ratios=[2.6, 1])
+        ax = fig.add_subplot(grid_top[0, 0])
+        scatter = fig.add_subplot(grid_top[0, 1])
         for run in self.runs:
             (line,) = ax.plot(np.arange(self.steps), run.balancedness, lw=0.8, label=run.name)
             for r in run.rebalances:
@@ -282,20 +291,34 @@ class SimResult:
         ax.set_ylabel("balancedness (mean / max rank load)")
         ax.set_ylim(0, 1.02)
         ax.legend(loc="lower right", fontsize="small")
+        # What each config pays in movement for the balance it gets.
+        for run in self.runs:
+            summary = run.summary()
+            done = max(summary["rebalances"], 1)
+            slots = run.final_placement.num_layers * run.final_placement.num_physical
+            moved = summary["slots_moved"] / (done * slots) if slots else 0.0
+            scatter.scatter([moved], [summary["overall_balancedness"]], label=run.name)
+            scatter.annotate(run.name, (moved, summary["overall_balancedness"]), fontsize="x-small",
+                             xytext=(3, 3), textcoords="offset points")
+        scatter.set_xlabel("slots moved per rebalance (fraction)")
+        scatter.set_ylabel("overall balancedness")
+        scatter.set_xlim(left=0)
         vmax = max((float(_per_layer_ratio(m).max()) for run in self.runs
                     for m in (run.rank_load_static, run.rank_load)), default=1.0)
         image = None
+        heat_axes = []
         for i, run in enumerate(self.runs):
             for j, (title, m) in enumerate((("initial placement, no rebalance", run.rank_load_static),
                                             ("as simulated", run.rank_load))):
                 hax = fig.add_subplot(grid[1 + i, j])
+                heat_axes.append(hax)
                 image = hax.imshow(_per_layer_ratio(m), aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
                                    interpolation="nearest")
                 hax.set_title(f"{run.name}: {title}", fontsize="small")
                 hax.set_xlabel("rank")
                 hax.set_ylabel("layer")
         if image is not None:
-            fig.colorbar(image, ax=fig.axes[1:], label="rank load / layer mean", shrink=0.8)
+            fig.colorbar(image, ax=heat_axes, label="rank load / layer mean", shrink=0.8)
         fig.savefig(path, dpi=110)
 
 
@@ -326,6 +349,7 @@ def simulate(
     for cfg, name in zip(configs, names):
         try:
             get_policy(cfg.policy)
+            check_policy_options(cfg.policy, _policy_options(cfg))
             check_policy_inputs(
                 total_LE, num_physical=trace.num_logical + cfg.redundant, num_groups=cfg.groups,
                 num_nodes=cfg.nodes, num_ranks=cfg.ranks,
@@ -393,7 +417,8 @@ def _rebalance(
                               predicted_gain=0.0, window_balancedness_before=1.0,
                               window_balancedness_after=1.0, skipped=True)
     t0 = time.perf_counter()
-    new = policy(window_LE, num_physical=P, num_groups=cfg.groups, num_nodes=cfg.nodes, num_ranks=G, old=old)
+    new = policy(window_LE, num_physical=P, num_groups=cfg.groups, num_nodes=cfg.nodes, num_ranks=G, old=old,
+                 **_policy_options(cfg))
     plan_time = time.perf_counter() - t0
     before = balancedness(window_LE, old, G).aggregate
     after = balancedness(window_LE, new, G).aggregate
@@ -401,12 +426,7 @@ def _rebalance(
     skipped = cfg.min_improvement > 0 and gain < cfg.min_improvement
     slots = transfers = 0
     if not skipped:
-        for layer in range(old.num_layers):
-            if torch.equal(old.phy2log[layer], new.phy2log[layer]):
-                continue
-            plan = plan_layer_transfer(old.phy2log[layer], new.phy2log[layer], rank=0, num_ranks=G)
-            slots += plan.num_changed_slots
-            transfers += plan.num_network_transfers
+        slots, transfers = count_transfers(old.phy2log.numpy(), new.phy2log.numpy(), G)
     record = Rebalance(
         step=step, plan_time_s=plan_time, slots_moved=slots, weight_transfers=transfers,
         bytes_moved=transfers * cfg.bytes_per_expert, predicted_gain=gain,
@@ -415,18 +435,50 @@ def _rebalance(
     return (old if skipped else new), record
 
 
+def _policy_options(cfg: SimConfig) -> dict[str, object]:
+    """The policy options a config sets (as `EPLBConfig.policy_options`)."""
+    return set_options(migration_budget=cfg.migration_budget, refine=cfg.refine)
+
+
+def count_transfers(old_LP: np.ndarray, new_LP: np.ndarray, num_ranks: int) -> tuple[int, int]:
+    """``(changed slots, network transfers)`` of a rebalance, over all layers.
+
+    Args:
+        old_LP, new_LP: ``[L, P]`` int64 ``phy2log`` before and after.
+        num_ranks: ``G``.
+
+    Returns:
+        Slots whose expert changes, and experts crossing the network: one per (layer, expert,
+        receiving rank) whose rank did not hold that expert before, the count of
+        `eplb.transfer.plan_layer_transfer` summed over layers.
+    """
+    num_layers, num_physical = old_LP.shape
+    num_logical = int(max(old_LP.max(initial=0), new_LP.max(initial=0))) + 1
+    rank_P = np.arange(num_physical) // (num_physical // num_ranks)
+    key_base_L1 = (np.arange(num_layers)[:, None] * num_logical)
+    old_key_LP = (key_base_L1 + old_LP) * num_ranks + rank_P
+    new_key_LP = (key_base_L1 + new_LP) * num_ranks + rank_P
+    changed_LP = old_LP != new_LP
+    held_F = np.zeros(num_layers * num_logical * num_ranks, dtype=bool)
+    held_F[old_key_LP] = True
+    needed_F = new_key_LP[changed_LP]
+    received = np.unique(needed_F[~held_F[needed_F]])
+    return int(changed_LP.sum()), int(received.size)
+
+
 def _names(configs: list[SimConfig]) -> list[str]:
     """Given names, or labels from the fields that differ between configs (policy always)."""
-    keys = ["policy", "window", "interval", "redundant", "ranks", "nodes", "groups", "min_improvement"]
+    keys = ["policy", "window", "interval", "redundant", "ranks", "nodes", "groups", "min_improvement",
+            "migration_budget", "refine"]
     short = {"window": "w", "interval": "i", "redundant": "r", "ranks": "g", "nodes": "n", "groups": "grp",
-             "min_improvement": "min"}
+             "min_improvement": "min", "migration_budget": "budget", "refine": "refine"}
     varying = [k for k in keys[1:] if len({getattr(c, k) for c in configs}) > 1]
     names = []
     for i, c in enumerate(configs):
         if c.name:
             names.append(c.name)
             continue
-        label = " ".join([c.policy, *(f"{short[k]}={getattr(c, k):g}" for k in varying)])
+        label = " ".join([c.policy, *(f"{short[k]}={_label_value(getattr(c, k))}" for k in varying)])
         if isinstance(c.initial_placement, (str, Path)):
             label += f" init={os.path.basename(c.initial_placement)}"
         elif c.initial_placement is not None:
@@ -436,6 +488,12 @@ def _names(configs: list[SimConfig]) -> list[str]:
     if dupes:
         raise EPLBError(f"two configs are both named {dupes[0]!r}; give each SimConfig a distinct name")
     return names
+
+
+def _label_value(value: object) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "on", False: "off"}[value]
+    return f"{value:g}"
 
 
 def _per_layer_ratio(rank_load_LG: np.ndarray) -> np.ndarray:

@@ -341,6 +341,7 @@ class EPLBWrapper:
             num_nodes=self._num_nodes,
             num_ranks=self._num_ranks,
             old=old,
+            **self.eplb_config.policy_options(),
         )
         self._last_gain = predicted_gain(load_LE, old, new, self._num_ranks)
         if self.eplb_config.min_improvement > 0 and self._last_gain < self.eplb_config.min_improvement:

@@ -31,7 +31,8 @@ from scipy.optimize import linear_sum_assignment
 
 from eplb.errors import EPLBError
 from eplb.placement import Placement
-from eplb.policies import register_policy
+from eplb.policies import POLICY_OPTIONS, _register
+from eplb.policies.local_search import limit_migration, refine_packing
 
 __all__ = ["default_policy", "pack", "replicate", "relabel"]
 
@@ -126,9 +127,11 @@ def replicate(weight_Xn: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.nda
 
 
 def _rebalance(
-    load_LE: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_ranks: int
+    load_LE: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_ranks: int,
+    refine: bool = False,
 ) -> np.ndarray:
-    """``phy2log`` ``[L, P]`` of the hierarchical algorithm (global: one group, one node)."""
+    """``phy2log`` ``[L, P]`` of the hierarchical algorithm (global: one group, one node);
+    ``refine`` adds the swap search of `refine_packing` after step 3."""
     num_layers, num_logical = load_LE.shape
     group_size = num_logical // num_groups
     log_per_node = num_logical // num_nodes
@@ -150,6 +153,9 @@ def _rebalance(
     # Step 3: pack each node's replicas onto its ranks.
     phy_load_XM = np.take_along_axis(mlog_load_Xn / mlogcnt_Xn, phy2mlog_XM, 1)
     phy_of_pphy_XM = pack(phy_load_XM, num_ranks // num_nodes)
+    if refine:  # Step 3b: swap replicas between the node's ranks while that lowers its heaviest rank.
+        perm_XM = refine_packing(np.take_along_axis(phy_load_XM, phy_of_pphy_XM, 1), num_ranks // num_nodes)
+        phy_of_pphy_XM = np.take_along_axis(phy_of_pphy_XM, perm_XM, 1)
     pphy2mlog_XM = np.take_along_axis(phy2mlog_XM, phy_of_pphy_XM, 1)
     node_offset_N = np.arange(num_nodes) * log_per_node
     pphy2mlog_LNM = pphy2mlog_XM.reshape(num_layers, num_nodes, phy_per_node) + node_offset_N[:, None]
@@ -258,10 +264,10 @@ def relabel(new: Placement, old: Placement, *, num_ranks: int, num_nodes: int = 
     if num_nodes <= 0 or num_ranks % num_nodes:
         raise EPLBError(f"num_ranks ({num_ranks}) must be a multiple of num_nodes ({num_nodes})")
     phy2log_LP = _relabel(new.phy2log.numpy(), old.phy2log.numpy(), new.num_logical, num_nodes, num_ranks)
-    return Placement.from_phy2log(torch.from_numpy(phy2log_LP), new.num_logical)
+    return Placement._of_valid(phy2log_LP, new.num_logical)
 
 
-@register_policy("default")
+@_register("default", POLICY_OPTIONS, override=False, trusted=True)
 def default_policy(
     load: torch.Tensor,
     *,
@@ -270,6 +276,8 @@ def default_policy(
     num_nodes: int = 1,
     num_ranks: int = 1,
     old: Placement | None = None,
+    migration_budget: float | None = None,
+    refine: bool = False,
 ) -> Placement:
     """DeepSeek's EPLB: hierarchical when ``num_groups % num_nodes == 0``, else global.
 
@@ -280,14 +288,32 @@ def default_policy(
         num_nodes: ``N``; the hierarchical form keeps each group's replicas on one node.
         num_ranks: ``G``, each holding ``P // G`` slots.
         old: placement in effect; when given, the plan is relabeled to move as little as possible.
+        migration_budget: with ``old``, at most ``floor(migration_budget * P)`` slots per layer
+            receive an expert their rank did not hold (see `limit_migration`); ``None``: no limit.
+            Ignored without ``old``.
+        refine: swap search after packing (`refine_packing`): never less balanced, not identical
+            to the reference algorithm any more.
 
     Returns:
         `Placement` with ``phy2log: [L, num_physical]``.
+
+    Raises:
+        EPLBError: ``migration_budget`` outside ``(0, 1]``.
     """
+    if migration_budget is not None and not 0 < migration_budget <= 1:
+        raise EPLBError(
+            f"migration_budget ({migration_budget}) must be in (0, 1]: the fraction of each layer's "
+            "slots that may receive a new expert; use None for no limit"
+        )
     if num_groups % num_nodes:
         num_groups, num_nodes = 1, 1
     load_LE = np.asarray(load, dtype=np.float64)
-    phy2log_LP = _rebalance(load_LE, num_physical, num_groups, num_nodes, num_ranks)
+    phy2log_LP = _rebalance(load_LE, num_physical, num_groups, num_nodes, num_ranks, refine)
     if old is not None:
-        phy2log_LP = _relabel(phy2log_LP, old.phy2log.numpy(), load_LE.shape[1], num_nodes, num_ranks)
-    return Placement.from_phy2log(torch.from_numpy(phy2log_LP), load_LE.shape[1])
+        old_LP = old.phy2log.numpy()
+        phy2log_LP = _relabel(phy2log_LP, old_LP, load_LE.shape[1], num_nodes, num_ranks)
+        if migration_budget is not None and migration_budget < 1:
+            phy2log_LP = limit_migration(
+                load_LE, old_LP, phy2log_LP, migration_budget, num_ranks=num_ranks, num_nodes=num_nodes
+            )
+    return Placement._of_valid(phy2log_LP, load_LE.shape[1])

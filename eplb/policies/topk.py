@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from eplb.placement import Placement
-from eplb.policies import register_policy
+from eplb.policies import _register
 from eplb.policies.default import replicate
 
 __all__ = ["topk_policy"]
 
 
-@register_policy("topk")
+@_register("topk", (), override=False, trusted=True)
 def topk_policy(
     load: torch.Tensor,
     *,
