@@ -130,6 +130,88 @@ def refine_packing(
     return perm_XM
 
 
+def _max_rank_load(load_LE: np.ndarray, phy2log_LP: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L]`` the busiest rank's load of each layer (each replica carries load / replicas)."""
+    num_layers = phy2log_LP.shape[0]
+    count_LE = np.zeros(load_LE.shape, dtype=np.int64)
+    np.add.at(count_LE, (np.arange(num_layers)[:, None], phy2log_LP), 1)
+    slot_load_LP = np.take_along_axis(load_LE / np.maximum(count_LE, 1), phy2log_LP, 1)
+    return slot_load_LP.reshape(num_layers, num_ranks, -1).sum(2).max(1)
+
+
+def _replan_node_pairs(
+    load_XE: np.ndarray, cur_XP: np.ndarray, old_XP: np.ndarray, room_X: np.ndarray,
+    num_ranks: int, num_nodes: int, num_groups: int,
+) -> np.ndarray:
+    """One round of node-pair re-planning for rows whose groups each sit on one node.
+
+    For every pair of nodes, the groups of both are planned afresh onto the two nodes with the
+    hierarchical algorithm (groups to nodes, replicas, ranks) and relabelled against ``old_XP``;
+    per row, the pair whose plan lowers the row's largest rank load most, within the remaining
+    budget ``room_X`` (slots that receive an expert their rank did not hold in ``old_XP``), is
+    taken. Whole groups move, so each group stays on one node.
+
+    Returns:
+        ``[X, P]`` the new rows (unchanged where no pair helps or a row is not group-consistent).
+    """
+    from eplb.policies.default import _rebalance, _relabel
+
+    num_rows, num_physical = cur_XP.shape
+    num_logical = load_XE.shape[1]
+    group_size = num_logical // num_groups
+    groups_per_node = num_groups // num_nodes
+    per_node = num_physical // num_nodes
+    ranks_per_node = num_ranks // num_nodes
+    node_P = np.arange(num_physical) // per_node
+    rows_X1 = np.arange(num_rows)[:, None]
+    # Node of each group; rows where a group spans nodes, or a node holds another number of
+    # groups than the hierarchical plan gives it, are left alone.
+    on_node_XQN = np.zeros((num_rows, num_groups, num_nodes), dtype=bool)
+    on_node_XQN[rows_X1, cur_XP // group_size, node_P] = True
+    node_XQ = on_node_XQN.argmax(2)
+    consistent_X = (on_node_XQN.sum(2) == 1).all(1) & (
+        np.stack([(node_XQ == n).sum(1) for n in range(num_nodes)], 1) == groups_per_node
+    ).all(1)
+    pairs = [(a, b) for a in range(num_nodes) for b in range(a + 1, num_nodes)]
+    num_pairs = len(pairs)
+    rows = np.nonzero(consistent_X)[0]
+    if rows.size == 0 or num_pairs == 0:
+        return cur_XP
+    n = rows.size
+    pair_a = np.array([a for a, _ in pairs])
+    pair_b = np.array([b for _, b in pairs])
+    # Step 1: the groups of each node pair, in group order: [n, Q, 2 * groups_per_node].
+    in_pair_nQK = (node_XQ[rows][:, None, :] == pair_a[None, :, None]) | (node_XQ[rows][:, None, :] == pair_b[None, :, None])
+    sub_groups = np.argsort(~in_pair_nQK, axis=2, kind="stable")[:, :, : 2 * groups_per_node]
+    sub_experts = (sub_groups[..., None] * group_size + np.arange(group_size)).reshape(n * num_pairs, -1)
+    row_of = np.repeat(rows, num_pairs)
+    sub_load = load_XE[row_of[:, None], sub_experts]
+    # Step 2: plan the pair afresh and relabel it against the old placement of the two nodes.
+    sub_phy = _rebalance(sub_load, 2 * per_node, 2 * groups_per_node, 2, 2 * ranks_per_node)
+    new_sub = np.take_along_axis(sub_experts, sub_phy, 1)
+    slots_nQS = np.concatenate(
+        [(pair_a[:, None] * per_node + np.arange(per_node)), (pair_b[:, None] * per_node + np.arange(per_node))], 1
+    )  # [Q, 2 * per_node] slot ids of the pair
+    slots_F = np.tile(slots_nQS, (n, 1))
+    old_sub = old_XP[row_of[:, None], slots_F]
+    new_sub = _relabel(new_sub, old_sub, num_logical, 2, 2 * ranks_per_node)
+    # Step 3: the candidate rows, their cost and largest rank load.
+    cand = np.repeat(cur_XP[rows], num_pairs, axis=0)
+    cand[np.arange(cand.shape[0])[:, None], slots_F] = new_sub
+    moved_C = moved_slots(cand, np.repeat(old_XP[rows], num_pairs, axis=0), num_logical, num_ranks).sum(1)
+    now_moved_C = np.repeat(moved_slots(cur_XP[rows], old_XP[rows], num_logical, num_ranks).sum(1), num_pairs)
+    fits_C = moved_C - now_moved_C <= np.repeat(room_X[rows], num_pairs)
+    cand_max_C = _max_rank_load(load_XE[row_of], cand, num_ranks)
+    cur_max_n = _max_rank_load(load_XE[rows], cur_XP[rows], num_ranks)
+    score_nQ = np.where(fits_C, cand_max_C, np.inf).reshape(n, num_pairs)
+    best_n = score_nQ.argmin(1)
+    better_n = score_nQ[np.arange(n), best_n] < cur_max_n * (1 - _TOL)
+    out_XP = cur_XP.copy()
+    pick = np.nonzero(better_n)[0]
+    out_XP[rows[pick]] = cand.reshape(n, num_pairs, num_physical)[pick, best_n[pick]]
+    return out_XP
+
+
 def moved_slots(new_LP: np.ndarray, old_LP: np.ndarray, num_logical: int, num_ranks: int) -> np.ndarray:
     """``[L, P]`` bool: slots whose expert in ``new_LP`` is not on that slot's rank in ``old_LP``."""
     num_layers, num_physical = new_LP.shape
@@ -148,6 +230,7 @@ def limit_migration(
     *,
     num_ranks: int,
     num_nodes: int = 1,
+    num_groups: int = 1,
     num_partners: int = 4,
 ) -> np.ndarray:
     """The best placement found within a migration budget, per layer.
@@ -159,14 +242,17 @@ def limit_migration(
         budget: fraction in ``(0, 1]``: at most ``floor(budget * P)`` slots per layer may receive
             an expert that is not on their rank in ``old_LP``.
         num_ranks: ``G``.
-        num_nodes: ``N``; swaps stay inside a node (the fresh plan's slot changes already keep
-            each group's replicas on its node).
+        num_nodes: ``N``; swaps stay inside a node, and a slot change puts an expert only on a
+            node that already holds a replica of its group, so a placement that keeps each
+            group on one node (hierarchical) keeps doing so.
+        num_groups: expert groups (blocks of ``E // num_groups`` consecutive experts).
         num_partners: swaps pair the heaviest rank with the ``num_partners`` lightest ranks of its
             node (the partners that can take load).
 
     Returns:
-        ``[L, P]`` int64 — ``fresh_LP`` for layers where it fits the budget; elsewhere ``old_LP``
-        improved by greedy moves: every layer's largest rank load is at most ``old_LP``'s.
+        ``[L, P]`` int64 — ``fresh_LP`` for layers where it fits the budget and is not less
+        balanced than ``old_LP``; elsewhere ``old_LP`` improved by greedy moves: every layer's
+        largest rank load is at most ``old_LP``'s.
     """
     num_layers, num_logical = load_LE.shape
     num_physical = old_LP.shape[1]
@@ -175,7 +261,9 @@ def limit_migration(
     limit = int(np.floor(budget * num_physical + 1e-9))
     out_LP = fresh_LP.copy()
     over_L = moved_slots(fresh_LP, old_LP, num_logical, num_ranks).sum(1) > limit
-    todo = np.nonzero(over_L)[0]
+    # A fresh plan less balanced than the stale one on this load is no shortcut either.
+    worse_L = _max_rank_load(load_LE, fresh_LP, num_ranks) > _max_rank_load(load_LE, old_LP, num_ranks)
+    todo = np.nonzero(over_L | worse_L)[0]
     if todo.size == 0:
         return out_LP
     rank_P = np.arange(num_physical) // per_rank
@@ -183,15 +271,31 @@ def limit_migration(
     num_partners = min(num_partners, ranks_per_node - 1)
     num_rows = todo.size
     w_XE = load_LE[todo]
-    cur_XP = old_LP[todo].copy()
     target_XP = fresh_LP[todo]
-    flat_old_XP = (np.arange(num_rows)[:, None] * num_logical + cur_XP) * num_ranks + rank_P
+    old_XP = old_LP[todo]
+    rows_X1 = np.arange(num_rows)[:, None]
+    flat_old_XP = (rows_X1 * num_logical + old_XP) * num_ranks + rank_P
     old_holds_F = np.zeros(num_rows * num_logical * num_ranks, dtype=bool)  # [X, E, G] flat
     old_holds_F[flat_old_XP] = True
-    held_F = np.bincount(flat_old_XP.reshape(-1), minlength=old_holds_F.size)  # replicas per (x, e, g)
+    # Step 0: with several nodes, re-plan pairs of nodes where that fits (`_replan_node_pairs`):
+    # the only moves that take groups to another node. The search below starts from there.
+    cur_XP = old_XP.copy()
+    if num_nodes > 1 and num_groups > 1:
+        for _ in range(num_nodes):
+            room_X = limit - moved_slots(cur_XP, old_XP, num_logical, num_ranks).sum(1)
+            after_XP = _replan_node_pairs(w_XE, cur_XP, old_XP, room_X, num_ranks, num_nodes, num_groups)
+            if np.array_equal(after_XP, cur_XP):
+                break
+            cur_XP = after_XP
+    held_F = np.bincount(((rows_X1 * num_logical + cur_XP) * num_ranks + rank_P).reshape(-1),
+                         minlength=old_holds_F.size)  # replicas per (x, e, g)
     count_XE = held_F.reshape(num_rows, num_logical, num_ranks).sum(2)
-    moved_XP = np.zeros((num_rows, num_physical), dtype=bool)
-    used_X = np.zeros(num_rows, dtype=np.int64)
+    moved_XP = ~old_holds_F[(rows_X1 * num_logical + cur_XP) * num_ranks + rank_P]
+    used_X = moved_XP.sum(1)
+    group_size = num_logical // num_groups
+    node_P = rank_P // ranks_per_node
+    group_on_node_XQN = np.zeros((num_rows, num_groups, num_nodes), dtype=np.int64)
+    np.add.at(group_on_node_XQN, (np.arange(num_rows)[:, None], cur_XP // group_size, node_P), 1)
     active = np.arange(num_rows)
     for _ in range(4 * num_physical):
         if active.size == 0:
@@ -243,6 +347,8 @@ def limit_migration(
         candidate_XP = (cur != tgt) & (cnt[r1, cur] >= 2) & (
             (rank_P[None, :] == heavy_X[:, None]) | (held_XEG[active[:, None], tgt, heavy_X[:, None]] > 0)
         )
+        if num_nodes > 1:  # the new expert's group must already be on that node
+            candidate_XP &= group_on_node_XQN[active[:, None], tgt // group_size, node_P] > 0
         c_row, c_slot = np.nonzero(candidate_XP)
         if c_row.size:
             x, y, r, g = cur[c_row, c_slot], tgt[c_row, c_slot], rank_P[c_slot], active[c_row]
@@ -297,6 +403,8 @@ def limit_migration(
             np.add.at(held_F, (base + y) * num_ranks + rank_P[s_], 1)
             np.add.at(count_XE, (g, x), -1)
             np.add.at(count_XE, (g, y), 1)
+            np.add.at(group_on_node_XQN, (g, x // group_size, node_P[s_]), -1)
+            np.add.at(group_on_node_XQN, (g, y // group_size, node_P[s_]), 1)
             moved_XP[g, s_] = ~old_holds_F[(base + y) * num_ranks + rank_P[s_]]
         used_X[g_X] = moved_XP[g_X].sum(1)
         active = g_X

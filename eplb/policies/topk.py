@@ -21,6 +21,7 @@ import torch
 from eplb.placement import Placement
 from eplb.policies import _register
 from eplb.policies.default import replicate
+from eplb.policies.local_search import _max_rank_load
 
 __all__ = ["topk_policy"]
 
@@ -122,16 +123,6 @@ def topk_policy(
     worse_L = _max_rank_load(load_LE, held_LP, num_ranks) > _max_rank_load(load_LE, old_LP, num_ranks) * (1 + 1e-9)
     held_LP[worse_L] = old_LP[worse_L]
     return Placement._of_valid(held_LP, num_logical)
-
-
-def _max_rank_load(load_LE: np.ndarray, phy2log_LP: np.ndarray, num_ranks: int) -> np.ndarray:
-    """``[L]`` the busiest rank's load of each layer (each replica carries load / replicas)."""
-    num_layers, num_physical = phy2log_LP.shape
-    count_LE = np.zeros(load_LE.shape, dtype=np.int64)
-    np.add.at(count_LE, (np.arange(num_layers)[:, None], phy2log_LP), 1)
-    per_replica_LE = load_LE / np.maximum(count_LE, 1)
-    slot_load_LP = np.take_along_axis(per_replica_LE, phy2log_LP, 1)
-    return slot_load_LP.reshape(num_layers, num_ranks, -1).sum(2).max(1)
 
 
 def _spare_slots(
