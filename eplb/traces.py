@@ -579,12 +579,17 @@ def _sample_counts(rng: np.random.Generator, picks: int, p_XE: np.ndarray) -> np
     # float32 represents every count exactly below 2**24 and halves the cost of the noise.
     dtype = np.float32 if picks < 2**24 else np.float64
     p = p_XE.astype(dtype, copy=False)
-    y = np.sqrt(p) * rng.standard_normal(p.shape, dtype=dtype)
-    x = p * dtype(picks) + dtype(math.sqrt(picks)) * (y - p * y.sum(-1, keepdims=True))
+    y = rng.standard_normal(p.shape, dtype=dtype)
+    y *= np.sqrt(p)
+    root = dtype(math.sqrt(picks))
+    x = p * (dtype(picks) - root * y.sum(-1, keepdims=True))
+    y *= root
+    x += y
     np.maximum(x, 0, out=x)
-    counts = np.rint(x).astype(np.int64)
+    np.rint(x, out=x)
+    counts = x.astype(np.int32 if picks < 2**31 else np.int64)
     hot = counts.argmax(-1)[..., None]
-    short = picks - counts.sum(-1, keepdims=True)
+    short = picks - counts.sum(-1, keepdims=True, dtype=np.int64)
     np.put_along_axis(counts, hot, np.take_along_axis(counts, hot, -1) + short, -1)
     return counts
 

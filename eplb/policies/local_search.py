@@ -27,6 +27,7 @@ import numpy as np
 __all__ = ["refine_packing", "limit_migration", "moved_slots"]
 
 _TOL = 1e-9  # relative gain below which a move is not taken (float rounding cannot undo it)
+_MIN_GAIN_PER_MOVE = 1e-4  # migration budget: least gain per moved slot, as a fraction of the mean rank load
 
 
 def _swap_max(
@@ -372,7 +373,10 @@ def limit_migration(
         # maximum ever grows.
         gain_XW = np.concatenate([swap_gain_XW, change_gain_XP], axis=1)
         cost_XW = np.concatenate([swap_cost_XW, change_cost_XP], axis=1)
-        ok_XW = (gain_XW > max_X1 * _TOL) & (cost_XW <= room_X1)
+        # A moved slot must buy at least _MIN_GAIN_PER_MOVE of the mean rank load: moving weights
+        # for less is not worth the transfer (and ends the search early).
+        min_gain_XW = rank_load_XG.mean(1, keepdims=True) * _MIN_GAIN_PER_MOVE * np.maximum(cost_XW, 0)
+        ok_XW = (gain_XW > max_X1 * _TOL) & (gain_XW >= min_gain_XW) & (cost_XW <= room_X1)
         score_XW = np.where(ok_XW, gain_XW / np.maximum(cost_XW, 0.5), -np.inf)
         best_X = score_XW.argmax(1)
         go_X = ok_XW[rows, best_X]
