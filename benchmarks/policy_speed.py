@@ -138,7 +138,8 @@ def baseline_default(
     phy2pphy = pack_index * (phy_per_node // (num_ranks // num_nodes)) + rank_in_pack
     pphy2phy = baseline_inverse(phy2pphy)
     pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, 1)
-    pphy2mlog = (pphy2mlog.reshape(L, num_nodes, -1) + (np.arange(num_nodes) * (E // num_nodes))[:, None]).reshape(L, -1)
+    node_offset = (np.arange(num_nodes) * (E // num_nodes))[:, None]
+    pphy2mlog = (pphy2mlog.reshape(L, num_nodes, -1) + node_offset).reshape(L, -1)
     phy2log = np.take_along_axis(mlog2log, pphy2mlog, 1)
     pphyrank = np.take_along_axis(phyrank, pphy2phy, 1).reshape(L, -1)
     logcnt = np.take_along_axis(mlogcnt.reshape(L, -1), log2mlog, 1)
@@ -179,7 +180,7 @@ def main() -> None:
     print(f"{'shape':26} {'eplb default ms':>16} {'baseline A ms':>14} {'speed-up':>9} {'baseline B ms':>14} "
           f"{'speed-up':>9} {'identical phy2log':>18}")
     policy = get_policy("default")
-    for shape_name, (L, E, P, G, N, groups) in SHAPES.items():
+    for shape_name, (_, _, P, G, N, groups) in SHAPES.items():
         load = loads[shape_name]
         kwargs = dict(num_physical=P, num_groups=groups, num_nodes=N, num_ranks=G)
         ours = policy(load, **kwargs)
@@ -189,7 +190,8 @@ def main() -> None:
         )
         ours_ms, _ = _time_ms(lambda: policy(load, **kwargs), args.repeats)  # noqa: B023
         base_ms = [
-            _time_ms(lambda: baseline_default(load.numpy(), P, groups, N, G, heap), max(args.repeats // 3, 2))[0]  # noqa: B023
+            _time_ms(lambda: baseline_default(load.numpy(), P, groups, N, G, heap),  # noqa: B023
+                     max(args.repeats // 3, 2))[0]
             for heap in (False, True)
         ]
         print(f"{shape_name:26} {ours_ms:16.2f} {base_ms[0]:14.2f} {base_ms[0] / ours_ms:8.1f}x "
@@ -197,7 +199,7 @@ def main() -> None:
 
     print("\n3. refine=True: balancedness of the plan without and with the swap search, CPU ms")
     print(f"{'shape':26} {'default':>8} {'refined':>8} {'default ms':>11} {'refine ms':>10}")
-    for shape_name, (L, E, P, G, N, groups) in SHAPES.items():
+    for shape_name, (_, _, P, G, N, groups) in SHAPES.items():
         load = loads[shape_name]
         kwargs = dict(num_physical=P, num_groups=groups, num_nodes=N, num_ranks=G)
         plain, refined = policy(load, **kwargs), policy(load, refine=True, **kwargs)

@@ -79,7 +79,8 @@ def main() -> None:
     t0 = time.process_time()
     slow = [0, 0]
     for layer in range(old_LP.shape[0]):
-        plan = plan_layer_transfer(torch.from_numpy(old_LP[layer]), torch.from_numpy(new_LP[layer]), rank=0, num_ranks=32)
+        plan = plan_layer_transfer(torch.from_numpy(old_LP[layer]), torch.from_numpy(new_LP[layer]),
+                                   rank=0, num_ranks=32)
         slow[0] += plan.num_changed_slots
         slow[1] += plan.num_network_transfers
     t_slow = time.process_time() - t0

@@ -182,7 +182,8 @@ def _replan_node_pairs(
     pair_a = np.array([a for a, _ in pairs])
     pair_b = np.array([b for _, b in pairs])
     # Step 1: the groups of each node pair, in group order: [n, Q, 2 * groups_per_node].
-    in_pair_nQK = (node_XQ[rows][:, None, :] == pair_a[None, :, None]) | (node_XQ[rows][:, None, :] == pair_b[None, :, None])
+    node_n1Q = node_XQ[rows][:, None, :]
+    in_pair_nQK = (node_n1Q == pair_a[None, :, None]) | (node_n1Q == pair_b[None, :, None])
     sub_groups = np.argsort(~in_pair_nQK, axis=2, kind="stable")[:, :, : 2 * groups_per_node]
     sub_experts = (sub_groups[..., None] * group_size + np.arange(group_size)).reshape(n * num_pairs, -1)
     row_of = np.repeat(rows, num_pairs)

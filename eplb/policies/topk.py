@@ -8,8 +8,9 @@ change, so a rebalance moves at most ``T`` experts per layer. The spare slots ar
 copies of the placement in effect, chosen so that every rank has its share of them (as
 `Placement.initial` spreads its redundant slots): each expert with several copies keeps as primary
 the copy on the rank with the most spare candidates beyond its share. A layer whose new plan would
-have a heavier busiest rank than the placement in effect, on the given load, keeps that placement. Replica counts follow the `default` policy's rule (each spare slot to the expert with the
-largest load per replica, so a very hot expert can get several). Node and group structure is not
+have a heavier busiest rank than the placement in effect, on the given load, keeps that placement.
+Replica counts follow the `default` policy's rule (each spare slot to the expert with the largest
+load per replica, so a very hot expert can get several). Node and group structure is not
 used. Sync mode only: `EPLBConfig` rejects ``policy="topk"`` with ``use_async=True``.
 """
 
