@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["refine_packing", "limit_migration", "moved_slots"]
 
 _TOL = 1e-9  # relative gain below which a move is not taken (float rounding cannot undo it)
-_MIN_GAIN_PER_MOVE = 1e-4  # migration budget: least gain per moved slot, as a fraction of the mean rank load
+_MIN_GAIN_PER_MOVE = 1e-3  # migration budget: least gain per moved slot, as a fraction of the mean rank load
 
 
 def _swap_max(
@@ -250,6 +250,9 @@ def limit_migration(
         num_groups: expert groups (blocks of ``E // num_groups`` consecutive experts).
         num_partners: swaps pair the heaviest rank with the ``num_partners`` lightest ranks of its
             node (the partners that can take load).
+
+    A move must lower the busiest rank by at least 0.1% of the layer's mean rank load per moved
+    slot: smaller gains are not worth a weight transfer, so the search may stop below the budget.
 
     Returns:
         ``[L, P]`` int64 — ``fresh_LP`` for layers where it fits the budget and is not less

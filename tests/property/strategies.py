@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from eplb.placement import Placement
 
-__all__ = ["Shape", "shapes", "one_per_pack_shapes", "loads", "problems", "placements", "LOAD_KINDS"]
+__all__ = ["Shape", "shapes", "one_per_pack_shapes", "nodes_of_groups", "loads", "problems", "placements", "LOAD_KINDS"]
 
 LOAD_KINDS = ("continuous", "ties", "floats")
 """``continuous``: log-normal from a drawn seed (distinct values, no ties in practice);
@@ -125,3 +125,16 @@ def placements(draw, shape: Shape) -> Placement:
         extra = rng.integers(0, shape.num_logical, shape.num_physical - shape.num_logical)
         rows.append(rng.permutation(np.concatenate([np.arange(shape.num_logical), extra])))
     return Placement.from_phy2log(torch.from_numpy(np.stack(rows)), shape.num_logical)
+
+
+def nodes_of_groups(placement: Placement, shape: Shape) -> list[dict[int, set[int]]]:
+    """Per layer, the nodes that hold a replica of each expert group (``{group: {node, ...}}``)."""
+    group_size = shape.num_logical // shape.num_groups
+    slots_per_node = shape.num_physical // shape.num_nodes
+    layers = []
+    for l in range(shape.num_layers):
+        nodes_of: dict[int, set[int]] = {}
+        for s, e in enumerate(placement.phy2log[l].tolist()):
+            nodes_of.setdefault(e // group_size, set()).add(s // slots_per_node)
+        layers.append(nodes_of)
+    return layers

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from property.strategies import Shape, loads, placements, problems, shapes
+from property.strategies import Shape, loads, nodes_of_groups, placements, problems, shapes
 from scipy.optimize import linear_sum_assignment
 
 from eplb.metrics import balancedness
@@ -89,12 +89,7 @@ def test_migration_budget_keeps_every_replica_of_a_group_on_its_node(problem, bu
     drift = np.exp(0.3 * np.random.default_rng(seed).standard_normal(tuple(load.shape)))
     old = plan(shape, load * torch.from_numpy(drift))  # hierarchical: each group on one node
     placement = plan(shape, load, old, migration_budget=budget)
-    group_size = shape.num_logical // shape.num_groups
-    slots_per_node = shape.num_physical // shape.num_nodes
-    for l in range(shape.num_layers):
-        node_of_group: dict[int, set[int]] = {}
-        for s, e in enumerate(placement.phy2log[l].tolist()):
-            node_of_group.setdefault(e // group_size, set()).add(s // slots_per_node)
+    for node_of_group in nodes_of_groups(placement, shape):
         assert all(len(nodes) == 1 for nodes in node_of_group.values())
 
 
@@ -122,12 +117,7 @@ def test_refine_never_lowers_balancedness(problem, with_old):
 def test_refine_keeps_every_replica_of_a_group_on_its_node(problem):
     shape, load = problem
     placement = plan(shape, load, refine=True)
-    group_size = shape.num_logical // shape.num_groups
-    slots_per_node = shape.num_physical // shape.num_nodes
-    for l in range(shape.num_layers):
-        node_of_group: dict[int, set[int]] = {}
-        for s, e in enumerate(placement.phy2log[l].tolist()):
-            node_of_group.setdefault(e // group_size, set()).add(s // slots_per_node)
+    for node_of_group in nodes_of_groups(placement, shape):
         assert all(len(nodes) == 1 for nodes in node_of_group.values())
 
 

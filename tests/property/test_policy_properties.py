@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from property.strategies import LOAD_KINDS, loads, one_per_pack_shapes, placements, problems, shapes
+from property.strategies import LOAD_KINDS, loads, nodes_of_groups, one_per_pack_shapes, placements, problems, shapes
 from reference_policy import reference_default
 
 from eplb.placement import Placement
@@ -103,12 +103,7 @@ def test_hierarchical_keeps_every_replica_of_a_group_on_its_node(problem, with_o
     shape, load = problem
     old = plan("default", shape, load.flip(1)) if with_old else None
     placement = plan("default", shape, load, old=old)
-    group_size = shape.num_logical // shape.num_groups
-    slots_per_node = shape.num_physical // shape.num_nodes
-    for l in range(shape.num_layers):
-        node_of_group: dict[int, set[int]] = {}
-        for s, e in enumerate(placement.phy2log[l].tolist()):
-            node_of_group.setdefault(e // group_size, set()).add(s // slots_per_node)
+    for node_of_group in nodes_of_groups(placement, shape):
         assert all(len(nodes) == 1 for nodes in node_of_group.values())
         per_node = Counter(next(iter(nodes)) for nodes in node_of_group.values())
         assert set(per_node.values()) == {shape.num_groups // shape.num_nodes}
