@@ -10,14 +10,17 @@ that raises it, so the result is never less balanced than the placement they sta
 - `refine_packing` (``refine=True``): after the greedy packing, swap two slots of different ranks
   when that lowers the heaviest rank's load below its old value without lifting the other rank
   above it, the swap that lowers the maximum most first. Replica counts do not change.
-- `limit_migration` (``migration_budget``): start from the placement in effect and apply the moves
-  with the largest reduction of the maximum per moved slot: slot changes toward the fresh
-  (relabelled) plan (which also change replica counts) and swaps of two slots. A slot counts as
-  moved when its expert was not on its rank in the old placement. A layer whose fresh plan fits the
-  budget takes it whole.
+- `limit_migration` (``migration_budget``): a layer whose fresh (relabelled) plan fits the budget
+  and is not less balanced takes it whole; otherwise start from the placement in effect (with
+  several nodes, after re-planning whole pairs of nodes where that fits) and apply, one at a time,
+  the move that lowers the busiest rank most per moved slot: a slot takes its expert of the fresh
+  plan (two replica counts change), or a slot of the busiest rank swaps with a slot of a light
+  rank of its node. A slot counts as moved when its expert was not on its rank in the old
+  placement.
 
-The greedy, gain-per-moved-slot search follows the usual treatment of migration-aware
-rebalancing as a knapsack over moves (each move's balance gain against its transfer cost).
+Both are greedy local searches written for eplb (a move's gain is the drop of the busiest rank's
+load; for the budget, per moved slot, like a greedy knapsack); they find good placements fast, not
+optimal ones.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def refine_packing(
             positions ``[k * M // K, (k + 1) * M // K)``.
         num_packs: ``K``.
         max_rounds: cap on swaps per row (default ``4 * M``).
-        num_partners: the heaviest pack swaps with one of the ``num_partners`` lightest packs.
+        num_partners: swaps of the heaviest pack are first tried with the ``num_partners``
+            lightest packs, and with every pack only when none of those helps.
 
     Returns:
         ``[X, M]`` int64 — position permutation: the refined row holds ``weight[x, perm[x, j]]``
