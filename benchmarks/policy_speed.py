@@ -3,7 +3,7 @@
 Run: ``python benchmarks/policy_speed.py [--repeats 10]``. Prints four tables:
 
 1. ``default`` and ``topk``: the median and fastest of ``--repeats`` timed calls after one
-   warm-up call, for the registered (input-checked) policy and the bare algorithm (``policy.raw``).
+   warm-up call, for the registered (input-checked) policy and the bare algorithm (``policy.__wrapped__``).
 2. ``default`` against a comparison baseline, side by side on the same loads: DeepSeek's EPLB
    algorithm (github.com/deepseek-ai/EPLB, ``eplb.py``) written per layer in NumPy with a heap
    for the packing, the structure of vLLM's NumPy port. Two baselines, reimplemented in this
@@ -170,7 +170,7 @@ def main() -> None:
             kwargs = dict(num_physical=P, num_groups=groups, num_nodes=N, num_ranks=G)
             old = Placement.initial(L, E, P, G) if policy_name == "topk" else None
             median, fastest = _time_ms(lambda: policy(load, old=old, **kwargs), args.repeats)  # noqa: B023
-            raw_median, _ = _time_ms(lambda: policy.raw(load, old=old, **kwargs), args.repeats)  # noqa: B023
+            raw_median, _ = _time_ms(lambda: policy.__wrapped__(load, old=old, **kwargs), args.repeats)  # noqa: B023
             print(f"{policy_name:8} {shape_name:26} {L:3d} {E:4d} {P:5d} {G:4d} {N:2d} "
                   f"{median:10.2f} {fastest:7.2f} {raw_median:14.2f}")
 

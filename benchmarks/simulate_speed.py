@@ -54,8 +54,8 @@ def main() -> None:
         finally:
             eplb.traces._GAUSS_MIN_MEAN = threshold
         print(f"  with the exact multinomial sampler: {t_multinomial:.1f} s CPU ({t_multinomial / t_gen:.1f}x slower)")
-    config = SimConfig(policy=args.policy, window=1000, interval=args.interval, redundant=32, ranks=32,
-                       nodes=4, groups=8, bytes_per_expert=3 * 7168 * 2048)
+    config = SimConfig(policy=args.policy, window_size=1000, step_interval=args.interval, num_redundant_experts=32,
+                       num_ranks=32, num_nodes=4, num_groups=8, bytes_per_expert=3 * 7168 * 2048)
     t0 = time.perf_counter()
     result = simulate(trace, config, progress=False)
     t_sim = time.perf_counter() - t0
