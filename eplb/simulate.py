@@ -446,7 +446,8 @@ def count_transfers(old_LP: np.ndarray, new_LP: np.ndarray, num_ranks: int) -> t
     """``(changed slots, network transfers)`` of a rebalance, over all layers.
 
     Args:
-        old_LP, new_LP: ``[L, P]`` int64 ``phy2log`` before and after.
+        old_LP: ``[L, P]`` int64 ``phy2log`` before the rebalance.
+        new_LP: ``[L, P]`` int64 ``phy2log`` after it.
         num_ranks: ``G``.
 
     Returns:
