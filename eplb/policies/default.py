@@ -89,8 +89,10 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
         flat_count[flat_X] = count_X
         flat_weight[flat_X] += weight_nX[k] + full_penalty_C[count_X]
         pack_nX[k] = p_X
-    # Sort by (pack, arrival): the items of each pack in the order they arrived, i.e. slot order.
-    sorted_of_slot_Xn = np.sort(pack_nX.T * n + np.arange(n), axis=1) % n
+    # Sort by (pack, arrival): the items of each pack in the order they arrived, i.e. slot order
+    # (a stable sort of small ints, which NumPy does as a radix sort).
+    small = np.int16 if num_packs < 2**15 else np.int64
+    sorted_of_slot_Xn = np.argsort(pack_nX.T.astype(small), axis=1, kind="stable")
     return np.take_along_axis(order_Xn, sorted_of_slot_Xn, 1)
 
 
