@@ -410,9 +410,10 @@ def lognormal(
     """Fixed log-normal expert popularity per layer, counts sampled per step.
 
     Each layer's popularity is ``exp(sigma * z)``, ``z ~ N(0, 1)`` per expert, normalised; each
-    step draws ``tokens_per_step * top_k`` picks per layer from it (multinomial: picks are
-    independent, so a token may pick an expert twice, which top-k routing forbids; immaterial
-    for load statistics). ``sigma = 1`` gives a max/mean rank load of about 2.4 with 256 experts
+    step draws exactly ``tokens_per_step * top_k`` picks per layer from it (multinomially
+    distributed; from 50 picks per expert on, drawn from the Gaussian with the multinomial's mean
+    and covariance, see `_sample_counts`. Picks are independent, so a token may pick an expert
+    twice, which top-k routing forbids; immaterial for load statistics). ``sigma = 1`` gives a max/mean rank load of about 2.4 with 256 experts
     on 32 ranks without redundancy, close to the 2.56 DeepSeek reported for R1 decode on 32 GPUs.
 
     Returns:
