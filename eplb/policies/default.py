@@ -82,7 +82,15 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
     full_penalty_C[cap] = np.inf
     row_base_X = np.arange(num_rows) * num_packs
     pack_nX = np.empty((n, num_rows), dtype=np.int64)
-    for k in range(n):
+    first = 0
+    if num_packs > 1 and bool((weight_nX[num_packs - 1] > 0).all()):
+        # The K heaviest items are all > 0, so the k-th of them finds packs 0..k-1 heavier than the
+        # empty ones and goes to pack k (lowest index among the empty): no argmin needed.
+        pack_weight_XK[:] = weight_nX[:num_packs].T
+        pack_count_XK[:] = 1
+        pack_nX[:num_packs] = np.arange(num_packs)[:, None]
+        first = num_packs
+    for k in range(first, n):
         p_X = pack_weight_XK.argmin(1)
         flat_X = row_base_X + p_X
         count_X = flat_count[flat_X] + 1
