@@ -135,6 +135,37 @@ def test_policies_of_the_entry_point_group_are_registered(monkeypatch):
         unregister_policy("from_entry_point")
 
 
+def test_an_entry_point_policy_declares_its_options_with_an_attribute(monkeypatch):
+    import importlib.metadata
+
+    import eplb.policies as registry
+
+    def with_budget(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None, migration_budget=None):
+        return registry.get_policy("default")(load, num_physical=num_physical, num_ranks=num_ranks, old=old,
+                                              migration_budget=migration_budget)
+
+    with_budget.eplb_options = ("migration_budget",)
+
+    class FakeEntryPoint:
+        name = "budget_from_entry_point"
+
+        def load(self):
+            return with_budget
+
+    def entry_points(group=None):
+        return [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert registry.policy_options("budget_from_entry_point") == {"migration_budget"}
+        assert EPLBConfig(policy="budget_from_entry_point", use_async=False, migration_budget=0.3)
+        with pytest.raises(ValidationError, match="does not accept the option refine=True"):
+            EPLBConfig(policy="budget_from_entry_point", use_async=False, refine=True)
+    finally:
+        unregister_policy("budget_from_entry_point")
+
+
 @given(
     window=st.integers(1, 10**6), interval=st.integers(1, 10**6), redundant=st.integers(0, 4096),
     gain=st.floats(0, 1, exclude_max=True), use_async=st.booleans(),
