@@ -48,6 +48,16 @@ class EPLBConfig(BaseModel):
     """Name of a registered policy (see ``eplb.available_policies()``). Plug-ins must be
     registered before the config is built."""
 
+    migration_budget: float | None = Field(None, gt=0.0, le=1.0)
+    """Policy option: at most this fraction of each layer's slots may receive an expert their rank
+    did not hold before a rebalance (the rest of the plan is the best found within that limit).
+    Bounds the bytes moved per rebalance; ``None`` moves whatever the plan needs."""
+
+    refine: bool = False
+    """Policy option: a swap search after packing that lowers the heaviest rank's load without
+    changing replica counts. Never less balanced; costs up to tens of ms of planning. Off keeps
+    the plan identical to DeepSeek's reference algorithm."""
+
     communicator: str = "auto"
     """How expert weights move between ranks: ``"auto"``, ``"torch_nccl"``, ``"torch_gloo"`` or
     ``"torch_p2p"`` (or a registered plug-in). ``"auto"`` picks ``local`` for one rank; for async
@@ -98,6 +108,23 @@ class EPLBConfig(BaseModel):
         if value not in names and value not in available_communicators():
             raise ValueError(f"communicator {value!r} is unknown; use one of {', '.join(names)}")
         return value
+
+    def policy_options(self) -> dict[str, object]:
+        """The policy options that are set, as keyword arguments of the policy call."""
+        from eplb.policies import set_options
+
+        return set_options(migration_budget=self.migration_budget, refine=self.refine)
+
+    @model_validator(mode="after")
+    def _policy_accepts_options(self) -> EPLBConfig:
+        from eplb.errors import EPLBError
+        from eplb.policies import check_policy_options
+
+        try:
+            check_policy_options(self.policy, self.policy_options())
+        except EPLBError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @model_validator(mode="after")
     def _async_rules(self) -> EPLBConfig:
