@@ -29,26 +29,39 @@ Target >= 0.80.
 
 Part ``async``. Decode-like steps of an `EPLBWrapper` around a residual stack of `eplb.moe.MoE`
 layers (``--layers``, ``--experts``, ``--hidden``, ``--inter``, ``--topk``; routing skewed towards a
-few experts per layer, so the default policy moves weights), ``ep_group`` = all ranks: the
-forward dispatches tokens with NCCL all-to-all. ``--tokens`` tokens per rank per step; size it so
-that a step takes about 10-20 ms (the "none" row reports it). Three modes, each on a fresh copy
-of the same model, ``--steps`` steps, the rebalance at step ``--rebalance-at``:
+few experts per layer, so the default policy moves weights), ``ep_group`` = all ranks, with the
+forward users should run: ``--dispatcher fixed_capacity`` (``max_tokens_per_rank`` = ``--tokens``,
+no host sync; ``all_to_all`` for the fallback) and ``--experts-impl dense`` (every expert on every
+row, batched: no host sync either, so a step can be captured; ``loop`` is `eplb.moe.SwiGLUExperts`,
+one host sync per layer). ``--tokens`` tokens per rank per step. Rows, each on a fresh copy of the
+same model, ``--steps`` steps, the rebalance at step ``--rebalance-at``, in this order:
 
 - ``none``: no rebalance;
 - ``sync``: `EPLBWrapper.rebalance` with ``use_async=False`` (``--sync-communicator``, ``auto``
   = torch_nccl): the triggering step blocks for the whole transfer;
 - ``async``: ``use_async=True``, ``communicator="auto"``: ``torch_p2p`` on one host with peer
   access (receivers pull over the copy engines), while the forwards keep dispatching over NCCL;
+  ``async_layers_per_step`` = ``--async-layers-per-step`` (default None: every layer ready on
+  every rank);
 - ``async:NAME`` for each other name in ``--async-communicators`` (default ``torch_gloo``: staged
-  through pinned host memory), for comparison.
+  through pinned host memory), for comparison;
+- ``none+graph`` and ``async+graph`` (unless ``--no-graph``): the wrapped forward captured once in a
+  CUDA graph after a warm-up on a side stream, then each step copies its input into the static
+  buffer, replays and calls ``wrapper.step()`` (docs/guide/fast-forward.md);
+- ``none#again`` (unless ``--no-repeat-none``): the baseline once more, last, so a drift of the
+  machine over the run is told apart from a cost of the rows in between.
 
 Per-step latency (wall time of the step, slowest rank) p50 / p99 / max over the steps after
-``--warmup``; the async run continues until the rebalance is committed (no hang: every wait has
-``--timeout``). Outputs are compared with the unwrapped model on the same GPU every
-``--check-every`` steps and at every step whose in-flight state changes; every slot is checked
-against its expert's weights after the rebalance. Also reported: on which GPUs each rank's
-process holds a CUDA context (expected: only its own). Targets: async p50 <= 1.05x and p99 <= 1.10x
-the no-rebalance step; async rebalance seconds <= 1.5x the sync rebalance's ("x sync").
+``--warmup``, against the ``none`` row of the same kind (eager or graph); p50 separately for the
+steps before the rebalance, while it is in flight, and after it committed (a slowdown of a whole
+row is told apart from the in-flight cost); process CPU time per step (all threads: a thread that
+spins shows here); OS threads before and after each row. The async run continues until the
+rebalance is committed (no hang: every wait has ``--timeout``). Outputs are compared with the
+unwrapped model on the same GPU every ``--check-every`` steps and at every step whose in-flight
+state changes; every slot is checked against its expert's weights after the rebalance. Also
+reported: on which GPUs each rank's process holds a CUDA context (expected: only its own).
+Targets: async p50 <= 1.05x and p99 <= 1.10x the no-rebalance step (graph rows too); async
+rebalance seconds <= 1.5x the sync rebalance's ("x sync").
 
 Rank 0 prints the tables; ``--json`` writes every number. The script exits non-zero when a check
 fails.

@@ -25,6 +25,7 @@ from eplb.executor.staging import (
     StagingPool,
     changed_layers,
     commit_staged,
+    device_of,
     placement_of,
     stage_layer,
 )
@@ -168,7 +169,7 @@ class AsyncExecutor:
                     f"({self.timeout_s} s); a rank is probably gone"
                 )
         job = _Job(layers, old, decide, self.num_buffers)
-        device = _device_of(layers)
+        device = device_of(layers)
         if device.type == "cuda":
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device)
@@ -383,9 +384,3 @@ def _stop_worker(live: dict, join_s: float = 2.0) -> None:
     if thread is not None and thread is not threading.current_thread():
         thread.join(join_s)
 
-
-def _device_of(layers: list) -> torch.device:
-    for layer in layers:
-        for t in layer.slot_tensors().values():
-            return t.device
-    return torch.device("cpu")
