@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eplb.atomic import critical_section
 from eplb.comm.base import dedicated_group, select_communicator
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError
@@ -31,7 +32,7 @@ from eplb.moe.dispatch import make_dispatcher
 from eplb.placement import Placement
 from eplb.policies import check_policy_inputs, get_policy
 from eplb.traces import TraceWriter
-from eplb.tracker import LoadTracker
+from eplb.tracker import LoadTracker, check_window_size
 
 __all__ = ["EPLBWrapper"]
 
@@ -89,9 +90,11 @@ class EPLBWrapper:
         if not isinstance(config, EPLBConfig):
             raise EPLBError(f"config must be an eplb.EPLBConfig, got {type(config).__name__}")
         num_ranks, rank = _group_size_and_rank(ep_group)
-        # Step 1: find the layers and check every size, without touching the model. With several
-        # ranks, an error on one rank is shared so that no rank hangs in the agreement check.
-        error = None
+        # Step 1: find the layers and check everything that can fail, without touching the model.
+        # With several ranks, an error on one rank is shared so that every rank raises together
+        # and none hangs in the agreement check or, later, in its first forward.
+        error: Exception | None = None
+        trace = None
         try:
             specs = find_moe_layers(model)
             num_layers, num_logical = len(specs), specs[0].num_experts
@@ -102,8 +105,10 @@ class EPLBWrapper:
                 initial_placement, num_layers, num_logical, num_physical, num_ranks
             )
             device = _expert_device(specs)
-        except EPLBError as exc:
-            error = str(exc)
+            check_window_size(config.window_size, num_layers, num_logical)
+            trace = _trace_writer(record_trace, model, num_layers, num_logical, rank)
+        except Exception as exc:
+            error = exc
         if num_ranks > 1:
             summary = (
                 None
@@ -118,9 +123,15 @@ class EPLBWrapper:
                     "placement": placement.phy2log.tolist(),
                 }
             )
-            _check_ranks_agree(error, summary, ep_group, num_ranks, rank)
-        elif error:
-            raise EPLBError(error) from None
+            try:
+                _check_ranks_agree(_error_text(error), summary, ep_group, num_ranks, rank)
+            except BaseException:
+                _discard_trace(trace)
+                if error is not None:
+                    raise error from None
+                raise
+        if error is not None:
+            raise error from None
 
         # Step 2: build the new parts (copies; the model is still untouched).
         self.eplb_config = config
@@ -149,7 +160,7 @@ class EPLBWrapper:
         if isinstance(self._executor, AsyncExecutor):
             self._executor.stop_with(self)
         self._recording = record_trace is not None
-        self._trace = _trace_writer(record_trace, model, num_layers, num_logical, rank)
+        self._trace = trace
         self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
         self._steps = 0
         self._num_rebalances = 0
@@ -193,8 +204,15 @@ class EPLBWrapper:
     # ------------------------------------------------------------------ state
     @property
     def placement(self) -> Placement:
-        """The committed `Placement` of every MoE layer, in model order."""
-        return self._placement
+        """The committed `Placement` of every MoE layer, in model order.
+
+        A copy the wrapper never reads back: editing its tensors changes nothing here. The same
+        copy is returned until the placement changes."""
+        internal, public = self.__dict__.get("_public_placement", (None, None))
+        if internal is not self._placement:
+            public = self._placement.clone()
+            self.__dict__["_public_placement"] = (self._placement, public)
+        return public
 
     @property
     def eplb_layers(self) -> list:
@@ -249,7 +267,13 @@ class EPLBWrapper:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict` (same model, config and ranks): placement, slot weights, tracker."""
+        """Restore a `state_dict` (same model, config and ranks): placement, slot weights, tracker.
+
+        Everything is validated first (format, sizes, the placement, every slot tensor's name,
+        shape and dtype — no casts — and the tracker state); a bad state raises `EPLBError` and
+        changes nothing. Then all of it is applied at once (atomic under ``KeyboardInterrupt``,
+        see `eplb.atomic`).
+        """
         self._check_open()
         if self.async_in_flight:
             raise EPLBError("an async rebalance is in flight; call synchronize() before load_state_dict()")
@@ -264,26 +288,31 @@ class EPLBWrapper:
                 f"state was saved by rank {state.get('rank')} of {state.get('num_ranks')} ranks; this "
                 f"wrapper is rank {self._rank} of {self._num_ranks} (each rank loads its own state)"
             )
-        placement = Placement.from_dict(state["placement"], source="EPLBWrapper state placement")
+        # Step 1: validate and stage everything.
+        placement = Placement.from_dict(state.get("placement"), source="EPLBWrapper state placement")
         _check_placement_shape(placement, self._num_layers, self._num_logical, self._num_physical)
         placement.validate(self._num_ranks)
-        slots = state["slots"]
-        if len(slots) != len(self._layers):
-            raise EPLBError(f"state has slots of {len(slots)} layers; the model has {len(self._layers)}")
-        for layer, saved in zip(self._layers, slots):
-            current = layer.slot_tensors()
-            if set(saved) != set(current) or any(saved[n].shape != current[n].shape for n in current):
-                raise EPLBError(
-                    f"layer {layer.layer_index}: saved slot tensors "
-                    f"{ {n: tuple(t.shape) for n, t in saved.items()} } do not match this model's "
-                    f"{ {n: tuple(t.shape) for n, t in current.items()} }"
-                )
-        self.tracker.load_state_dict(state["tracker"])
+        tracker_state = self.tracker.stage_state_dict(state.get("tracker"))
+        steps = state.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise EPLBError(f"EPLBWrapper state field 'steps' ({steps!r}) must be an int >= 0")
+        slots = state.get("slots")
+        if not isinstance(slots, (list, tuple)) or len(slots) != len(self._layers):
+            got = f"{len(slots)} layers" if isinstance(slots, (list, tuple)) else type(slots).__name__
+            raise EPLBError(f"state has slots of {got}; the model has {len(self._layers)} MoE layers")
         all_slots = torch.arange(self._num_physical // self._num_ranks)
+        commits = []
         for layer, saved in zip(self._layers, slots):
-            layer.commit(placement.phy2log[layer.layer_index], saved, all_slots)
-        self._placement = placement
-        self._steps = int(state.get("steps", 0))
+            _check_saved_slots(layer, saved)
+            row = placement.phy2log[layer.layer_index]
+            commits.append((layer, layer.prepare_commit(row, all_slots, saved), saved))
+        # Step 2: apply, all at once.
+        with critical_section():
+            self.tracker.apply_staged_state(tracker_state)
+            for layer, prepared, saved in commits:
+                layer.apply_commit(prepared, saved)
+            self._placement = placement
+            self._steps = steps
 
     # ------------------------------------------------------------------ rebalancing
     def rebalance(self) -> RebalanceReport | None:
@@ -371,13 +400,14 @@ class EPLBWrapper:
             return self._skip(self._skip_reason)
         try:
             report = self._executor.rebalance(self._layers, old, new)
+            with critical_section():
+                self._placement = new
+                self._num_rebalances += 1
+                self._last_report = report
         except BaseException:
             # Committed layers hold the new rows, the others the old: record what is really there.
             self._placement = self._committed_placement()
             raise
-        self._placement = new
-        self._num_rebalances += 1
-        self._last_report = report
         return report
 
     def _committed_placement(self) -> Placement:
@@ -409,8 +439,9 @@ class EPLBWrapper:
         self._on_step()
 
     def _on_step(self) -> None:
-        self.tracker.step()
-        self._steps += 1
+        with critical_section():
+            self.tracker.step()
+            self._steps += 1
         if self._recording:
             # Every rank joins the all-reduce; rank 0 writes.
             load_LE = self.tracker.last_step_load(group=self._ep_group)
@@ -421,7 +452,12 @@ class EPLBWrapper:
                 self._steps, self.tracker, self._placement, self._ep_group, self._steps_to_next_rebalance()
             )
         if self.async_in_flight:
-            self._apply(self._executor.on_step())
+            try:
+                self._apply(self._executor.on_step())
+            except BaseException:
+                # An interrupt between a commit and _apply must not leave a stale placement here.
+                self._placement = self._committed_placement()
+                raise
         if self._steps % self.eplb_config.step_interval == 0:
             if self.async_in_flight:
                 if self._rank == 0:
@@ -598,6 +634,38 @@ def _executor(config: EPLBConfig, device: torch.device, group, rank: int, num_ra
     )
 
 
+def _error_text(error: Exception | None) -> str | None:
+    if error is None:
+        return None
+    return str(error) if isinstance(error, EPLBError) else f"{type(error).__name__}: {error}"
+
+
+def _check_saved_slots(layer, saved) -> None:
+    """Raise `EPLBError` unless ``saved`` holds exactly ``layer``'s slot tensors, same shapes and dtypes."""
+    current = layer.slot_tensors()
+    where = f"EPLBWrapper state, layer {layer.layer_index}"
+    if not isinstance(saved, dict) or set(saved) != set(current):
+        names = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise EPLBError(f"{where}: saved slot tensors {names} do not match this model's {sorted(current)}")
+    for name, dst in current.items():
+        src = saved[name]
+        if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+            got = f"{tuple(src.shape)} {src.dtype}" if isinstance(src, torch.Tensor) else type(src).__name__
+            raise EPLBError(
+                f"{where}: slot tensor {name!r} is {got}; this model's is {tuple(dst.shape)} {dst.dtype} "
+                "(states load without casts: save and load with the same model and dtype)"
+            )
+
+
+def _discard_trace(trace) -> None:
+    """Remove the (still empty) chunk folder of a trace writer made before a failed wrap."""
+    if trace is not None:
+        try:
+            trace.chunk_dir.rmdir()
+        except OSError:
+            pass
+
+
 def _trace_writer(path, model: nn.Module, num_layers: int, num_logical: int, rank: int):
     if path is None or rank != 0:
         return None
@@ -608,7 +676,10 @@ def _trace_writer(path, model: nn.Module, num_layers: int, num_logical: int, ran
         "model": type(model).__name__,
         "source": "EPLBWrapper",
     }
-    return TraceWriter(path, metadata)
+    try:
+        return TraceWriter(path, metadata)
+    except OSError as exc:
+        raise EPLBError(f"record_trace: cannot write the trace {str(path)!r} ({exc})") from None
 
 
 def _balancedness_logger(config: EPLBConfig, num_ranks: int, rank: int):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eplb.atomic import critical_section
 from eplb.errors import EPLBError
 from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
@@ -204,6 +205,13 @@ class EPLBExperts(nn.Module):
                 raise EPLBError(
                     f"staged tensors {sorted(staged)} must be exactly the slot tensors {sorted(current)}"
                 )
+            for name, dst in current.items():
+                src = staged[name]
+                if (src.shape, src.dtype, src.device) != (dst.shape, dst.dtype, dst.device):
+                    raise EPLBError(
+                        f"layer {self.layer_index}: staged {name!r} is {tuple(src.shape)} {src.dtype} on "
+                        f"{src.device}; the slots are {tuple(dst.shape)} {dst.dtype} on {dst.device}"
+                    )
         log2phy_ER = torch.full(tuple(self.log2phy.shape), -1, dtype=torch.int64)
         log2phy_ER[:, : placement.log2phy.shape[2]] = placement.log2phy[0]
         # One packed int64 vector: phy2log, log2phy, logcnt; one copy to the device.
@@ -214,11 +222,14 @@ class EPLBExperts(nn.Module):
         return PreparedCommit(packed=packed, slot_list=tuple(slot_ids.tolist()))
 
     def apply_commit(self, prepared: PreparedCommit, staged: dict[str, torch.Tensor] | None) -> None:
-        """Apply a `prepare_commit` result on the current stream: device copies only (no sync)."""
+        """Apply a `prepare_commit` result on the current stream: device copies only (no sync).
+
+        Atomic under ``KeyboardInterrupt`` (`eplb.atomic.critical_section`): the slot weights
+        and the maps change together."""
         phy2log_P, log2phy_flat, logcnt_E = torch.split(
             prepared.packed, [self.num_physical, self.log2phy.numel(), self.num_logical]
         )
-        with torch.no_grad():
+        with torch.no_grad(), critical_section():
             if prepared.slot_list:
                 for name, dst in self.slot_tensors().items():
                     src = staged[name]
