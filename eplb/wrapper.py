@@ -29,6 +29,7 @@ from eplb.metrics import BalancednessLogger, balancedness, predicted_gain, stats
 from eplb.moe import EPLBExperts, find_moe_layers
 from eplb.moe.adapters import direct_tensors
 from eplb.moe.dispatch import make_dispatcher
+from eplb.moe.layer import not_copyable_message
 from eplb.placement import Placement
 from eplb.policies import check_policy_inputs, get_policy
 from eplb.traces import TraceWriter
@@ -194,6 +195,27 @@ class EPLBWrapper:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ copying
+    def __getstate__(self) -> dict:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the wrapper (or of the wrapped
+        model, whose forward hook holds the wrapper) keep: the model, config, placement, tracker
+        and counters. The executor (worker thread, streams) and the trace writer are not data:
+        the copy gets a fresh executor with no rebalance in flight, starting from the committed
+        placement, and records no trace (a file has one writer).
+
+        Raises `EPLBError` with several ranks (see `EPLBExperts.__getstate__`)."""
+        if self._num_ranks > 1:
+            raise EPLBError(not_copyable_message(self._num_ranks))
+        state = dict(self.__dict__)
+        state.update(_executor=None, _trace=None, _recording=False, _public_placement=(None, None))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._executor = _executor(self.eplb_config, self.tracker.device, None, 0, 1)
+        if isinstance(self._executor, AsyncExecutor):
+            self._executor.stop_with(self)
 
     def __repr__(self) -> str:
         return (
@@ -574,7 +596,7 @@ def _initial_placement(initial, num_layers, num_logical, num_physical, num_ranks
             f"got {type(initial).__name__}"
         )
     _check_placement_shape(initial, num_layers, num_logical, num_physical)
-    return initial.validate(num_ranks)
+    return initial.validate(num_ranks).clone()  # the caller keeps its object; the wrapper owns this one
 
 
 def _expert_device(specs) -> torch.device:

@@ -240,6 +240,14 @@ class EPLBExperts(nn.Module):
             self.log2phy.copy_(log2phy_flat.view(self.log2phy.shape))
             self.logcnt.copy_(logcnt_E)
 
+    def __getstate__(self) -> dict:
+        """Copying or pickling (``copy.deepcopy``, ``pickle``, ``torch.save``) works with one rank.
+        With several ranks it raises `EPLBError`: a rank holds only its own slots and the
+        dispatcher holds the process group, so the copy could compute nothing alone."""
+        if self.num_ranks > 1:
+            raise EPLBError(not_copyable_message(self.num_ranks))
+        return super().__getstate__()
+
     # ------------------------------------------------------------------ forward
     def choose_slots(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """``[T, K]`` logical ids -> ``[T, K]`` global physical slots, one replica per pair.
@@ -378,6 +386,16 @@ class EPLBExperts(nn.Module):
             f"layer_index={self.layer_index}, num_logical={self.num_logical}, "
             f"num_physical={self.num_physical}, num_ranks={self.num_ranks}, rank={self.rank}"
         )
+
+
+def not_copyable_message(num_ranks: int) -> str:
+    """Why a model wrapped over several ranks cannot be copied or pickled, and what to do."""
+    return (
+        f"a model wrapped by eplb over {num_ranks} expert-parallel ranks cannot be copied or pickled: each "
+        "rank holds only its own expert slots and the wrapper holds process groups; call wrapper.unwrap() "
+        "on every rank (it gathers every expert back into the original modules), then copy or save the "
+        "model it returns (and wrap the copy again to keep balancing)"
+    )
 
 
 def _all_gather_rows(t_S: torch.Tensor, group, num_ranks: int) -> torch.Tensor:
