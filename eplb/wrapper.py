@@ -23,7 +23,7 @@ from torch import nn
 from eplb.atomic import critical_section
 from eplb.comm.base import dedicated_group, select_communicator
 from eplb.config import EPLBConfig
-from eplb.errors import EPLBError
+from eplb.errors import EPLBError, peer_failure
 from eplb.executor import AsyncExecutor, RebalanceReport, StepOutcome, SyncExecutor
 from eplb.metrics import BalancednessLogger, balancedness, predicted_gain, stats_of
 from eplb.moe import EPLBExperts, find_moe_layers
@@ -142,7 +142,10 @@ class EPLBWrapper:
         self._num_layers, self._num_logical, self._num_physical = num_layers, num_logical, num_physical
         self._placement = placement
         self.tracker = LoadTracker(num_layers, num_logical, config.window_size, device)
-        dispatcher = make_dispatcher(self._ep_group)
+        # eplb's own collectives on the main thread (the forward's all-to-all, load all-reduces, the
+        # async agreement) run on one group whose timeout is async_timeout_s (see _forward_group).
+        self._collective_group = _forward_group(self._ep_group, config.async_timeout_s)
+        dispatcher = make_dispatcher(self._collective_group)
         self._specs = specs
         self._layers = [
             EPLBExperts(
@@ -157,7 +160,7 @@ class EPLBWrapper:
             )
             for i, spec in enumerate(specs)
         ]
-        self._executor = _executor(config, device, self._ep_group, rank, num_ranks)
+        self._executor = _executor(config, device, self._ep_group, rank, num_ranks, self._collective_group)
         if isinstance(self._executor, AsyncExecutor):
             self._executor.stop_with(self)
         self._recording = record_trace is not None
@@ -261,7 +264,7 @@ class EPLBWrapper:
             (None before the first rebalance).
         """
 
-        group = self._ep_group if reduce else None
+        group = self._collective_group if reduce else None
         load_LE = self.tracker.window_load(group=group)
         b = balancedness(load_LE, self._placement, self._num_ranks)
         out = stats_of(b, step=self._steps, steps_to_next_rebalance=self._steps_to_next_rebalance())
@@ -404,7 +407,9 @@ class EPLBWrapper:
 
     def _start_rebalance(self):
 
-        load_LE = self.tracker.window_load(group=self._ep_group).to("cpu", torch.float64)
+        load_LE = self._collective(
+            "the load all-reduce of a rebalance", self.tracker.window_load, self._collective_group
+        ).to("cpu", torch.float64)
         old = self._placement
         if not bool((load_LE > 0).any()):
             return self._skip("no load recorded in the window")
@@ -431,6 +436,15 @@ class EPLBWrapper:
             self._placement = self._committed_placement()
             raise
         return report
+
+    def _collective(self, operation: str, fn, *args):
+        """``fn(*args)``, a collective; a backend failure becomes `eplb.errors.peer_failure`."""
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            if self._num_ranks == 1:
+                raise
+            raise peer_failure(f"rank {self._rank}: {operation}", step=self._steps, rank=None, cause=exc) from exc
 
     def _committed_placement(self) -> Placement:
         """The placement the layers hold now (their maps), read back from the layers."""
@@ -466,12 +480,14 @@ class EPLBWrapper:
             self._steps += 1
         if self._recording:
             # Every rank joins the all-reduce; rank 0 writes.
-            load_LE = self.tracker.last_step_load(group=self._ep_group)
+            load_LE = self._collective(
+                "the trace's load all-reduce", self.tracker.last_step_load, self._collective_group
+            )
             if self._trace is not None:
                 self._trace.append(load_LE)
         if self._balancedness_logger is not None:
             self._balancedness_logger(
-                self._steps, self.tracker, self._placement, self._ep_group, self._steps_to_next_rebalance()
+                self._steps, self.tracker, self._placement, self._collective_group, self._steps_to_next_rebalance()
             )
         if self.async_in_flight:
             try:
@@ -632,7 +648,20 @@ def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int) -> None
             )
 
 
-def _executor(config: EPLBConfig, device: torch.device, group, rank: int, num_ranks: int):
+def _forward_group(group, timeout_s: float):
+    """The group of eplb's main-thread collectives: with a gloo EP group, a dedicated gloo group
+    whose timeout is ``timeout_s``, so a dead or frozen peer makes the forward raise within it
+    instead of after the EP group's timeout (30 minutes by torch's default). With an NCCL EP
+    group, the EP group itself: NCCL's own timeout and watchdog apply. None for one rank.
+    Creating it is collective over the whole job."""
+    if group is None:
+        return None
+    if "gloo" in str(dist.get_backend(group)).lower():
+        return dedicated_group(group, "gloo", timeout_s)
+    return group
+
+
+def _executor(config: EPLBConfig, device: torch.device, group, rank: int, num_ranks: int, collective_group=None):
     """The executor the config asks for; creating communicators and groups is collective."""
     communicator = select_communicator(
         config.communicator, use_async=config.use_async, device=device, group=group,
@@ -652,7 +681,8 @@ def _executor(config: EPLBConfig, device: torch.device, group, rank: int, num_ra
         layers_per_step=config.async_layers_per_step,
         on_error=config.async_on_error,
         # Readiness agreement runs on its own gloo group: never on the forward pass's group.
-        control_group=dedicated_group(group, "gloo", config.async_timeout_s) if group is not None else None,
+        # (the forward's group when it is gloo: the same thread issues both, in the same order everywhere).
+        control_group=_control_group(group, collective_group, config.async_timeout_s),
     )
 
 
@@ -686,6 +716,14 @@ def _discard_trace(trace) -> None:
             trace.chunk_dir.rmdir()
         except OSError:
             pass
+
+
+def _control_group(group, collective_group, timeout_s: float):
+    if group is None:
+        return None
+    if collective_group is not None and collective_group is not group:
+        return collective_group  # a dedicated gloo group already
+    return dedicated_group(group, "gloo", timeout_s)
 
 
 def _trace_writer(path, model: nn.Module, num_layers: int, num_logical: int, rank: int):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from eplb.atomic import critical_section
-from eplb.errors import EPLBError
+from eplb.errors import EPLBError, peer_failure
 from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
 from eplb.placement import Placement
@@ -283,12 +283,32 @@ class EPLBExperts(nn.Module):
             # Router ids are in [0, E) (choose_slots indexes the maps with them too): one kernel.
             self.tracker.record(self.layer_index, ids_TK, trusted=True)
         slots_TK = self.choose_slots(ids_TK)
-        x_ND, local_slot_N, meta = self.dispatcher.dispatch(x_TD, slots_TK, self.slots_per_rank)
+        try:
+            x_ND, local_slot_N, meta = self.dispatcher.dispatch(x_TD, slots_TK, self.slots_per_rank)
+        except RuntimeError as exc:  # gloo/NCCL errors; EPLBError is a ValueError and passes
+            raise self._peer_failure("dispatch", exc) from exc
         # Each pair alone with weight 1 (exact): weighting and summing happen in _combine.
         ones_N1 = x_ND.new_ones((x_ND.shape[0], 1))
         y_ND = self.experts(x_ND, local_slot_N.unsqueeze(1), ones_N1)
-        y_TKD = self.dispatcher.combine(y_ND, meta)
+        try:
+            y_TKD = self.dispatcher.combine(y_ND, meta)
+        except RuntimeError as exc:
+            raise self._peer_failure("combine", exc) from exc
         return self._combine(y_TKD, weights_TK, ids_TK, x_TD.dtype)
+
+    def _peer_failure(self, half: str, exc: RuntimeError) -> BaseException:
+        """A failed dispatch/combine collective as `EPLBError` (naming step and layer), or ``exc``
+        itself with one rank (no collective ran: a genuine bug)."""
+        if self.num_ranks == 1:
+            return exc
+        step = None
+        if self.tracker is not None:
+            try:
+                step = self.tracker.steps_recorded + 1  # the step this forward records
+            except Exception:  # a broken device: the step is not worth a second error
+                step = None
+        operation = f"rank {self.rank}: the forward's {half} all-to-all of MoE layer {self.layer_index}"
+        return peer_failure(operation, step=step, rank=None, cause=exc)
 
     def combine_order(self) -> str:
         """How the replaced module sums a token's ``K`` weighted outputs:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import signal
+import time
 
 import moe_models as mm
 import pytest
+import torch
 import torch.distributed as dist
 from harness import spawn_ranks
 
@@ -60,3 +63,64 @@ def test_copying_a_model_wrapped_over_several_ranks_is_refused_with_the_way_out(
     for r in results:
         assert len(r.value) == 4
         assert all("over 2 expert-parallel ranks cannot be copied" in m and "unwrap()" in m for m in r.value)
+
+
+# ------------------------------------------------------------------------------ dead, frozen, slow peers
+TIMEOUT_S = 2.0  # async_timeout_s of these tests: small, so the suite stays fast
+MARGIN_S = 3.0  # what a loaded CI machine may add to it
+
+
+def _wrapped_pair(rank, **kw):
+    reference = mm.build_reference_model()
+    config = _config(async_timeout_s=TIMEOUT_S, **kw)
+    wrapper = EPLBWrapper(copy.deepcopy(reference), config, ep_group=dist.group.WORLD)
+    return wrapper, reference
+
+
+def _forward(wrapper, reference, seed, rank):
+    x = mm.hidden_batch(seed * 10 + rank, batch=1, length=6)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), reference(x))
+
+
+def _time_the_failure(fn) -> dict:
+    start = time.monotonic()
+    try:
+        fn()
+    except EPLBError as exc:
+        return {
+            "seconds": time.monotonic() - start, "message": str(exc),
+            "cause": type(exc.__cause__).__name__ if exc.__cause__ is not None else None,
+        }
+    return {"seconds": time.monotonic() - start, "message": None, "cause": None}
+
+
+def _peer_gone_in_the_forward(rank, world_size, how):
+    wrapper, reference = _wrapped_pair(rank, use_async=False)
+    for seed in range(2):
+        _forward(wrapper, reference, seed, rank)
+    pids: list = [None, None]
+    dist.all_gather_object(pids, os.getpid())
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        # (frozen) resumed by rank 0: its own forward now fails as well, within the timeout
+        return _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+    failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+    if how == "frozen":
+        os.kill(pids[1], signal.SIGCONT)
+    return failure
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_timeout(how):
+    results = spawn_ranks(_peer_gone_in_the_forward, 2, how, timeout=90, grace_s=None)
+    survivor = results[0]
+    assert survivor.ok, survivor.error
+    failure = survivor.value
+    assert failure["message"] is not None, "the forward did not fail"
+    assert failure["seconds"] < TIMEOUT_S + MARGIN_S, failure
+    assert "step 3" in failure["message"] and "all-to-all" in failure["message"], failure["message"]
+    assert failure["cause"] is not None
+    if how == "frozen":
+        assert results[1].ok, results[1].error
+        assert results[1].value["message"] is not None and "step 3" in results[1].value["message"]
