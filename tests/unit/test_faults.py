@@ -13,9 +13,12 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import pickle
+import random
 import signal
 import threading
+import time
 
 import moe_models as mm
 import numpy as np
@@ -476,3 +479,61 @@ def test_unsigned_counts_beyond_int64_are_refused_not_wrapped():
             Trace(value, {})
     loads[1, 0, 2] = 7
     assert Trace(loads, {}).loads[1, 0, 2].item() == 7
+
+
+# ------------------------------------------------------------------------------ random-interrupt soak
+def test_random_interrupts_while_stepping_async_never_leave_a_wrong_output():
+    """Real SIGINTs every 1-5 ms while an async wrapper steps and rebalances (every 3 steps).
+    After each interrupt the placement matches the layers, and every completed forward equals the
+    unwrapped model. EPLB_SOAK_S sets the duration (default 3 s; run 30 or more by hand)."""
+    duration_s = float(os.environ.get("EPLB_SOAK_S", "3"))
+    reference = mm.build_reference_model()
+    wrapper = EPLBWrapper(
+        copy.deepcopy(reference),
+        EPLBConfig(num_redundant_experts=4, step_interval=3, window_size=4, async_timeout_s=5.0),
+    )
+    main_thread = threading.main_thread().ident
+    stop = threading.Event()
+    rng = random.Random(0)
+    armed = [False]
+
+    def on_sigint(signum, frame):
+        # One-shot: raises once per arming, so the driver's own lines are never interrupted.
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    def interrupter():
+        while not stop.wait(rng.uniform(0.001, 0.005)):
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    thread = threading.Thread(target=interrupter, daemon=True)
+    forwards = interrupts = 0
+    deadline = time.monotonic() + duration_s
+    thread.start()
+    try:
+        while time.monotonic() < deadline:
+            x = mm.hidden_batch(forwards % 7)
+            with torch.no_grad():
+                expected = reference(x)
+            try:
+                armed[0] = True
+                with torch.no_grad():
+                    out = wrapper(x)
+                armed[0] = False
+            except KeyboardInterrupt:
+                interrupts += 1
+                assert torch.equal(wrapper.placement.phy2log, _layer_rows(wrapper)), f"after interrupt {interrupts}"
+                continue
+            torch.testing.assert_close(out, expected)
+            forwards += 1
+    finally:
+        armed[0] = False
+        stop.set()
+        thread.join()
+        signal.signal(signal.SIGINT, previous)
+    report = wrapper.synchronize()
+    _outputs_match(wrapper, reference, seeds=(11,))
+    wrapper.close()
+    assert interrupts > 10 and forwards > 3, (interrupts, forwards, report)
