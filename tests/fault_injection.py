@@ -91,6 +91,7 @@ def interrupt_at_every_line(
         tracer = _InterruptAt(codes, runs, deep)
         interrupted = False
         previous = sys.gettrace()
+        grad_enabled = torch.is_grad_enabled()
         sys.settrace(tracer)
         try:
             action(obj)
@@ -98,6 +99,9 @@ def interrupt_at_every_line(
             interrupted = True
         finally:
             sys.settrace(previous)
+            # An interrupt inside torch's own grad-mode context managers can leave the global
+            # grad mode switched (torch's affair, not the code under test): restore it.
+            torch.set_grad_enabled(grad_enabled)
         if tracer.fired_at is None:  # the action has fewer lines than ``runs``: every line was tried
             assert not interrupted
             assert runs > 0, "the action never executed a line of the chosen functions"

@@ -121,7 +121,7 @@ def test_policies_of_the_entry_point_group_are_registered(monkeypatch):
         name = "from_entry_point"
 
         def load(self):
-            return registry.get_policy("default").raw
+            return registry.get_policy("default").__wrapped__
 
     def entry_points(group=None):
         return [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else []
@@ -136,7 +136,7 @@ def test_policies_of_the_entry_point_group_are_registered(monkeypatch):
 
 
 @given(
-    window=st.integers(1, 10**6), interval=st.integers(1, 10**6), redundant=st.integers(0, 4096),
+    window=st.integers(1, 10**6), interval=st.integers(1, 10**6), redundant=st.integers(0, 1023),
     gain=st.floats(0, 1, exclude_max=True), use_async=st.booleans(),
 )
 def test_valid_values_are_kept_exactly(window, interval, redundant, gain, use_async):

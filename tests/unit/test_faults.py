@@ -30,6 +30,7 @@ from eplb import EPLBConfig, EPLBError, EPLBWrapper, Placement
 from eplb.atomic import critical_section
 from eplb.cli import main as cli_main
 from eplb.executor import SyncExecutor
+from eplb.executor.staging import commit_staged
 from eplb.moe import EPLBExperts, SwiGLUExperts
 from eplb.traces import Trace
 from eplb.tracker import LoadTracker
@@ -196,7 +197,7 @@ def _layer() -> tuple[EPLBExperts, dict]:
 
 
 def _layer_snapshot(layer: EPLBExperts):
-    return layer.phy2log.clone(), layer.log2phy.clone(), layer.logcnt.clone(), {
+    return layer.phy2log.clone(), layer.replica_slots.clone(), layer.logcnt.clone(), {
         n: t.clone() for n, t in layer.slot_tensors().items()
     }
 
@@ -207,7 +208,7 @@ def test_layer_commit_changes_weights_and_maps_together_under_an_interrupt_at_ev
     staged = {n: t[new_row].clone() for n, t in full.items()}
 
     def commit(layer):
-        layer.commit(new_row, staged, torch.arange(layer.slots_per_rank))
+        layer.commit(new_row, slots=torch.arange(layer.slots_per_rank), staged=staged)
 
     runs = assert_old_or_new(
         [EPLBExperts.commit, EPLBExperts.apply_commit], lambda: _layer()[0], commit, _layer_snapshot
@@ -308,7 +309,7 @@ def test_an_interrupted_sync_rebalance_leaves_a_placement_that_matches_the_layer
         assert torch.equal(wrapper.placement.phy2log, _layer_rows(wrapper)), where
 
     runs = interrupt_at_every_line(
-        [EPLBWrapper._start_rebalance, SyncExecutor.rebalance, EPLBExperts.commit, EPLBExperts.apply_commit],
+        [EPLBWrapper._start_rebalance, SyncExecutor.drain, commit_staged, EPLBExperts.apply_commit],
         _resettable(wrapper), EPLBWrapper.rebalance, check,
     )
     assert runs >= 20
@@ -507,6 +508,7 @@ def test_random_interrupts_while_stepping_async_never_leave_a_wrong_output():
         while not stop.wait(rng.uniform(0.001, 0.005)):
             signal.pthread_kill(main_thread, signal.SIGINT)
 
+    grad_enabled = torch.is_grad_enabled()  # an interrupt inside torch.no_grad's exit can flip it
     previous = signal.signal(signal.SIGINT, on_sigint)
     thread = threading.Thread(target=interrupter, daemon=True)
     forwards = interrupts = 0
@@ -533,6 +535,7 @@ def test_random_interrupts_while_stepping_async_never_leave_a_wrong_output():
         stop.set()
         thread.join()
         signal.signal(signal.SIGINT, previous)
+        torch.set_grad_enabled(grad_enabled)
     report = wrapper.synchronize()
     _outputs_match(wrapper, reference, seeds=(11,))
     wrapper.close()
