@@ -414,6 +414,8 @@ class EPLBWrapper:
         # Async: the planner runs on the worker thread; the main thread goes back to the forward passes.
         self._executor.begin(self._layers, old, lambda: self._plan(load_LE, old))
         if self.eplb_config.use_async:
+            if not self._executor.in_flight:  # every rank skipped it at once (a rank was busy)
+                self._last_report = self._executor.last_report
             return None
         try:
             outcome = self._executor.drain()  # sync: begin + drain

@@ -181,6 +181,7 @@ def test_a_slow_peer_aborts_collectively_and_later_rebalances_work():
     assert "async_timeout_s" in a["first"] and "async_timeout_s" in b["first"], (a, b)
     assert a["first_abort_step"] == b["first_abort_step"]
     assert a["second_end_step"] == b["second_end_step"], (a, b)
+    assert "rank 1 is still busy" in a["second"] and "rank 1 is still busy" in b["second"], (a, b)
     assert not a["third_skipped"] and not b["third_skipped"], (a, b)
 
 
