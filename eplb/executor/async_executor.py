@@ -61,8 +61,12 @@ class _Job:
         self.start_event: torch.cuda.Event | None = None
 
     def stop(self) -> None:
-        """Tell the worker to stop (it leaves at its next check; a transfer in progress ends first)."""
-        with self.cond:
+        """Tell the worker to stop (it leaves at its next check; a transfer in progress ends first).
+
+        The main thread takes the job's lock only inside a critical section: a Ctrl-C between
+        acquiring a lock and the ``with`` block that releases it would leave the worker waiting
+        on that lock forever."""
+        with critical_section(), self.cond:
             self.abort = True
             self.cond.notify_all()
 
@@ -237,7 +241,7 @@ class AsyncExecutor:
         job = self._job
         if job is None:
             return StepOutcome()
-        with job.cond:
+        with critical_section(), job.cond:
             ready, planned = len(job.staged), job.planned
             failed = job.error is not None
         # The clock runs only while this rank's worker owes the next piece of work (the plan, or
@@ -258,7 +262,7 @@ class AsyncExecutor:
         if flags.planned and not job.go:
             # Every rank planned without error: the workers may start exchanging weights. Before
             # this, a rank whose planning failed would leave its peers blocked in a transfer.
-            with job.cond:
+            with critical_section(), job.cond:
                 job.go = True
                 job.cond.notify_all()
             self._last_progress = time.monotonic()  # the worker's time for the first layer starts now

@@ -29,7 +29,7 @@ from fault_injection import assert_old_or_new, interrupt_at_every_line, same_sta
 from eplb import EPLBConfig, EPLBError, EPLBWrapper, Placement
 from eplb.atomic import critical_section
 from eplb.cli import main as cli_main
-from eplb.executor import SyncExecutor
+from eplb.executor import AsyncExecutor, SyncExecutor
 from eplb.executor.staging import commit_staged
 from eplb.moe import EPLBExperts, SwiGLUExperts
 from eplb.traces import Trace
@@ -540,3 +540,67 @@ def test_random_interrupts_while_stepping_async_never_leave_a_wrong_output():
     _outputs_match(wrapper, reference, seeds=(11,))
     wrapper.close()
     assert interrupts > 10 and forwards > 3, (interrupts, forwards, report)
+
+
+# ------------------------------------------------------------------------------ async executor
+def _async_wrapper_with_load():
+    wrapper, reference = _wrapped(use_async=True, policy="default", async_timeout_s=5.0)
+    with torch.no_grad():
+        for seed in range(3):
+            wrapper(mm.hidden_batch(seed))
+    return wrapper, reference
+
+
+def test_beginning_an_async_rebalance_is_atomic_under_an_interrupt_at_every_line():
+    """Never a rebalance "in flight" without its worker: after an interrupt anywhere in begin,
+    either nothing is in flight or the worker runs, and synchronize() finishes at once."""
+    wrapper, reference = _async_wrapper_with_load()
+
+    def setup():
+        wrapper.synchronize()
+        return wrapper
+
+    def check(wrapper, where):
+        executor = wrapper._executor
+        if executor.in_flight:
+            assert executor._thread is not None and executor._thread.ident is not None, where
+        start = time.monotonic()
+        wrapper.synchronize()
+        assert time.monotonic() - start < 3.0, where
+        assert torch.equal(wrapper.placement.phy2log, _layer_rows(wrapper)), where
+
+    runs = interrupt_at_every_line([AsyncExecutor.begin], setup, EPLBWrapper.rebalance, check)
+    assert runs >= 10
+    _outputs_match(wrapper, reference)
+    wrapper.close()
+
+
+def test_async_commits_are_counted_once_under_an_interrupt_at_every_line():
+    """An interrupt between a layer's commit and its count would commit it twice (from a buffer
+    already handed back to the worker): every layer is committed once, outputs stay exact."""
+    wrapper, reference = _async_wrapper_with_load()
+    saved = wrapper.state_dict()
+
+    def setup():
+        wrapper.synchronize()
+        wrapper.load_state_dict(saved)
+        wrapper.rebalance()
+        job = wrapper._executor._job
+        while not job.planned:
+            time.sleep(0.001)
+        wrapper.step()  # every rank planned: the worker may move weights now
+        while job.total and len(job.staged) < 1:
+            time.sleep(0.001)  # the worker staged a layer: the next step commits it
+        assert job.total, "the rebalance moves nothing: the test would prove nothing"
+        return wrapper
+
+    def check(wrapper, where):
+        assert torch.equal(wrapper.placement.phy2log, _layer_rows(wrapper)), where
+        report = wrapper.synchronize()
+        assert report is None or report.skipped or report.layers >= 1, where
+        assert torch.equal(wrapper.placement.phy2log, _layer_rows(wrapper)), where
+        _outputs_match(wrapper, reference, seeds=(1,))
+
+    runs = interrupt_at_every_line([AsyncExecutor._advance], setup, EPLBWrapper.step, check)
+    assert runs >= 10
+    wrapper.close()
