@@ -2,8 +2,8 @@
 async rebalance in flight.
 
 ``python exit_in_flight.py RUNS`` imports torch once, then forks each pair's two ranks; a rank
-wraps a model, starts a rebalance, takes 0, 1 or 2 steps (planned / moving weights / committing)
-and returns from the module's top level, so the process goes through a real interpreter exit
+wraps a model, starts a rebalance, takes 0, 1 or 2 steps (planned / moving weights / committing),
+rank 1 waits a moment longer than rank 0, and both return from the module's top level, so the process goes through a real interpreter exit
 (atexit hooks, thread and module teardown) with the worker thread still busy. Prints one line per
 rank that did not exit with status 0, then ``bad N``.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +37,10 @@ def _rank(rank: int, port: int, steps: int) -> None:
         wrapper.rebalance()
         for step in range(steps):
             wrapper(mm.hidden_batch(10 + step + rank, batch=1, length=8))
+    if rank == 1:
+        # Ranks never leave at the same instant: rank 0's worker is then still exchanging with
+        # rank 1 while rank 0's interpreter finalises (where a daemon thread dies inside C++).
+        time.sleep(0.3 * (steps + 1))
     # No synchronize(), no close(): the interpreter exits with the rebalance in flight.
 
 

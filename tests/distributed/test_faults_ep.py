@@ -99,22 +99,25 @@ def _time_the_failure(fn) -> dict:
 
 
 def _peer_gone_in_the_forward(rank, world_size, how):
-    wrapper, reference = _wrapped_pair(rank, use_async=False)
-    for seed in range(2):
-        _forward(wrapper, reference, seed, rank)
+    mid_rebalance = how.endswith("mid-rebalance")
+    wrapper, reference = _wrapped_pair(rank, use_async=mid_rebalance)
+    _forward(wrapper, reference, 0, rank)
+    if mid_rebalance:
+        wrapper.rebalance()  # async: the workers plan, then move weights after the next step
+    _forward(wrapper, reference, 1, rank)
     pids: list = [None, None]
     dist.all_gather_object(pids, os.getpid())
     if rank == 1:
-        os.kill(os.getpid(), signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGKILL if how.startswith("killed") else signal.SIGSTOP)
         # (frozen) resumed by rank 0: its own forward now fails as well, within the timeout
         return _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
     failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
-    if how == "frozen":
+    if how.startswith("frozen"):
         os.kill(pids[1], signal.SIGCONT)
     return failure
 
 
-@pytest.mark.parametrize("how", ["killed", "frozen"])
+@pytest.mark.parametrize("how", ["killed", "frozen", "killed mid-rebalance", "frozen mid-rebalance"])
 def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_timeout(how):
     results = spawn_ranks(_peer_gone_in_the_forward, 2, how, timeout=90, grace_s=None)
     survivor = results[0]
@@ -124,7 +127,7 @@ def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_ti
     assert failure["seconds"] < TIMEOUT_S + MARGIN_S, failure
     assert "step 3" in failure["message"] and "all-to-all" in failure["message"], failure["message"]
     assert failure["cause"] is not None
-    if how == "frozen":
+    if how.startswith("frozen"):
         assert results[1].ok, results[1].error
         assert results[1].value["message"] is not None and "step 3" in results[1].value["message"]
 
