@@ -3,9 +3,9 @@ async rebalance in flight.
 
 ``python exit_in_flight.py RUNS`` imports torch once, then forks each pair's two ranks; a rank
 wraps a model, starts a rebalance, takes 0, 1 or 2 steps (planned / moving weights / committing),
-rank 1 waits a moment longer than rank 0, and both return from the module's top level, so the process goes through a real interpreter exit
-(atexit hooks, thread and module teardown) with the worker thread still busy. Prints one line per
-rank that did not exit with status 0, then ``bad N``.
+rank 1 waits a moment longer than rank 0, and both return from the module's top level, so the
+process goes through a real interpreter exit (atexit hooks, thread and module teardown) with the
+worker thread still busy. Prints one line per rank that did not exit with status 0, then ``bad N``.
 """
 
 from __future__ import annotations
