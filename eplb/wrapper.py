@@ -516,7 +516,11 @@ class EPLBWrapper:
             raise EPLBError("this EPLBWrapper was already unwrapped")
         if not self._closed:
             self.synchronize()
-        restored = [layer.logical_module(self._ep_group) for layer in self._layers]
+        # On eplb's timeout-bounded group where there is one (gloo); a failure names the operation.
+        restored = [
+            self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
+            for layer in self._layers
+        ]
         self.close()
         for spec, module in zip(self._specs, restored):
             if spec.block_forward is not None:
