@@ -35,6 +35,10 @@ class Topology:
         control_group: a gloo group over the same ranks for the async executor's step-boundary
             agreement (never an NCCL forward group); None until `build_runtime` creates it. Its
             timeout is ``async_timeout_s``.
+        forward_group: the group as given, kept with one rank too: the fixed-capacity dispatcher
+            runs the expert-parallel forward over it (a group of one checks that code path). With
+            a gloo EP group of several ranks the forward runs on the control group instead (see
+            `Runtime.collective_group`).
     """
 
     group: dist.ProcessGroup | None = None
@@ -42,6 +46,7 @@ class Topology:
     num_ranks: int = 1
     num_nodes: int = 1
     control_group: dist.ProcessGroup | None = None
+    forward_group: dist.ProcessGroup | None = None
 
     @classmethod
     def from_group(cls, group: dist.ProcessGroup | None, num_nodes: int = 1) -> Topology:
@@ -56,7 +61,10 @@ class Topology:
                 "torch.distributed.init_process_group first (or pass ep_group=None for one process)"
             )
         num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-        return cls(group=group if num_ranks > 1 else None, rank=rank, num_ranks=num_ranks, num_nodes=num_nodes)
+        return cls(
+            group=group if num_ranks > 1 else None, rank=rank, num_ranks=num_ranks, num_nodes=num_nodes,
+            forward_group=group,
+        )
 
     @classmethod
     def offline(cls, num_ranks: int, num_nodes: int = 1) -> Topology:
@@ -70,7 +78,7 @@ class Runtime:
 
     topology: Topology
     tracker: LoadTracker
-    dispatcher: Dispatcher
+    dispatcher: Dispatcher | None
     communicator: Communicator
     executor: Executor
     collective_group: dist.ProcessGroup | None = None
@@ -114,7 +122,10 @@ def build_runtime(
     # On a gloo EP group the forward's collectives share the control group: the main thread issues
     # both, in the same order on every rank, and the group's timeout is async_timeout_s.
     collective_group = topology.control_group if gloo else group
-    dispatcher = make_dispatcher(collective_group)
+    dispatcher = make_dispatcher(
+        collective_group if gloo else topology.forward_group,
+        kind=config.dispatcher, max_tokens_per_rank=config.max_tokens_per_rank,
+    )
     communicator, executor = build_executor(topology, config, device)
     return Runtime(topology=topology, tracker=tracker, dispatcher=dispatcher, communicator=communicator,
                    executor=executor, collective_group=collective_group)
