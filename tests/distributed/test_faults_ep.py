@@ -100,7 +100,8 @@ def _time_the_failure(fn) -> dict:
 
 def _peer_gone_in_the_forward(rank, world_size, how):
     mid_rebalance = how.endswith("mid-rebalance")
-    wrapper, reference = _wrapped_pair(rank, use_async=mid_rebalance)
+    token_dispatch = {"dispatcher": "fixed_capacity", "max_tokens_per_rank": 8} if "fixed" in how else {}
+    wrapper, reference = _wrapped_pair(rank, use_async=mid_rebalance, **token_dispatch)
     _forward(wrapper, reference, 0, rank)
     if mid_rebalance:
         wrapper.rebalance()  # async: the workers plan, then move weights after the next step
@@ -117,7 +118,9 @@ def _peer_gone_in_the_forward(rank, world_size, how):
     return failure
 
 
-@pytest.mark.parametrize("how", ["killed", "frozen", "killed mid-rebalance", "frozen mid-rebalance"])
+@pytest.mark.parametrize(
+    "how", ["killed", "frozen", "killed mid-rebalance", "frozen mid-rebalance", "killed, fixed-capacity dispatch"]
+)
 def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_timeout(how):
     results = spawn_ranks(_peer_gone_in_the_forward, 2, how, timeout=90, grace_s=None)
     survivor = results[0]
