@@ -475,12 +475,12 @@ def _capture_step(wrapper, static_x: torch.Tensor, device: torch.device):
     docs/guide/fast-forward.md does. Returns (replay, the static output)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), torch.no_grad():
         for _ in range(3):
             wrapper(static_x)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), torch.no_grad():
         static_out = wrapper(static_x)  # a capture counts no step
     _sync(device)
     return graph.replay, static_out
