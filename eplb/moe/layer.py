@@ -75,6 +75,8 @@ class EPLBExperts(nn.Module):
         rank: this rank's index in the group.
         dispatcher: moves pairs to slot owners; `LocalDispatcher` by default (one rank).
         tracker: a `eplb.tracker.LoadTracker` to record logical ids into, or None.
+        device: where the slots live when ``experts`` is on the ``meta`` device (then the
+            slots are allocated empty there, to be filled by a checkpoint load); ignored otherwise.
 
     Attributes ``layer_index``, ``num_logical`` (E), ``num_physical`` (P), ``num_ranks`` (G),
     ``rank`` (r) and ``slots_per_rank`` (S) describe the layer.
@@ -102,6 +104,7 @@ class EPLBExperts(nn.Module):
         rank: int = 0,
         dispatcher: Dispatcher | None = None,
         tracker: LoadTracker | None = None,
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         owned = direct_tensors(experts)
@@ -126,10 +129,19 @@ class EPLBExperts(nn.Module):
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.tracker = tracker
         self._names = names
-        device = owned[names[0]].device
         # Slot s of this rank holds logical expert own_S[s]: gather those rows into fresh storage.
         own_S = row_P[rank * S : (rank + 1) * S]
-        slots = {n: owned[n].detach().index_select(0, own_S.to(owned[n].device)) for n in names}
+        if owned[names[0]].device.type == "meta":
+            if device is None or torch.device(device).type == "meta":
+                raise EPLBError(
+                    f"MoE layer {layer_index}: the experts are on the meta device; pass device= (where this "
+                    "rank's slots are allocated)"
+                )
+            device = torch.device(device)
+            slots = {n: torch.empty((S, *owned[n].shape[1:]), dtype=owned[n].dtype, device=device) for n in names}
+        else:
+            device = owned[names[0]].device
+            slots = {n: owned[n].detach().index_select(0, own_S.to(owned[n].device)) for n in names}
         self.experts = replace_expert_tensors(experts, slots)
         self.register_buffer("phy2log", row_P.to(device, copy=True), persistent=False)
         self.register_buffer(
