@@ -408,7 +408,8 @@ class LogicalLoader:
                     f"{key!r} is {list(shape)} {dtype} in the source but {list(want_shape)} {want_dtype} in the model"
                 )
         if problems:
-            shown = "; ".join(problems[:_SHOWN]) + (f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else "")
+            more = len(problems) - _SHOWN
+            shown = "; ".join(problems[:_SHOWN]) + (f"; and {more} more" if more > 0 else "")
             raise EPLBError(
                 f"checkpoint does not fit the unwrapped model ({shown}); nothing was loaded. The source must "
                 "hold the unwrapped model's state-dict keys with the model's shapes and dtypes"

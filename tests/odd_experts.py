@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from moe_models import HIDDEN, NUM_EXPERTS, TOP_K, ResidualStack, _skew_gates
+from torch import nn
 
 INNER = 16
 
@@ -92,12 +91,13 @@ class Float8Experts(_LoopExperts):
         self.num_experts = E
         gate_up = torch.randn(E, 2 * INNER, HIDDEN) * 0.2
         down = torch.randn(E, HIDDEN, INNER) * 0.2
-        self.gate_up_scale = nn.Parameter(gate_up.abs().amax(dim=(1, 2)) / 448, requires_grad=False)
-        self.down_scale = nn.Parameter(down.abs().amax(dim=(1, 2)) / 448, requires_grad=False)
-        self.gate_up_proj = nn.Parameter(
-            (gate_up / self.gate_up_scale[:, None, None]).to(torch.float8_e4m3fn), requires_grad=False
-        )
-        self.down_proj = nn.Parameter((down / self.down_scale[:, None, None]).to(torch.float8_e4m3fn), requires_grad=False)
+        gate_up_scale = gate_up.abs().amax(dim=(1, 2)) / 448
+        down_scale = down.abs().amax(dim=(1, 2)) / 448
+        fp8 = torch.float8_e4m3fn
+        self.gate_up_scale = nn.Parameter(gate_up_scale, requires_grad=False)
+        self.down_scale = nn.Parameter(down_scale, requires_grad=False)
+        self.gate_up_proj = nn.Parameter((gate_up / gate_up_scale[:, None, None]).to(fp8), requires_grad=False)
+        self.down_proj = nn.Parameter((down / down_scale[:, None, None]).to(fp8), requires_grad=False)
 
     def expert(self, e, x):
         gate_up = self.gate_up_proj[e].to(x.dtype) * self.gate_up_scale[e]
