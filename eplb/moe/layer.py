@@ -382,9 +382,13 @@ class EPLBExperts(nn.Module):
 
 
 def _all_gather_rows(t_S: torch.Tensor, group, num_ranks: int) -> torch.Tensor:
-    """``[S, ...]`` from every rank -> ``[G * S, ...]`` in rank order (staged on the CPU unless NCCL)."""
+    """``[S, ...]`` from every rank -> ``[G * S, ...]`` in rank order (staged on the CPU unless NCCL;
+    there as bytes, since gloo lacks dtypes such as float8)."""
     nccl = "nccl" in str(dist.get_backend(group)).lower()
-    src = t_S.contiguous() if (nccl or t_S.device.type == "cpu") else t_S.cpu()
+    src = t_S.contiguous() if nccl else t_S.contiguous().cpu()
+    if not nccl:
+        src = src.view(torch.uint8)
     parts = [torch.empty_like(src) for _ in range(num_ranks)]
     dist.all_gather(parts, src, group=group)
-    return torch.cat(parts).to(t_S.device)
+    out = torch.cat(parts)
+    return (out if nccl else out.view(t_S.dtype)).to(t_S.device)

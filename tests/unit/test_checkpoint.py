@@ -13,6 +13,7 @@ import moe_models as mm
 import odd_experts as odd
 import pytest
 import torch
+from checkpoints import save_sharded, updated
 from safetensors.torch import save_file, save_model
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper, Placement, meta_parameters
@@ -64,17 +65,6 @@ def _permuted_placement(num_layers: int, E: int = mm.NUM_EXPERTS, P: int = 12) -
     return Placement.from_phy2log(torch.stack(rows), E)
 
 
-def _updated(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """A copy of ``model`` with every floating tensor moved a little (a trainer's new weights)."""
-    new = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in new.state_dict().values():
-            if t.dtype.is_floating_point and t.dtype.itemsize >= 2:
-                t.mul_(1 + torch.randn(t.shape, generator=gen).to(t.dtype) * 0.05)
-    return new
-
-
 def _snapshot(wrapper) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in wrapper.module.state_dict().items()}
 
@@ -96,7 +86,7 @@ def test_meta_model_loaded_from_a_checkpoint_equals_the_full_model(kind, source_
         source = tmp_path / "model.safetensors"
         save_model(full, str(source))
     else:
-        source = _save_sharded(full, tmp_path)
+        source = save_sharded(full, tmp_path)
     model = _build_meta(kind)
     num_layers = len(find_moe_layers(model))
     wrapper = EPLBWrapper(
@@ -115,24 +105,6 @@ def test_meta_model_loaded_from_a_checkpoint_equals_the_full_model(kind, source_
 def _tied_duplicates(model) -> int:
     state = model.state_dict()
     return len(state) - len({id(t) for t in state.values()})
-
-
-def _save_sharded(model, folder) -> str:
-    """Two safetensors files and a model.safetensors.index.json, as transformers writes them."""
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    seen, keys = set(), []
-    for k, v in state.items():
-        if id(v) not in seen:
-            seen.add(id(v))
-            keys.append(k)
-    half = len(keys) // 2
-    weight_map = {}
-    parts = (("model-00001-of-00002.safetensors", keys[:half]), ("model-00002-of-00002.safetensors", keys[half:]))
-    for name, part in parts:
-        save_file({k: state[k] for k in part}, str(folder / name))
-        weight_map.update({k: name for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return str(folder)
 
 
 def test_meta_model_without_device_is_refused():
@@ -203,7 +175,7 @@ def test_load_after_rebalances_with_redundancy_equals_the_updated_model(kind):
         assert not wrapper.rebalance().skipped
     assert int(wrapper.placement.logcnt.max()) > 1
     for version in (1, 2):
-        reference = _updated(reference, seed=version)
+        reference = updated(reference, seed=version)
         report = wrapper.load_logical_state_dict(reference.state_dict())
         layers = wrapper.eplb_layers
         assert report.slots_written == sum(len(layer.slot_tensors()) * layer.slots_per_rank for layer in layers)
@@ -218,7 +190,7 @@ def test_load_after_rebalances_with_redundancy_equals_the_updated_model(kind):
 
 def test_load_while_an_async_rebalance_is_in_flight_waits_for_it():
     model = _build("moe")
-    reference = _updated(model, seed=3)
+    reference = updated(model, seed=3)
     config = EPLBConfig(num_redundant_experts=4, use_async=True, step_interval=10_000)
     with EPLBWrapper(model, config) as wrapper:
         _out("moe", wrapper, mm.hidden_batch(0))
@@ -258,7 +230,7 @@ def _bad_sources(full, tmp_path):
 
 
 def test_bad_sources_change_nothing(tmp_path):
-    full = _updated(_build("moe"), seed=1)
+    full = updated(_build("moe"), seed=1)
     wrapper = EPLBWrapper(_build("moe"), EPLBConfig(num_redundant_experts=4, **SYNC))
     before = _snapshot(wrapper)
     for source, message in _bad_sources(full, tmp_path):
@@ -279,7 +251,7 @@ def test_bad_sources_change_nothing(tmp_path):
 def test_model_load_state_dict_with_logical_keys_is_refused_before_anything_changes():
     """The RL weight-sync mistake: nn.Module.load_state_dict on the wrapped model with the unwrapped
     model's keys used to copy the routers and then fail on the expert keys."""
-    full = _updated(_build("qwen3_moe"), seed=2)
+    full = updated(_build("qwen3_moe"), seed=2)
     wrapper = EPLBWrapper(_build("qwen3_moe"), EPLBConfig(num_redundant_experts=4, **SYNC))
     before = _snapshot(wrapper)
     for strict in (True, False):
