@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -267,6 +268,104 @@ def _keys_of_files(files: list[Path]) -> dict[str, Path]:
     return out
 
 
+class _View(_Source):
+    """A source seen with the model's key names: keys renamed (``renames``: literal substring
+    replacements), and stacked ``[E, ...]`` expert tensors assembled from per-expert keys
+    (``splits``: stacked key -> templates with ``{e}``; row ``e`` is the concatenation of the
+    templates' tensors along their first dimension, as checkpoints that store every expert as
+    separate projections hold them)."""
+
+    def __init__(self, src: _Source, renames: list[tuple[str, str]], splits: dict[str, list[tuple[str, ...]]],
+                 num_experts: dict[str, int]) -> None:
+        super().__init__()
+        self._src = src
+        self._raw: dict[str, str] = {}
+        for raw in src.keys():
+            visible = raw
+            for old, new in renames:
+                visible = visible.replace(old, new)
+            self._raw[visible] = raw
+        self._split: dict[str, tuple[tuple[str, ...], int]] = {}
+        for key, recipes in splits.items():
+            if key in self._raw:
+                continue
+            for parts in recipes:
+                E = num_experts[key]
+                if all(part.format(e=e) in self._raw for part in parts for e in range(E)):
+                    self._split[key] = (parts, E)
+                    break
+        consumed = {part.format(e=e) for parts, E in self._split.values() for part in parts for e in range(E)}
+        self._visible = [k for k in self._raw if k not in consumed] + list(self._split)
+
+    def keys(self):
+        return list(self._visible)
+
+    def shape_dtype(self, key):
+        if key not in self._split:
+            return self._src.shape_dtype(self._raw[key])
+        parts, E = self._split[key]
+        found = set()
+        for e in range(E):
+            metas = [self._src.shape_dtype(self._raw[part.format(e=e)]) for part in parts]
+            rest, dtypes = {m[0][1:] for m in metas}, {m[1] for m in metas}
+            if len(rest) != 1 or len(dtypes) != 1:
+                return (("per-expert parts", *(tuple(m[0]) for m in metas)), dtypes.pop())
+            found.add(((sum(m[0][0] for m in metas), *rest.pop()), dtypes.pop()))
+        if len(found) != 1:
+            return (("experts differ",), "mixed")
+        shape, dtype = found.pop()
+        return (E, *shape), dtype
+
+    def read(self, key):
+        return self._src.read(self._raw[key])
+
+    def read_rows(self, key, rows):
+        if key not in self._split:
+            return self._src.read_rows(self._raw[key], rows)
+        parts, _ = self._split[key]
+        return torch.stack(
+            [torch.cat([self._src.read_row(self._raw[part.format(e=e)]) for part in parts]) for e in rows]
+        )
+
+    def read_row(self, key):
+        return self._src.read_row(self._raw[key])
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self._src.rows_read, self._src.bytes_read
+
+    def close(self):
+        self._src.close()
+
+
+def _transformers_conversions(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[str, ...]]]]:
+    """The checkpoint layout transformers declares for the model's type (its weight conversion
+    mapping), reduced to what eplb reads lazily: literal key renamings, and stacked expert tensors
+    stored per expert (``MergeModulelist(dim=0)``, optionally then ``Concatenate(dim=1)``). Returns
+    ``(renames, [(target suffix, source patterns with "*" for the expert)])``; empty for other
+    models or without transformers."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        return [], []
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return [], []
+    renames, splits = [], []
+    for conv in get_checkpoint_conversion_mapping(model_type) or []:
+        sources, targets = list(conv.source_patterns), list(conv.target_patterns)
+        literal = all(re.fullmatch(r"[\w.*]+", p) for p in sources + targets)
+        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(conv, "operations", [])]
+        if not literal or len(targets) != 1:
+            continue
+        if type(conv).__name__ == "WeightRenaming" and len(sources) == 1 and "*" not in sources[0] + targets[0]:
+            renames.append((sources[0], targets[0]))
+        elif ops in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+            if all(p.count("*") == 1 for p in sources) and "*" not in targets[0]:
+                splits.append((targets[0], tuple(sources)))
+    return renames, splits
+
+
 # ------------------------------------------------------------------------------------- loader
 class LogicalLoader:
     """Maps the unwrapped model's state-dict keys onto a wrapped model, and loads sources.
@@ -298,6 +397,13 @@ class LogicalLoader:
         self._dense = {k: t for k, t in state.items() if k not in self._expert and k not in unmapped}
         self._unmapped = unmapped
         self._unloaded: set[str] = set()
+        self._renames, recipes = _transformers_conversions(model)
+        self._num_experts = {k: specs[v.layer].num_experts for k, v in self._expert.items() if v.expert is None}
+        self._splits = {
+            key: [tuple(key[: -len(target)] + p.replace("*", "{e}") for p in parts) for target, parts in recipes
+                  if key.endswith(target)]
+            for key in self._num_experts
+        }
 
     # ---------------------------------------------------------------- install
     def materialize(self, model: nn.Module, device: torch.device) -> int:
@@ -357,7 +463,7 @@ class LogicalLoader:
         in-flight rebalance), then copy the dense tensors and scatter the expert rows layer by
         layer. Raises `EPLBError` (nothing written) on any key, shape or dtype mismatch."""
         start = time.perf_counter()
-        src = _open_source(source)
+        src = _View(_open_source(source), self._renames, self._splits, self._num_experts)
         try:
             present = self._validate(src, strict, layers)
             in_flight = before_write()
@@ -368,8 +474,8 @@ class LogicalLoader:
         return LoadReport(
             keys=len(present),
             dense_tensors=dense,
-            expert_rows_read=src.rows_read,
-            bytes_read=src.bytes_read,
+            expert_rows_read=src.counts[0],
+            bytes_read=src.counts[1],
             slots_written=written,
             in_flight=in_flight,
             seconds=time.perf_counter() - start,
