@@ -300,7 +300,9 @@ class EPLBWrapper:
         self._steps = int(state.get("steps", 0))
 
     # ------------------------------------------------------------------ logical weights
-    def load_logical_state_dict(self, source, strict: bool = True) -> LoadReport:
+    def load_logical_state_dict(
+        self, source: dict | str | os.PathLike, strict: bool = True
+    ) -> LoadReport:
         """Load the unwrapped model's weights: dense tensors are copied, each logical expert's rows
         go into every slot of this rank that holds it (see docs/guide/checkpoints.md).
 
