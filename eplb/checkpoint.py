@@ -470,7 +470,9 @@ class LogicalLoader:
             dense, written = self._write(src, present, layers, rank)
         finally:
             src.close()
+        loaded = {id(self._dense[k]) for k in present if k in self._dense}
         self._unloaded.difference_update(present)
+        self._unloaded.difference_update(k for k, t in self._dense.items() if id(t) in loaded)  # tied names
         return LoadReport(
             keys=len(present),
             dense_tensors=dense,

@@ -330,3 +330,22 @@ def test_meta_model_loads_what_save_pretrained_writes(kind, tmp_path):
     # Per layer: gate_up_proj from 2 tensors per expert, down_proj from 1; one process holds all 8.
     assert report.expert_rows_read == 2 * 3 * mm.NUM_EXPERTS
     _assert_equal_outputs(kind, wrapper, full)
+
+
+def test_tied_embeddings_stay_tied_and_load_from_one_name(tmp_path):
+    import transformers as tf
+
+    config = tf.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    full = tf.Qwen3MoeForCausalLM(config).eval()
+    full.save_pretrained(tmp_path)  # writes the tied tensor once
+    with meta_parameters():
+        model = tf.Qwen3MoeForCausalLM(config).eval()
+    wrapper = EPLBWrapper(model, EPLBConfig(num_redundant_experts=4, **SYNC), device="cpu")
+    assert wrapper.module.lm_head.weight is wrapper.module.model.embed_tokens.weight
+    wrapper.load_logical_state_dict(tmp_path)  # strict: one name of the tied pair is enough
+    _assert_equal_outputs("qwen3_moe", wrapper, full)
