@@ -156,3 +156,24 @@ def _float8_experts_move_as_bytes(rank, world_size):
 def test_float8_experts_with_scales_rebalance_over_gloo():
     moved = run_ranks(_float8_experts_move_as_bytes, 2, timeout=TIMEOUT)
     assert moved[0] == moved[1] > 0
+
+
+def _load_during_async_rebalance(rank, world_size):
+    warnings.filterwarnings("ignore", category=UserWarning)
+    model = mm.build_reference_model()
+    config = EPLBConfig(num_redundant_experts=4, use_async=True, step_interval=10_000)
+    with EPLBWrapper(model, config, ep_group=dist.group.WORLD) as wrapper:
+        with torch.no_grad():
+            wrapper(mm.hidden_batch(rank))
+        assert wrapper.rebalance() is None and wrapper.async_in_flight
+        new = updated(mm.build_reference_model(), seed=7)
+        report = wrapper.load_logical_state_dict(new.state_dict())
+        assert not wrapper.async_in_flight
+        x = mm.hidden_batch(50 + rank)
+        with torch.no_grad():
+            torch.testing.assert_close(wrapper(x), new(x))
+        return report.in_flight, wrapper.stats()["num_rebalances"]
+
+
+def test_load_waits_for_an_async_rebalance_in_flight_on_every_rank():
+    assert run_ranks(_load_during_async_rebalance, 2, timeout=TIMEOUT) == [("waited", 1)] * 2
