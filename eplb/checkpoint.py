@@ -275,8 +275,13 @@ class _View(_Source):
     templates' tensors along their first dimension, as checkpoints that store every expert as
     separate projections hold them)."""
 
-    def __init__(self, src: _Source, renames: list[tuple[str, str]], splits: dict[str, list[tuple[str, ...]]],
-                 num_experts: dict[str, int]) -> None:
+    def __init__(
+        self,
+        src: _Source,
+        renames: list[tuple[str, str]],
+        splits: dict[str, list[tuple[str, ...]]],
+        num_experts: dict[str, int],
+    ) -> None:
         super().__init__()
         self._src = src
         self._raw: dict[str, str] = {}
@@ -400,8 +405,11 @@ class LogicalLoader:
         self._renames, recipes = _transformers_conversions(model)
         self._num_experts = {k: specs[v.layer].num_experts for k, v in self._expert.items() if v.expert is None}
         self._splits = {
-            key: [tuple(key[: -len(target)] + p.replace("*", "{e}") for p in parts) for target, parts in recipes
-                  if key.endswith(target)]
+            key: [
+                tuple(key[: -len(target)] + p.replace("*", "{e}") for p in parts)
+                for target, parts in recipes
+                if key.endswith(target)
+            ]
             for key in self._num_experts
         }
 
