@@ -181,6 +181,10 @@ class EPLBWrapper:
                 spec.parent.forward = spec.block_forward
         self._hook = model.register_forward_hook(self._forward_hook)
         self._install_loader(loader, device, experts_on_meta=found_device.type == "meta")
+        for spec in specs:
+            # unwrap needs only where each layer sits: release the replaced modules (all E experts),
+            # so that a rank holds its S slots per layer and nothing more.
+            spec.original = spec.experts = None
 
     # ------------------------------------------------------------------ calling the model
     def __call__(self, *args, **kwargs):

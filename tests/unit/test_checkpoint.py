@@ -349,3 +349,22 @@ def test_tied_embeddings_stay_tied_and_load_from_one_name(tmp_path):
     assert wrapper.module.lm_head.weight is wrapper.module.model.embed_tokens.weight
     wrapper.load_logical_state_dict(tmp_path)  # strict: one name of the tied pair is enough
     _assert_equal_outputs("qwen3_moe", wrapper, full)
+
+
+@pytest.mark.parametrize("kind", ["moe", "module_list"])
+def test_wrapping_releases_the_replaced_experts(kind):
+    """A rank keeps its S slots per layer, not the E experts it wrapped."""
+    import gc
+    import weakref
+
+    model = _build(kind)
+    experts = model.blocks[0].experts
+    original = weakref.ref(experts.gate_up_proj if kind == "moe" else experts[0].w1.weight)
+    del experts
+    wrapper = EPLBWrapper(model, EPLBConfig(num_redundant_experts=4, **SYNC))
+    gc.collect()
+    assert original() is None
+    reference = _build(kind)
+    _assert_equal_outputs(kind, wrapper, reference)
+    restored = wrapper.unwrap()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in restored.state_dict().items())
