@@ -469,11 +469,18 @@ class LogicalLoader:
     ) -> LoadReport:
         """Validate ``source`` completely, call ``before_write`` (returns what it did with an
         in-flight rebalance), then copy the dense tensors and scatter the expert rows layer by
-        layer. Raises `EPLBError` (nothing written) on any key, shape or dtype mismatch."""
+        layer. Raises `EPLBError` (no weight written; ``before_write`` still called, so ranks stay
+        in step) on any key, shape or dtype mismatch."""
         start = time.perf_counter()
         src = _View(_open_source(source), self._renames, self._splits, self._num_experts)
         try:
-            present = self._validate(src, strict, layers)
+            try:
+                present = self._validate(src, strict, layers)
+            except EPLBError:
+                # Settle an in-flight rebalance all the same: a peer whose source was valid is
+                # waiting for this rank in that collective.
+                before_write()
+                raise
             in_flight = before_write()
             dense, written = self._write(src, present, layers, rank)
         finally:

@@ -368,3 +368,17 @@ def test_wrapping_releases_the_replaced_experts(kind):
     _assert_equal_outputs(kind, wrapper, reference)
     restored = wrapper.unwrap()
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in restored.state_dict().items())
+
+
+def test_a_bad_source_during_an_async_rebalance_still_finishes_it_and_changes_no_weight():
+    """Every rank settles the rebalance in flight (a collective), whether or not its source is valid."""
+    model = _build("moe")
+    config = EPLBConfig(num_redundant_experts=4, use_async=True, step_interval=10_000)
+    with EPLBWrapper(model, config) as wrapper:
+        _out("moe", wrapper, mm.hidden_batch(0))
+        wrapper.rebalance()
+        assert wrapper.async_in_flight
+        with pytest.raises(EPLBError, match="unexpected keys"):
+            wrapper.load_logical_state_dict({"nope": torch.zeros(1)})
+        assert not wrapper.async_in_flight
+        _assert_equal_outputs("moe", wrapper, _build("moe"))
