@@ -596,6 +596,7 @@ def resolve_device(requested, found: torch.device, model: nn.Module, specs: list
     the experts are on the meta device. Raises `EPLBError` for a meta model without ``device``, a
     ``device`` that contradicts real experts, or a meta buffer no checkpoint can fill."""
     want = None if requested is None else torch.device(requested)
+    _check_meta_buffers(model, specs)
     if found.type != "meta":
         if want is not None and (want.type != found.type or (want.index is not None and want.index != found.index)):
             raise EPLBError(
@@ -608,7 +609,11 @@ def resolve_device(requested, found: torch.device, model: nn.Module, specs: list
             f"the experts are on the meta device and device is {requested!r}: pass device= (e.g. "
             "device=torch.device('cuda', local_rank)) so eplb allocates this rank's slots there"
         )
-    expert_tensors = {id(direct) for spec in specs for direct in _named(spec.experts, spec.expert_tensors)}
+    return want
+
+
+def _check_meta_buffers(model: nn.Module, specs: list) -> None:
+    expert_tensors = {id(t) for spec in specs for t in _named(spec.experts, spec.expert_tensors)}
     meta_buffers = [
         f"{name}.{b}" if name else b
         for name, module in model.named_modules()
@@ -622,7 +627,6 @@ def resolve_device(requested, found: torch.device, model: nn.Module, specs: list
             "so eplb cannot fill them. Build the model under eplb.meta_parameters() (parameters on meta, "
             "buffers real) instead of torch.device('meta')"
         )
-    return want
 
 
 def _named(module: nn.Module, names) -> list[torch.Tensor]:

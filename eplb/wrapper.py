@@ -348,8 +348,8 @@ class EPLBWrapper:
     def _install_loader(self, loader: LogicalLoader, device: torch.device, *, experts_on_meta: bool) -> None:
         self._loader = loader
         self._unloaded_hook = None
+        loader.materialize(self.module, device)  # the meta tensors, if any (experts or not)
         if experts_on_meta:
-            loader.materialize(self.module, device)
             loader.track_experts_unloaded()
         if loader.unloaded:
             self._unloaded_hook = self.module.register_forward_pre_hook(self._refuse_unloaded)

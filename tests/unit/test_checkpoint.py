@@ -382,3 +382,14 @@ def test_a_bad_source_during_an_async_rebalance_still_finishes_it_and_changes_no
             wrapper.load_logical_state_dict({"nope": torch.zeros(1)})
         assert not wrapper.async_in_flight
         _assert_equal_outputs("moe", wrapper, _build("moe"))
+
+
+def test_a_model_with_real_experts_and_meta_dense_tensors_is_materialised_and_loaded():
+    full = _build("moe")
+    model = _build("moe")
+    model.blocks[1].gate.to_empty(device="meta")  # e.g. a part the trainer will send later
+    wrapper = EPLBWrapper(model, EPLBConfig(num_redundant_experts=4, **SYNC))
+    with pytest.raises(EPLBError, match=r"1 of its tensors hold no weights yet \(e.g. \['blocks.1.gate.weight'\]\)"):
+        wrapper(mm.hidden_batch(0))
+    wrapper.load_logical_state_dict({"blocks.1.gate.weight": full.blocks[1].gate.weight}, strict=False)
+    _assert_equal_outputs("moe", wrapper, full)
