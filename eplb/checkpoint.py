@@ -388,7 +388,9 @@ class LogicalLoader:
         expert: dict[str, _ExpertKey] = {}
         unmapped: dict[str, str] = {}
         for i, spec in enumerate(specs):
-            prefix = names[id(spec.original)]
+            prefix = names.get(id(spec.original))
+            if prefix is None:
+                continue  # an adapter's module outside the model: no key of the state dict is its
             prefix = f"{prefix}." if prefix else ""
             if spec.experts is spec.original:
                 expert.update({f"{prefix}{n}": _ExpertKey(i, n, None) for n in spec.expert_tensors})
