@@ -414,6 +414,10 @@ class LogicalLoader:
             ]
             for key in self._num_experts
         }
+        templates = {part for recipes in self._splits.values() for parts in recipes for part in parts}
+        self._part_keys = re.compile(
+            "|".join(re.escape(t).replace(re.escape("{e}"), r"\d+") for t in sorted(templates)) or r"(?!)"
+        )
 
     # ---------------------------------------------------------------- install
     def materialize(self, model: nn.Module, device: torch.device) -> int:
@@ -450,7 +454,10 @@ class LogicalLoader:
         """Refuse, before anything is copied, a state dict with logical expert keys loaded into the
         wrapped model with ``nn.Module.load_state_dict``: it would copy the dense tensors and then
         fail on the expert keys (or silently skip them with ``strict=False``)."""
-        logical = [k for k in state_dict if k in self._expert and k not in wrapped_keys]
+        logical = [
+            k for k in state_dict
+            if k not in wrapped_keys and (k in self._expert or self._part_keys.fullmatch(self._renamed(k)))
+        ]
         if logical:
             raise EPLBError(
                 f"model.load_state_dict got the unwrapped model's expert keys ({logical[0]!r}, ...), but the "
@@ -458,6 +465,11 @@ class LogicalLoader:
                 "wrapper.load_logical_state_dict(state) (validated first, every replica updated). Nothing "
                 "was loaded"
             )
+
+    def _renamed(self, key: str) -> str:
+        for old, new in self._renames:
+            key = key.replace(old, new)
+        return key
 
     # ---------------------------------------------------------------- load
     def load(

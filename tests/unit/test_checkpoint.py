@@ -393,3 +393,16 @@ def test_a_model_with_real_experts_and_meta_dense_tensors_is_materialised_and_lo
         wrapper(mm.hidden_batch(0))
     wrapper.load_logical_state_dict({"blocks.1.gate.weight": full.blocks[1].gate.weight}, strict=False)
     _assert_equal_outputs("moe", wrapper, full)
+
+
+def test_model_load_state_dict_with_per_expert_checkpoint_keys_is_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    full = _build("mixtral")
+    full.save_pretrained(tmp_path)  # experts.{e}.w1.weight under block_sparse_moe
+    state = load_file(str(next(tmp_path.glob("*.safetensors"))))
+    wrapper = EPLBWrapper(_build("mixtral"), EPLBConfig(num_redundant_experts=4, **SYNC))
+    before = _snapshot(wrapper)
+    with pytest.raises(EPLBError, match=r"unwrapped model's expert keys \('model.layers.0.block_sparse_moe.experts"):
+        wrapper.module.load_state_dict(state, strict=False)
+    _assert_unchanged(wrapper, before)
