@@ -420,25 +420,30 @@ class LogicalLoader:
         )
 
     # ---------------------------------------------------------------- install
-    def materialize(self, model: nn.Module, device: torch.device) -> int:
+    def materialize(self, model: nn.Module, device: torch.device, *, move_real: bool = False) -> int:
         """Replace every parameter and buffer of ``model`` (the wrapped one) still on the meta
-        device by an empty tensor on ``device``; tied tensors stay tied. Returns how many."""
+        device by an empty tensor on ``device``; with ``move_real``, also move the real ones that
+        sit elsewhere (a model built under `meta_parameters` keeps its buffers on the CPU). Tied
+        tensors stay tied. Returns how many tensors were replaced."""
         new: dict[int, torch.Tensor] = {}
         for module in model.modules():
             for table in (module._parameters, module._buffers):
                 for name, t in table.items():
-                    if t is None or t.device.type != "meta":
+                    if t is None or (t.device.type != "meta" and not move_real):
                         continue
                     if id(t) not in new:
-                        empty = torch.empty_like(t, device=device)
+                        value = torch.empty_like(t, device=device) if t.device.type == "meta" else t.detach().to(device)
+                        if value is t or (t.device.type != "meta" and value.data_ptr() == t.data_ptr()):
+                            continue  # already there
                         new[id(t)] = (
-                            type(t)(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                            type(t)(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
                         )
                     table[name] = new[id(t)]
         for key, t in self._dense.items():
             if id(t) in new:
                 self._dense[key] = new[id(t)]
-                self._unloaded.add(key)
+                if t.device.type == "meta":
+                    self._unloaded.add(key)
         return len(new)
 
     def track_experts_unloaded(self) -> None:

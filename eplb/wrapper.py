@@ -348,7 +348,8 @@ class EPLBWrapper:
     def _install_loader(self, loader: LogicalLoader, device: torch.device, *, experts_on_meta: bool) -> None:
         self._loader = loader
         self._unloaded_hook = None
-        loader.materialize(self.module, device)  # the meta tensors, if any (experts or not)
+        # The meta tensors, if any (experts or not); a model built on meta moves to device whole.
+        loader.materialize(self.module, device, move_real=experts_on_meta)
         if experts_on_meta:
             loader.track_experts_unloaded()
         if loader.unloaded:

@@ -39,3 +39,20 @@ def test_meta_float8_model_on_the_gpu_loads_rebalances_and_takes_new_weights(tmp
             if step == 1:
                 reference = updated(copy.deepcopy(full).cpu(), seed=3).cuda()
                 wrapper.load_logical_state_dict(reference.state_dict())
+
+
+def test_meta_transformers_model_moves_to_the_gpu_whole(tmp_path):
+    """Rotary buffers stay real (on the CPU) under meta_parameters(); wrapping with device="cuda"
+    moves them along with the materialised parameters."""
+    full = mm.build_transformers("qwen3_moe")
+    full.save_pretrained(tmp_path)
+    full = full.cuda()
+    with meta_parameters():
+        model = mm.build_transformers("qwen3_moe")
+    wrapper = EPLBWrapper(model, EPLBConfig(num_redundant_experts=4, use_async=False), device="cuda")
+    assert all(t.is_cuda for t in wrapper.module.state_dict().values())
+    assert all(b.is_cuda for b in wrapper.module.buffers())
+    wrapper.load_logical_state_dict(tmp_path)
+    x = mm.token_batch(0).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x).logits, full(x).logits)
