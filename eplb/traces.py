@@ -413,8 +413,9 @@ def lognormal(
     step draws exactly ``tokens_per_step * top_k`` picks per layer from it (multinomially
     distributed; from 50 picks per expert on, drawn from the Gaussian with the multinomial's mean
     and covariance, see `_sample_counts`. Picks are independent, so a token may pick an expert
-    twice, which top-k routing forbids; immaterial for load statistics). ``sigma = 1`` gives a max/mean rank load of about 2.4 with 256 experts
-    on 32 ranks without redundancy, close to the 2.56 DeepSeek reported for R1 decode on 32 GPUs.
+    twice, which top-k routing forbids; immaterial for load statistics). ``sigma = 1`` gives a
+    max/mean rank load of about 2.4 with 256 experts on 32 ranks without redundancy, close to
+    the 2.56 DeepSeek reported for R1 decode on 32 GPUs.
 
     Returns:
         `Trace` with ``loads: [steps, num_layers, num_logical]`` int32 (int64 when
