@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eplb.atomic import critical_section
 from eplb.errors import EPLBError
 from eplb.moe.adapters import StackedExpertList
 
@@ -488,8 +489,11 @@ class LogicalLoader:
     ) -> LoadReport:
         """Validate ``source`` completely, call ``before_write`` (returns what it did with an
         in-flight rebalance), then copy the dense tensors and scatter the expert rows layer by
-        layer. Raises `EPLBError` (no weight written; ``before_write`` still called, so ranks stay
-        in step) on any key, shape or dtype mismatch."""
+        layer, inside `eplb.atomic.critical_section` (a ``SIGINT`` waits for the end of the load).
+        Raises `EPLBError` (no weight written; ``before_write`` still called, so ranks stay in
+        step) on any key, shape or dtype mismatch. The rows are streamed from the source while
+        they are written (that keeps the peak memory at one layer's rows): a read error in the
+        middle of the file, after validation, leaves the weights partly updated."""
         start = time.perf_counter()
         src = _View(_open_source(source), self._renames, self._splits, self._num_experts)
         try:
@@ -501,7 +505,9 @@ class LogicalLoader:
                 before_write()
                 raise
             in_flight = before_write()
-            dense, written = self._write(src, present, layers, rank)
+            # An interrupt (Ctrl-C) lands after the last row, never between two of them.
+            with critical_section():
+                dense, written = self._write(src, present, layers, rank)
         finally:
             src.close()
         loaded = {id(self._dense[k]) for k in present if k in self._dense}

@@ -160,6 +160,16 @@ class Trace:
 
 def _check_loads(loads: Any, what: str) -> torch.Tensor:
     """Validate ``[T, L, E]`` loads; returns a contiguous CPU tensor (int32/int64/float32/float64)."""
+    if isinstance(loads, torch.Tensor) and loads.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        loads = loads.detach().cpu().numpy()
+    if isinstance(loads, np.ndarray) and loads.dtype.kind == "u":
+        # Unsigned counts convert to int64: one >= 2**63 would wrap to a negative count.
+        if loads.size and int(loads.max()) >= 2**63:
+            raise EPLBError(
+                f"{what} hold a count of {int(loads.max())}, beyond int64 (2**63 - 1); loads are token "
+                "counts and cannot be that large"
+            )
+        loads = loads.astype(np.int64)
     if isinstance(loads, np.ndarray):
         loads = torch.from_numpy(np.ascontiguousarray(loads))
     elif not isinstance(loads, torch.Tensor):
@@ -219,8 +229,10 @@ def _read_npz(path: Path) -> tuple[np.ndarray, dict]:
             loads = npz["load"]
     except EPLBError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise EPLBError(f"{name!r} is not a readable eplb trace (.npz): {exc}") from None
+    except Exception as exc:  # a damaged archive fails in zipfile, zlib, numpy's header parser...
+        raise EPLBError(
+            f"{name!r} is not a readable eplb trace (.npz), it is damaged ({type(exc).__name__}: {exc})"
+        ) from None
     try:
         header = json.loads(header_text)
     except json.JSONDecodeError as exc:
