@@ -142,7 +142,7 @@ class AsyncExecutor:
         # to self). The job is dropped once finished or aborted: it holds the staging buffers.
         self._live: dict = {}
         # At exit, wait until the worker left its torch calls: a transfer ends within timeout_s.
-        weakref.finalize(self, _stop_worker, self._live, timeout_s + 1.0)
+        weakref.finalize(self, _stop_worker, self._live, min(timeout_s + 1.0, EXIT_JOIN_CAP_S))
         self._stream: torch.cuda.Stream | None = None
         self._committed = 0
         self._last_progress = 0.0
@@ -393,6 +393,11 @@ class AsyncExecutor:
 
     def _communicate(self, layer, plan, slot_tensors, staging) -> None:
         execute_layer_transfer(plan, slot_tensors, staging, self.communicator, self.max_transfer_bytes)
+
+
+# At interpreter exit the worker gets this long at most to leave its torch calls: a transfer that
+# fails gets out within async_timeout_s (+1 s), but an exit must not wait out a 300 s default.
+EXIT_JOIN_CAP_S = 30.0
 
 
 def _stop_worker(live: dict, join_s: float) -> None:
