@@ -163,7 +163,7 @@ class SyncExecutor:
         report = tally.report(time.perf_counter() - start)
         if self.rank == 0:
             logger.info(
-                "eplb rebalance: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
+                "rebalance done: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
                 "%d local copies, %.3f s",
                 report.layers,
                 report.slots_changed,
@@ -510,11 +510,13 @@ class AsyncExecutor:
         self.last_report = report
         if self.rank == 0:
             if skipped:
-                logger.info("eplb: async rebalance skipped: %s", job.skip_reason)
+                logger.info("async rebalance skipped: %s", job.skip_reason)
             else:
                 logger.info(
-                    "eplb: async rebalance done: %d layers, %d bytes, %.3f s, %d steps ran meanwhile",
-                    report.layers, report.bytes_moved, report.seconds, self.steps_in_flight,
+                    "async rebalance done: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
+                    "%d local copies, %.3f s, %d steps ran meanwhile",
+                    report.layers, report.slots_changed, report.network_transfers, report.bytes_moved / 2**20,
+                    report.local_copies, report.seconds, self.steps_in_flight,
                 )
         return StepOutcome(committed=tuple(committed), placement=self._placement, report=report)
 
@@ -543,7 +545,7 @@ class AsyncExecutor:
         )
         if self.on_error == "raise" and not timed_out:
             raise EPLBError(message) from (job.error if failed_rank == self.rank else None)
-        logger.error("eplb: %s", message)
+        logger.error("%s", message)
         return StepOutcome(placement=self._placement, report=report)
 
     # ------------------------------------------------------------------ worker thread
@@ -610,7 +612,7 @@ class AsyncExecutor:
                 job.error = exc
                 job.error_tb = traceback.format_exc()
                 job.cond.notify_all()
-            logger.debug("eplb: async worker failed on rank %d", self.rank, exc_info=True)
+            logger.debug("async worker failed on rank %d", self.rank, exc_info=True)
 
     def _communicate(self, layer, plan, slot_tensors, staging) -> None:
         execute_layer_transfer(plan, slot_tensors, staging, self.communicator, self.max_transfer_bytes)

@@ -30,7 +30,7 @@ from eplb.moe.adapters import direct_tensors
 from eplb.moe.dispatch import make_dispatcher
 from eplb.placement import Placement
 from eplb.policies import check_policy_inputs, get_policy
-from eplb.traces import TraceWriter
+from eplb.traces import LoadRecorder, Trace
 from eplb.tracker import LoadTracker
 
 __all__ = ["EPLBWrapper"]
@@ -58,8 +58,9 @@ class EPLBWrapper:
             config raises `EPLBError`.
         initial_placement: a `Placement` (or a path to one saved with ``Placement.save``) to
             start from instead of ``Placement.initial``.
-        record_trace: path of a ``.npz`` trace (`eplb.traces.TraceWriter`) that records the load of
-            every step (summed over the ranks, written by rank 0); finished by `close`.
+        record_trace: path of a ``.npz`` trace that records the load of every step (summed over
+            the ranks, written by rank 0), as ``start_recording(record_trace)`` right after wrapping;
+            finished by `close`, `stop_recording`, or at interpreter exit.
 
     Use::
 
@@ -148,8 +149,13 @@ class EPLBWrapper:
         self._executor = _executor(config, device, self._ep_group, rank, num_ranks)
         if isinstance(self._executor, AsyncExecutor):
             self._executor.stop_with(self)
-        self._recording = record_trace is not None
-        self._trace = _trace_writer(record_trace, model, num_layers, num_logical, rank)
+        self._recorder = LoadRecorder(
+            {"num_layers": num_layers, "num_logical": num_logical, "model": type(model).__name__,
+             "source": "EPLBWrapper"},
+            rank=rank, group=self._ep_group,
+        )
+        if record_trace is not None:
+            self._recorder.start(record_trace)
         self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
         self._steps = 0
         self._num_rebalances = 0
@@ -206,24 +212,32 @@ class EPLBWrapper:
         """Steps (model forwards) since wrapping."""
         return self._steps
 
-    def stats(self, *, reduce: bool = False) -> dict:
+    def stats(self, *, reduce: bool = False, num_ranks: int | None = None) -> dict:
         """Balancedness of the current window under the committed placement, and the last rebalance.
 
         Args:
             reduce: sum the window over the EP group first (a collective: every rank must call
                 it). By default the window of this rank alone is used and nothing communicates.
+            num_ranks: a preview for another number of EP ranks ``G`` (e.g. on one process, where
+                balancedness is always 1.0): the committed placement's slots laid out over ``G``
+                ranks (slot ``s`` on rank ``s // (P // G)``, as a ``G``-rank wrapper would hold them,
+                e.g. with a placement planned by ``eplb plan --ranks G``), and ``planned_balancedness``,
+                what the configured policy would reach on ``G`` ranks from this window. ``P`` must
+                be a multiple of ``G`` (`EPLBError` names the fix). Default: this wrapper's ranks.
 
         Returns:
             The keys of `eplb.metrics.compute_stats` (``step``, ``avg_tokens_per_rank``,
-            ``max_tokens_per_rank``, ``balancedness``, ``imbalance``, ``steps_to_next_rebalance``),
-            plus ``balancedness_per_layer`` (list), ``num_rebalances``, ``last_predicted_gain``
-            and ``last_rebalance_<field>`` for every `eplb.executor.RebalanceReport` field
-            (None before the first rebalance).
+            ``max_tokens_per_rank``, ``balancedness``, ``imbalance``, ``steps_to_next_rebalance``,
+            None with a static placement), plus ``balancedness_per_layer`` (list),
+            ``num_rebalances``, ``last_predicted_gain`` and ``last_rebalance_<field>`` for every
+            `eplb.executor.RebalanceReport` field (None before the first rebalance); with
+            ``num_ranks``, also ``num_ranks`` and ``planned_balancedness`` (None without load).
         """
-
+        ranks = self._num_ranks if num_ranks is None else _preview_ranks(num_ranks, self._num_physical,
+                                                                          self._num_logical)
         group = self._ep_group if reduce else None
         load_LE = self.tracker.window_load(group=group)
-        b = balancedness(load_LE, self._placement, self._num_ranks)
+        b = balancedness(load_LE, self._placement, ranks)
         out = stats_of(b, step=self._steps, steps_to_next_rebalance=self._steps_to_next_rebalance())
         out["balancedness_per_layer"] = b.per_layer.tolist()
         out["num_rebalances"] = self._num_rebalances
@@ -231,6 +245,15 @@ class EPLBWrapper:
         report = asdict(self._last_report) if self._last_report is not None else {}
         for f in fields(RebalanceReport):
             out[f"last_rebalance_{f.name}"] = report.get(f.name)
+        if num_ranks is not None:
+            out["num_ranks"] = ranks
+            out["planned_balancedness"] = None
+            if bool((load_LE > 0).any()):
+                planned = get_policy(self.eplb_config.policy)(
+                    load_LE, num_physical=self._num_physical, num_groups=self._num_groups,
+                    num_nodes=self._num_nodes if ranks % self._num_nodes == 0 else 1, num_ranks=ranks,
+                )
+                out["planned_balancedness"] = balancedness(load_LE, planned, ranks).aggregate
         return out
 
     def state_dict(self) -> dict:
@@ -284,6 +307,25 @@ class EPLBWrapper:
             layer.commit(placement.phy2log[layer.layer_index], saved, all_slots)
         self._placement = placement
         self._steps = int(state.get("steps", 0))
+
+    # ------------------------------------------------------------------ recording
+    def start_recording(self, path: str | os.PathLike, *, chunk_steps: int = 256) -> None:
+        """Record the load of every following step (summed over the EP group) into the trace
+        file ``path`` (`eplb.traces.LoadRecorder`; every rank must call it, rank 0 writes).
+        Steps with ``tracker.enabled = False`` are not recorded. The file is a load source for
+        ``eplb plan`` / ``eplb simulate``. Raises `EPLBError` while a recording is running."""
+        self._check_open()
+        self._recorder.start(path, chunk_steps=chunk_steps)
+
+    def stop_recording(self) -> Trace | None:
+        """Stop the recording and write its file; returns the `eplb.traces.Trace` on rank 0
+        (None on other ranks, or when no recording ran or no step was recorded)."""
+        return self._recorder.stop()
+
+    @property
+    def recording(self) -> bool:
+        """True while a trace is being recorded."""
+        return self._recorder.recording
 
     # ------------------------------------------------------------------ rebalancing
     def rebalance(self) -> RebalanceReport | None:
@@ -366,7 +408,10 @@ class EPLBWrapper:
 
             self._executor.start(self._layers, old, plan)
             return None
-        new = self._plan(load_LE, old)
+        try:
+            new = self._plan(load_LE, old)
+        except Exception as exc:  # noqa: BLE001 - the policy is user code; async_on_error decides
+            return self._policy_failed(exc)
         if new is None:
             return self._skip(self._skip_reason)
         try:
@@ -380,6 +425,21 @@ class EPLBWrapper:
         self._last_report = report
         return report
 
+    def _policy_failed(self, exc: Exception) -> RebalanceReport:
+        """Sync mode: the policy raised. As in async mode, ``async_on_error`` decides: ``"log"``
+        logs it and keeps the placement (the step's output is returned as usual); ``"raise"``
+        raises `EPLBError` from it. Nothing was moved either way."""
+        message = (
+            f"policy {self.eplb_config.policy!r} failed at step {self._steps}: {type(exc).__name__}: {exc}; "
+            "the placement is unchanged"
+        )
+        if self.eplb_config.async_on_error == "raise":
+            raise EPLBError(f"{message} (async_on_error='raise'; 'log' logs it and keeps serving)") from exc
+        if self._rank == 0:
+            logger.error("rebalance aborted: %s", message, exc_info=exc)
+        self._last_report = RebalanceReport.skip(f"aborted: {message}")
+        return self._last_report
+
     def _committed_placement(self) -> Placement:
         """The placement the layers hold now (their maps), read back from the layers."""
         rows = torch.stack([layer.placement_row() for layer in self._layers])
@@ -388,13 +448,13 @@ class EPLBWrapper:
     def _skip(self, reason: str) -> RebalanceReport:
         report = RebalanceReport.skip(reason)
         if self._rank == 0:
-            logger.info("eplb rebalance skipped: %s", reason)
+            logger.info("rebalance skipped: %s", reason)
         self._last_report = report
         return report
 
-    def _steps_to_next_rebalance(self) -> int:
+    def _steps_to_next_rebalance(self) -> int | None:
         interval = self.eplb_config.step_interval
-        return interval - self._steps % interval
+        return None if interval is None else interval - self._steps % interval
 
     def step(self) -> None:
         """Count one step by hand: record-window bookkeeping, async commits, and the rebalance
@@ -411,22 +471,19 @@ class EPLBWrapper:
     def _on_step(self) -> None:
         self.tracker.step()
         self._steps += 1
-        if self._recording:
-            # Every rank joins the all-reduce; rank 0 writes.
-            load_LE = self.tracker.last_step_load(group=self._ep_group)
-            if self._trace is not None:
-                self._trace.append(load_LE)
+        self._recorder.on_step(self.tracker)
         if self._balancedness_logger is not None:
             self._balancedness_logger(
                 self._steps, self.tracker, self._placement, self._ep_group, self._steps_to_next_rebalance()
             )
         if self.async_in_flight:
             self._apply(self._executor.on_step())
-        if self._steps % self.eplb_config.step_interval == 0:
+        interval = self.eplb_config.step_interval
+        if interval is not None and self._steps % interval == 0:  # None: a static placement
             if self.async_in_flight:
                 if self._rank == 0:
                     logger.warning(
-                        "eplb: step %d: the previous async rebalance is still in flight; this one is skipped "
+                        "step %d: the previous async rebalance is still in flight; this one is skipped "
                         "(raise step_interval or async_layers_per_step)", self._steps,
                     )
             else:
@@ -442,8 +499,7 @@ class EPLBWrapper:
         self._hook.remove()
         if isinstance(self._executor, AsyncExecutor):
             self._executor.close()
-        if self._trace is not None:
-            self._trace.close()
+        self._recorder.stop()
 
     def unwrap(self) -> nn.Module:
         """Put the original experts modules back, holding the primary copy of every expert, and
@@ -500,6 +556,20 @@ def _resolve_num_groups(model: nn.Module, num_groups: int | None) -> int:
             f"pass num_groups={from_model[1]} or None"
         )
     return num_groups
+
+
+def _preview_ranks(num_ranks, num_physical: int, num_logical: int) -> int:
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        raise EPLBError(f"stats(num_ranks={num_ranks!r}): num_ranks must be an int >= 1")
+    if num_physical % num_ranks:
+        fixes = [r for r in range(num_physical - num_logical, num_physical - num_logical + 2 * num_ranks + 1)
+                 if (num_logical + r) % num_ranks == 0][:2]
+        raise EPLBError(
+            f"stats(num_ranks={num_ranks}): the {num_physical} physical slots per layer cannot be split over "
+            f"{num_ranks} ranks; preview a divisor of {num_physical}, or wrap with num_redundant_experts "
+            f"{' or '.join(map(str, fixes))}"
+        )
+    return num_ranks
 
 
 def _check_sizes(num_layers, num_logical, num_physical, num_groups, num_nodes, num_ranks) -> None:
@@ -596,19 +666,6 @@ def _executor(config: EPLBConfig, device: torch.device, group, rank: int, num_ra
         # Readiness agreement runs on its own gloo group: never on the forward pass's group.
         control_group=dedicated_group(group, "gloo", config.async_timeout_s) if group is not None else None,
     )
-
-
-def _trace_writer(path, model: nn.Module, num_layers: int, num_logical: int, rank: int):
-    if path is None or rank != 0:
-        return None
-
-    metadata = {
-        "num_layers": num_layers,
-        "num_logical": num_logical,
-        "model": type(model).__name__,
-        "source": "EPLBWrapper",
-    }
-    return TraceWriter(path, metadata)
 
 
 def _balancedness_logger(config: EPLBConfig, num_ranks: int, rank: int):

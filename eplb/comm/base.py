@@ -188,7 +188,7 @@ def select_communicator(
     communicator = cls(group=None if single else group, device=device, timeout_s=timeout_s)
     if communicator.rank == 0:
         logger.info(
-            "eplb communicator: %s (requested %r, use_async=%s, device=%s, ranks=%d)",
+            "communicator: %s (requested %r, use_async=%s, device=%s, ranks=%d)",
             chosen,
             name,
             use_async,

@@ -224,7 +224,7 @@ def _wrapped_equals_unwrapped(rank: int, world_size: int, communicator: str, use
             check_step()
     wrapper.close()
     logger.removeHandler(records)
-    chosen = [m.split()[2] for m in records.messages if m.startswith("eplb communicator:")]
+    chosen = [m.split()[1] for m in records.messages if m.startswith("communicator:")]
     return {
         "env": _rank_env(), "communicator": chosen, "moved": moved, "steps_in_flight": steps_in_flight,
         "bytes": bytes_moved, "placement": wrapper.placement.phy2log.tolist(),
