@@ -17,7 +17,8 @@ name and renamed (so a chunk on disk is never half-written). ``close()`` merges 
 ``<path>`` and removes the directory. A run that dies before ``close()`` leaves the directory:
 `Trace.load` of ``<path>`` then reads every flushed chunk, so at most the last, unflushed
 ``chunk_steps`` steps are lost. A writer still open when the interpreter exits (a script that
-ends without ``close()``) is closed then, so ``<path>`` is complete. Chunks rather than appending to one ``.npz`` because appending
+ends without ``close()``) is closed then, so ``<path>`` is complete.
+Chunks rather than appending to one ``.npz`` because appending
 to a zip rewrites its central directory, and a crash during that rewrite loses the whole file.
 """
 
