@@ -159,6 +159,7 @@ class EPLBWrapper:
         self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
         self._steps = 0
         self._num_rebalances = 0
+        self._bytes_moved_total = 0
         self._last_report = None
         self._last_gain: float | None = None
         self._skip_reason = ""
@@ -241,6 +242,7 @@ class EPLBWrapper:
         out = stats_of(b, step=self._steps, steps_to_next_rebalance=self._steps_to_next_rebalance())
         out["balancedness_per_layer"] = b.per_layer.tolist()
         out["num_rebalances"] = self._num_rebalances
+        out["bytes_moved_total"] = self._bytes_moved_total
         out["last_predicted_gain"] = self._last_gain
         report = asdict(self._last_report) if self._last_report is not None else {}
         for f in fields(RebalanceReport):
@@ -371,7 +373,7 @@ class EPLBWrapper:
         if outcome.report is not None:
             self._last_report = outcome.report
             if not outcome.report.skipped:
-                self._num_rebalances += 1
+                self._count(outcome.report)
 
     def _plan(self, load_LE: torch.Tensor, old: Placement) -> Placement | None:
         """Policy + ``min_improvement``; None (with ``self._skip_reason``) when the rebalance is skipped."""
@@ -421,9 +423,13 @@ class EPLBWrapper:
             self._placement = self._committed_placement()
             raise
         self._placement = new
-        self._num_rebalances += 1
+        self._count(report)
         self._last_report = report
         return report
+
+    def _count(self, report: RebalanceReport) -> None:
+        self._num_rebalances += 1
+        self._bytes_moved_total += report.bytes_moved
 
     def _policy_failed(self, exc: Exception) -> RebalanceReport:
         """Sync mode: the policy raised. As in async mode, ``async_on_error`` decides: ``"log"``

@@ -144,3 +144,38 @@ def test_log_lines_carry_one_prefix_and_one_unit(caplog):
     assert len(done) == 2, lines
     assert all(not line.startswith("eplb: eplb") for line in lines), lines
     assert all(" MiB)" in line and "bytes" not in line for line in done), done
+
+
+# ---------------------------------------------------------------------------- Prometheus
+def test_prometheus_exporter_publishes_balancedness_rebalances_and_bytes():
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from eplb.metrics import PrometheusExporter
+
+    config = EPLBConfig(num_redundant_experts=4, use_async=False, step_interval=3, policy=mm.register_shuffle_policy())
+    wrapper = EPLBWrapper(mm.build_reference_model(), config)
+    registry = prometheus_client.CollectorRegistry()
+    exporter = PrometheusExporter(wrapper, registry=registry, prefix="test_eplb")
+    assert registry.get_sample_value("test_eplb_balancedness", {"rank": "0"}) is None  # no snapshot yet
+    _steps(wrapper, range(7))  # rebalances after steps 3 and 6
+    stats = exporter.update()
+    sample = registry.get_sample_value
+    assert sample("test_eplb_balancedness", {"rank": "0"}) == stats["balancedness"]
+    assert sample("test_eplb_layer_balancedness", {"rank": "0", "layer": "1"}) == stats["balancedness_per_layer"][1]
+    assert sample("test_eplb_steps_total", {"rank": "0"}) == 7
+    assert sample("test_eplb_rebalances_total", {"rank": "0"}) == 2 == stats["num_rebalances"]
+    assert sample("test_eplb_bytes_moved_total", {"rank": "0"}) == stats["bytes_moved_total"]
+    assert sample("test_eplb_last_rebalance_seconds", {"rank": "0"}) >= 0
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "# TYPE test_eplb_rebalances_total counter" in text
+    exporter.close()
+    assert registry.get_sample_value("test_eplb_balancedness", {"rank": "0"}) is None
+
+
+def test_prometheus_exporter_without_the_package_says_how_to_install(monkeypatch):
+    import sys
+
+    from eplb.metrics import PrometheusExporter
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    with pytest.raises(EPLBError, match=r"pip install 'eplb\[metrics\]'"):
+        PrometheusExporter(object())
