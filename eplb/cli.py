@@ -306,7 +306,7 @@ def _divisors_text(n: int, limit: int = 8) -> str:
 
 
 def _check_output(flag: str, path: str | None, *, plot: bool = False) -> None:
-    """An output path is writable (its folder exists, it is not a folder) and, for a plot, its
+    """Raise `EPLBError` unless an output path is writable (its folder exists, it is not a folder) and, for a plot, its
     format is one matplotlib writes and matplotlib is installed: checked before any work."""
     from eplb.errors import EPLBError
 
