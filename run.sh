@@ -52,7 +52,7 @@ case "$JOB" in
         echo "usage: bash run.sh setup            only create (or repair) the environment in $VENV" >&2
         echo "       bash run.sh demo [ARGS]      the CPU demo (about 10 s after the install)" >&2
         echo "       bash run.sh quick [ARGS]     a quick subset of the tests (unit tests without the" >&2
-        echo "                                    multi-process and slow ones: about a minute)" >&2
+        echo "                                    multi-process and slow ones: a few minutes)" >&2
         echo "       bash run.sh test [ARGS]      the whole test suite, as CI runs it (about 10 minutes" >&2
         echo "                                    on 2 CPU cores); ARGS go to pytest" >&2
         exit 2
