@@ -1,4 +1,4 @@
-"""Multi-GPU benchmark (issue 8): torch_nccl transfer bandwidth, and async rebalancing under NCCL load.
+"""Multi-GPU benchmark: torch_nccl transfer bandwidth, and async rebalancing under NCCL load.
 
 Run on one host with N >= 2 GPUs, one process per GPU (NVLink multicast stays off):
 
@@ -43,7 +43,7 @@ Per-step latency (wall time of the step, slowest rank) p50 / p99 / max over the 
 ``--timeout``). Outputs are compared with the unwrapped model on the same GPU every
 ``--check-every`` steps and at every step whose in-flight state changes; every slot is checked
 against its expert's weights after the rebalance. Also reported: on which GPUs each rank's
-process holds a CUDA context (expected: only its own). Targets (async issue): async p50 <= 1.05x
+process holds a CUDA context (expected: only its own). Targets: async p50 <= 1.05x
 and p99 <= 1.10x the no-rebalance step.
 
 Rank 0 prints the tables; ``--json`` writes every number. The script exits non-zero when a check
@@ -127,8 +127,7 @@ def require_gpus() -> tuple[int, int]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus < 2:
         sys.exit(
-            f"benchmarks/multi_gpu.py needs a host with >= 2 CUDA GPUs; this one has {gpus}. "
-            "Multi-GPU machines are not lent yet (issue 8); nothing was measured."
+            f"benchmarks/multi_gpu.py needs a host with >= 2 CUDA GPUs; this one has {gpus}; nothing was measured."
         )
     if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         sys.exit(

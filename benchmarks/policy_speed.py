@@ -4,7 +4,7 @@ Run: ``python benchmarks/policy_speed.py [--repeats 20]``. Prints one row per (p
 the median and the fastest of ``--repeats`` timed calls after one warm-up call, for the registered
 (input- and output-checked) policy and for the bare algorithm (``policy.raw``).
 
-Targets (issue 2): ``default`` <= 5 ms on DeepSeek-V3 hierarchical, <= 10 ms global on the
+Targets: ``default`` <= 5 ms on DeepSeek-V3 hierarchical, <= 10 ms global on the
 DeepSeek-V3 shape and on the Kimi-K2-like shape.
 """
 

@@ -8,7 +8,7 @@ multiplicative log-normal factor (sigma ``--drift``) and is planned again, once 
 new expert is not already on that rank in the old plan. Also prints the time relabeling adds
 (median of ``--repeats`` calls, single thread) and checks that per-rank loads are unchanged.
 
-Targets (issue 2), DeepSeek-V3 hierarchical: <= 70% of slots need a transfer, relabel adds <= 5 ms.
+Targets, DeepSeek-V3 hierarchical: <= 70% of slots need a transfer, relabel adds <= 5 ms.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Run:
         transfer goes through. Compares its time with the card's pinned host<->device memcpy
         bandwidth, measured here: ratio = (bytes / D2H bandwidth + bytes / H2D bandwidth) / time.
 
-Target (issue 5): ratio >= 0.8.
+Target: ratio >= 0.8.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-GPU checks (issue 8): one process per GPU over NCCL, rank ``r`` on ``cuda:r``.
+"""Multi-GPU checks: one process per GPU over NCCL, rank ``r`` on ``cuda:r``.
 
 Skipped with fewer than 2 GPUs; the 4-rank cases need 4. Run on a multi-GPU host with
 ``python -m pytest -q tests/gpu/test_multi_gpu.py`` (docs/benchmarks.md, "Multi-GPU validation").
@@ -52,7 +52,7 @@ from eplb.moe import find_moe_layers  # noqa: E402
 from eplb.moe.dispatch import AllToAllDispatcher  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="needs >= 2 GPUs (multi-GPU machines are not lent yet: see issue 8)"
+    torch.cuda.device_count() < 2, reason="needs >= 2 GPUs"
 )
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

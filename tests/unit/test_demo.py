@@ -129,7 +129,7 @@ def test_the_table_and_the_plot_legend_report_the_same_measure(capsys):
     out = capsys.readouterr().out
     assert "mean/max" in out.splitlines()[0] and "max/mean" not in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("  before", "  after"))}
-    for name, row in rows.items():
+    for row in rows.values():
         loads = [float(v) for v in row[-3:-1]]
         assert float(row[-1]) == pytest.approx(sum(loads) / len(loads) / max(loads), abs=0.005)
     fig = demo._figure(opts, results[0])
