@@ -278,10 +278,11 @@ def _check_policy(name: str) -> None:
 def _check_sizes(num_logical: int, redundant: int, ranks: int, nodes: int, groups: int) -> None:
     """The size rules of `eplb.policies.check_policy_inputs`, with the flags to change."""
     from eplb.errors import EPLBError
+    from eplb.placement import _redundant_fixes
 
     num_physical = num_logical + redundant
     if num_physical % ranks:
-        fixes = [r for r in range(redundant, redundant + 2 * ranks + 1) if (num_logical + r) % ranks == 0][:2]
+        fixes = _redundant_fixes(num_logical, redundant, ranks)
         raise EPLBError(
             f"--ranks {ranks} does not divide the {num_physical} slots per layer ({num_logical} experts + "
             f"--redundant {redundant}); pass --redundant {' or '.join(map(str, fixes))}, or --ranks that divides "

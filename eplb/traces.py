@@ -47,6 +47,7 @@ __all__ = [
     "TraceWriter",
     "LoadRecorder",
     "load_trace",
+    "from_sglang_dump",
     "lognormal",
     "zipf",
     "drift",

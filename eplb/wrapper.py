@@ -28,7 +28,7 @@ from eplb.metrics import BalancednessLogger, balancedness, predicted_gain, stats
 from eplb.moe import EPLBExperts, find_moe_layers
 from eplb.moe.adapters import direct_tensors
 from eplb.moe.dispatch import make_dispatcher
-from eplb.placement import Placement
+from eplb.placement import Placement, _redundant_fixes
 from eplb.policies import check_policy_inputs, get_policy
 from eplb.traces import LoadRecorder, Trace
 from eplb.tracker import LoadTracker
@@ -568,8 +568,7 @@ def _preview_ranks(num_ranks, num_physical: int, num_logical: int) -> int:
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
         raise EPLBError(f"stats(num_ranks={num_ranks!r}): num_ranks must be an int >= 1")
     if num_physical % num_ranks:
-        fixes = [r for r in range(num_physical - num_logical, num_physical - num_logical + 2 * num_ranks + 1)
-                 if (num_logical + r) % num_ranks == 0][:2]
+        fixes = _redundant_fixes(num_logical, num_physical - num_logical, num_ranks)
         raise EPLBError(
             f"stats(num_ranks={num_ranks}): the {num_physical} physical slots per layer cannot be split over "
             f"{num_ranks} ranks; preview a divisor of {num_physical}, or wrap with num_redundant_experts "
