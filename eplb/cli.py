@@ -244,7 +244,7 @@ def _import_modules(names: list[str]) -> None:
 
     from eplb.errors import EPLBError
 
-    if os.getcwd() not in sys.path and "" not in sys.path:
+    if names and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # the `eplb` script's sys.path[0] is its bin folder
     for name in names:
         try:

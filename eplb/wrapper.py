@@ -69,7 +69,7 @@ class EPLBWrapper:
         wrapper.rebalance()        # force a rebalance from the current window
         wrapper.stats()            # balancedness and the last rebalance
 
-    The wrapper's own names are ``module``, ``eplb_config``, ``tracker``, ``placement``,
+    The wrapper's own names are ``module``, ``eplb_config``, ``tracker``, ``placement``, ``recording``,
     ``eplb_layers``, ``steps`` and the methods below; every other attribute falls through to the
     model (``wrapper.generate(...)``, ``wrapper.config``, ``wrapper.eval()``). Every forward of
     the model is one step, however it is called.
