@@ -28,10 +28,12 @@ import time
 import torch
 
 from eplb.executor import AsyncExecutor
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
+from eplb.planner import Decision
 
 
-class BenchLayer:
+class BenchLayer(SlotStorage):
     """Slot storage of one MoE layer with the `EPLBExperts` commit contract (one rank)."""
 
     def __init__(self, index: int, w13_E: torch.Tensor, w2_E: torch.Tensor, phy2log: list[int]):
@@ -151,7 +153,7 @@ def main() -> None:
                         torch.cuda.synchronize()
                     total = time.perf_counter() - t0
                 elif mode == "async":
-                    executor.start(layers, old, lambda: new)
+                    executor.begin(layers, old, lambda: Decision.move_to(new))
             if mode == "async" and executor.in_flight:
                 outcome = executor.on_step()
                 if outcome.report is not None:

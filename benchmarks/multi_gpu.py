@@ -67,6 +67,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eplb.moe.slot_layer import SlotStorage
+
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DSV3_HIDDEN, DSV3_INTER = 7168, 2048  # DeepSeek-V3 hidden size and MoE intermediate size
 DEFAULT_MAX_TRANSFER_MIB = 256  # EPLBConfig.max_transfer_bytes default, in MiB
@@ -158,9 +160,9 @@ def contexts() -> list[int]:
 
 
 # -------------------------------------------------------------------------------------- bandwidth
-class Slots:
-    """One layer's slot storage with the executor's contract (``layer_index``, ``slot_tensors``,
-    ``commit``). Expert ``e`` of layer ``i`` has fixed pseudo-random weights, so any slot can be
+class Slots(SlotStorage):
+    """One layer's slot storage with the executors' contract (`eplb.moe.SlotLayer`, through
+    `SlotStorage`). Expert ``e`` of layer ``i`` has fixed pseudo-random weights, so any slot can be
     checked on any rank."""
 
     def __init__(self, layer_index: int, experts: list[int], shapes: dict, device: torch.device):
@@ -179,11 +181,6 @@ class Slots:
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         return self.tensors
-
-    def commit(self, phy2log_P, staged, slots) -> None:
-        for name, t in self.tensors.items():
-            for s in slots.tolist():
-                t[s].copy_(staged[name][s])
 
     def check(self, experts: list[int], tensors: dict[str, torch.Tensor] | None = None) -> bool:
         """Row j of ``tensors`` (default: the slots) holds expert ``experts[j]``'s weights."""
@@ -433,7 +430,7 @@ def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: in
     wrapper.close()
     logger.removeHandler(records)
     logger.setLevel(level)
-    chosen = [m.split()[2] for m in records.messages if m.startswith("eplb communicator:")]
+    chosen = [m.split()[1] for m in records.messages if m.startswith("communicator:")]
     local = {
         "times": times, "worst_err": worst_err, "slots_ok": slots_ok,
         "contexts": (contexts_before, contexts_after),

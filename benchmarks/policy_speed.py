@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/policy_speed.py [--repeats 20]``. Prints one row per (policy, shape):
 the median and the fastest of ``--repeats`` timed calls after one warm-up call, for the registered
-(input- and output-checked) policy and for the bare algorithm (``policy.raw``).
+(input- and output-checked) policy and for the bare algorithm (``policy.__wrapped__``).
 
 Targets: ``default`` <= 5 ms on DeepSeek-V3 hierarchical, <= 10 ms global on the
 DeepSeek-V3 shape and on the Kimi-K2-like shape.
@@ -54,7 +54,7 @@ def main() -> None:
             kwargs = dict(num_physical=P, num_groups=groups, num_nodes=N, num_ranks=G)
             old = Placement.initial(L, E, P, G) if policy_name == "topk" else None
             median, fastest = _time_ms(lambda: policy(load, old=old, **kwargs), args.repeats)  # noqa: B023
-            raw_median, _ = _time_ms(lambda: policy.raw(load, old=old, **kwargs), args.repeats)  # noqa: B023
+            raw_median, _ = _time_ms(lambda: policy.__wrapped__(load, old=old, **kwargs), args.repeats)  # noqa: B023
             print(f"{policy_name:8} {shape_name:26} {L:3d} {E:4d} {P:4d} {G:3d} {N:2d} "
                   f"{median:10.2f} {fastest:7.2f} {raw_median:14.2f}")
 

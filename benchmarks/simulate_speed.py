@@ -30,8 +30,8 @@ def main() -> None:
     t0 = time.perf_counter()
     trace = drift(args.steps, 58, 256, sigma=1.0, drift_sigma=0.01, tokens_per_step=4096, top_k=8, seed=0)
     t_gen = time.perf_counter() - t0
-    config = SimConfig(policy=args.policy, window=1000, interval=args.interval, redundant=32, ranks=32,
-                       nodes=4, groups=8, bytes_per_expert=3 * 7168 * 2048)
+    config = SimConfig(policy=args.policy, window_size=1000, step_interval=args.interval, num_redundant_experts=32,
+                       num_ranks=32, num_nodes=4, num_groups=8, bytes_per_expert=3 * 7168 * 2048)
     t0 = time.perf_counter()
     result = simulate(trace, config, progress=False)
     t_sim = time.perf_counter() - t0

@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from eplb.comm.base import select_communicator
 from eplb.comm.gloo import TorchGlooCommunicator
 from eplb.executor import SyncExecutor
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
 from eplb.policies import get_policy
 from eplb.transfer import bytes_per_expert
@@ -40,8 +41,8 @@ E, P, GROUPS = 256, 288, 8  # DeepSeek-V3: routed experts, experts + 32 redundan
 HIDDEN, INTER = 7168, 2048  # DeepSeek-V3 hidden size and MoE intermediate size
 
 
-class SlotStore:
-    """The slot-storage half of the EPLBExperts contract (slot_tensors, commit) for one layer."""
+class SlotStore(SlotStorage):
+    """One layer's slot storage with the executors' contract (`eplb.moe.SlotLayer`, through `SlotStorage`)."""
 
     def __init__(self, layer_index: int, slots: int, hidden: int, inter: int, device: str):
         self.layer_index = layer_index
@@ -52,10 +53,6 @@ class SlotStore:
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         return self.tensors
-
-    def commit(self, phy2log_P, staged, slots) -> None:
-        for name, t in self.tensors.items():
-            t[slots] = staged[name][slots]
 
 
 def placements(layers: int, num_ranks: int, drift: float, seed: int) -> tuple[Placement, Placement]:

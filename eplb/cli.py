@@ -356,12 +356,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     _check_output("--json", args.json)
     axes = {
         "policy": args.policy or ["default"],
-        "window": args.window or [SimConfig.model_fields["window"].default],
-        "interval": args.interval or [SimConfig.model_fields["interval"].default],
-        "redundant": args.redundant or [0],
-        "ranks": args.ranks or [8],
-        "nodes": args.nodes or [1],
-        "groups": args.groups or [1],
+        "window_size": args.window or [SimConfig.model_fields["window_size"].default],
+        "step_interval": args.interval or [SimConfig.model_fields["step_interval"].default],
+        "num_redundant_experts": args.redundant or [0],
+        "num_ranks": args.ranks or [8],
+        "num_nodes": args.nodes or [1],
+        "num_groups": args.groups or [1],
         "min_improvement": args.min_improvement or [0.0],
     }
     for key, values in axes.items():
@@ -382,8 +382,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     # A bar only on a terminal: in a log file it is a line of carriage returns.
     result = simulate(trace, configs, progress=not args.no_progress and sys.stderr.isatty())
     print(f"trace: {_describe(args.trace, trace)}")
-    if all(c.interval >= trace.steps for c in configs):
-        print(f"note: the interval ({min(c.interval for c in configs)}) is not shorter than the trace "
+    if all(c.step_interval >= trace.steps for c in configs):
+        print(f"note: the interval ({min(c.step_interval for c in configs)}) is not shorter than the trace "
               f"({trace.steps} steps), so no config rebalances; pass --interval")
     print(result.table())
     if args.json:

@@ -4,12 +4,12 @@ Legend: T steps of the trace (no token dimension here), L MoE layers, E logical 
 P physical slots, G ranks.
 
 Semantics follow `EPLBWrapper` in sync mode: steps count from 0; after step ``t - 1`` with
-``t % interval == 0`` (and ``0 < t < T``) the policy plans from the window ``[t - window, t)``
-of the trace, with the placement in force as ``old``, and the new placement serves from step
-``t`` on. A rebalance whose predicted gain (on the window) is below ``min_improvement`` is
-skipped, and so is one whose window holds no load. The balancedness of step ``t`` is that of
-step ``t``'s own load under the placement in force at step ``t`` (per step:
-``sum_l mean_g / sum_l max_g``, as `eplb.metrics.balancedness`).
+``t % step_interval == 0`` (and ``0 < t < T``) the planner (`eplb.planner.plan`, the wrapper's
+own) plans from the window ``[t - window_size, t)`` of the trace, with the placement in force as
+``old``, and the new placement serves from step ``t`` on. A rebalance whose predicted gain (on
+the window) is below ``min_improvement`` is skipped, and so is one whose window holds no load.
+The balancedness of step ``t`` is that of step ``t``'s own load under the placement in force at
+step ``t`` (per step: ``sum_l mean_g / sum_l max_g``, as `eplb.metrics.balancedness`).
 
 Between two rebalances the placement is fixed, so the rank loads of all those steps are one
 batched product ``[T, L, E] x [L, E, G] -> [T, L, G]`` with `eplb.metrics.rank_share`; the
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +32,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from eplb.errors import EPLBError
-from eplb.metrics import balancedness, predicted_gain, rank_share
+from eplb.metrics import balancedness, rank_share
 from eplb.placement import Placement
+from eplb.planner import PlanOptions, plan
 from eplb.policies import check_policy_inputs, get_policy
+from eplb.runtime import Topology
 from eplb.traces import Trace
 from eplb.transfer import plan_layer_transfer
 
@@ -48,9 +49,11 @@ _PROGRESS_MIN_STEPS = 2000  # a progress bar below this many (steps x configs) i
 class SimConfig(BaseModel):
     """One configuration to replay a trace through (frozen; unknown fields are rejected).
 
-    The sizes are checked against the trace when `simulate` starts, with the policies' own
-    messages (``P = E + redundant`` a multiple of ``ranks``, ``E`` a multiple of ``groups``,
-    ``ranks`` a multiple of ``nodes``).
+    The knobs an `EPLBConfig` also has carry its field names; ``num_ranks``, ``num_nodes`` and
+    ``num_groups`` are the `EPLBWrapper` arguments of the same names. The sizes are checked
+    against the trace when `simulate` starts, with the policies' own messages
+    (``P = E + num_redundant_experts`` a multiple of ``num_ranks``, ``E`` a multiple of
+    ``num_groups``, ``num_ranks`` a multiple of ``num_nodes``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -58,44 +61,45 @@ class SimConfig(BaseModel):
     policy: str = "default"
     """Registered policy name. Any policy works here, sync-only ones (``topk``) included."""
 
-    window: int = Field(1000, gt=0)
-    """Steps of load the policy plans from (``EPLBConfig.window_size``)."""
+    window_size: int = Field(1000, gt=0)
+    """Steps of load the policy plans from (as ``EPLBConfig.window_size``)."""
 
-    interval: int = Field(3000, gt=0)
-    """Steps between rebalances (``EPLBConfig.step_interval``). An interval of at least the
+    step_interval: int = Field(3000, gt=0)
+    """Steps between rebalances (as ``EPLBConfig.step_interval``). An interval of at least the
     trace's length never rebalances: the initial placement stays (a static placement)."""
 
-    redundant: int = Field(0, ge=0)
-    """Redundant slots per layer (``EPLBConfig.num_redundant_experts``); ``P = E + redundant``."""
+    num_redundant_experts: int = Field(0, ge=0)
+    """Redundant slots per layer (as ``EPLBConfig.num_redundant_experts``);
+    ``P = E + num_redundant_experts``."""
 
-    ranks: int = Field(8, gt=0)
+    num_ranks: int = Field(8, gt=0)
     """``G``, expert-parallel ranks."""
 
-    nodes: int = Field(1, gt=0)
+    num_nodes: int = Field(1, gt=0)
     """``N``, nodes (hierarchical policies pack expert groups onto nodes first)."""
 
-    groups: int = Field(1, gt=0)
+    num_groups: int = Field(1, gt=0)
     """Expert groups per layer (DeepSeek group-limited routing); must divide ``E``."""
 
     min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
-    """Skip a rebalance whose predicted balancedness gain is below this (``EPLBConfig.min_improvement``)."""
+    """Skip a rebalance whose predicted balancedness gain is below this (as ``EPLBConfig.min_improvement``)."""
 
     bytes_per_expert: int = Field(0, ge=0)
     """Bytes of one expert's weights, to turn weight transfers into bytes; 0 reports 0 bytes."""
 
     initial_placement: Placement | Path | str | None = None
     """Placement in force at step 0 (a `Placement` or a path to a saved one); default
-    ``Placement.initial(L, E, P, ranks)``, what the wrapper starts from."""
+    ``Placement.initial(L, E, P, num_ranks)``, what the wrapper starts from."""
 
     name: str | None = None
     """Label in tables, plots and JSON; default built from the fields that differ between the
     configs of one `simulate` call."""
 
     def resolved_initial(self, trace: Trace) -> Placement:
-        """The placement at step 0 for ``trace`` (validated against its shape and ``ranks``)."""
-        num_physical = trace.num_logical + self.redundant
+        """The placement at step 0 for ``trace`` (validated against its shape and ``num_ranks``)."""
+        num_physical = trace.num_logical + self.num_redundant_experts
         if self.initial_placement is None:
-            return Placement.initial(trace.num_layers, trace.num_logical, num_physical, self.ranks)
+            return Placement.initial(trace.num_layers, trace.num_logical, num_physical, self.num_ranks)
         placement = self.initial_placement
         if not isinstance(placement, Placement):
             placement = Placement.load(placement)
@@ -103,10 +107,11 @@ class SimConfig(BaseModel):
         if shape != (trace.num_layers, trace.num_logical, num_physical):
             raise EPLBError(
                 f"initial placement {placement!r} does not fit the trace (L={trace.num_layers}, "
-                f"E={trace.num_logical}) with redundant={self.redundant} (P={num_physical}); "
-                f"set redundant to {placement.num_physical - placement.num_logical} or plan a new placement"
+                f"E={trace.num_logical}) with num_redundant_experts={self.num_redundant_experts} "
+                f"(P={num_physical}); set num_redundant_experts to "
+                f"{placement.num_physical - placement.num_logical} or plan a new placement"
             )
-        return placement.validate(self.ranks)
+        return placement.validate(self.num_ranks)
 
 
 @dataclass(frozen=True)
@@ -346,8 +351,8 @@ def simulate(
         try:
             get_policy(cfg.policy)
             check_policy_inputs(
-                total_LE, num_physical=trace.num_logical + cfg.redundant, num_groups=cfg.groups,
-                num_nodes=cfg.nodes, num_ranks=cfg.ranks,
+                total_LE, num_physical=trace.num_logical + cfg.num_redundant_experts,
+                num_groups=cfg.num_groups, num_nodes=cfg.num_nodes, num_ranks=cfg.num_ranks,
             )
             initials.append(cfg.resolved_initial(trace))
         except EPLBError as exc:
@@ -365,8 +370,8 @@ def simulate(
 def _run(
     trace: Trace, total_LE: torch.Tensor, cfg: SimConfig, name: str, placement: Placement, bar
 ) -> RunResult:
-    T, L, E = trace.steps, trace.num_layers, trace.num_logical
-    P, G = E + cfg.redundant, cfg.ranks
+    T, L = trace.steps, trace.num_layers
+    G = cfg.num_ranks
     policy = get_policy(cfg.policy)
     balancedness_T = np.empty(T)
     max_T = np.empty(T)
@@ -374,12 +379,12 @@ def _run(
     rank_load_LG = torch.zeros(L, G, dtype=torch.float64)
     rank_load_static_LG = torch.einsum("le,leg->lg", total_LE, rank_share(placement, G))
     rebalances: list[Rebalance] = []
-    bounds = [0, *range(cfg.interval, T, cfg.interval), T]
+    bounds = [0, *range(cfg.step_interval, T, cfg.step_interval), T]
     if bar is not None:
         bar.set_postfix_str(name)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if start > 0:
-            placement, record = _rebalance(trace, cfg, policy, placement, start, P, G)
+            placement, record = _rebalance(trace, cfg, policy, placement, start)
             rebalances.append(record)
         share_LEG = rank_share(placement, G)
         for a in range(start, stop, _CHUNK_STEPS):
@@ -402,43 +407,41 @@ def _run(
     )
 
 
-def _rebalance(
-    trace: Trace, cfg: SimConfig, policy, old: Placement, step: int, P: int, G: int
-) -> tuple[Placement, Rebalance]:
-    window_LE = trace.total(max(0, step - cfg.window), step)
-    if not bool((window_LE > 0).any()):
+def _rebalance(trace: Trace, cfg: SimConfig, policy, old: Placement, step: int) -> tuple[Placement, Rebalance]:
+    window_LE = trace.total(max(0, step - cfg.window_size), step)
+    G = cfg.num_ranks
+    decision = plan(window_LE, old, policy, Topology.offline(G, cfg.num_nodes),
+                    PlanOptions(num_groups=cfg.num_groups, min_improvement=cfg.min_improvement))
+    if decision.proposed is None:
         # As the wrapper: nothing to plan from, so no rebalance.
         return old, Rebalance(step=step, plan_time_s=0.0, slots_moved=0, weight_transfers=0, bytes_moved=0,
                               predicted_gain=0.0, window_balancedness_before=1.0,
                               window_balancedness_after=1.0, skipped=True)
-    t0 = time.perf_counter()
-    new = policy(window_LE, num_physical=P, num_groups=cfg.groups, num_nodes=cfg.nodes, num_ranks=G, old=old)
-    plan_time = time.perf_counter() - t0
     before = balancedness(window_LE, old, G).aggregate
-    after = balancedness(window_LE, new, G).aggregate
-    gain = predicted_gain(window_LE, old, new, G)
-    skipped = cfg.min_improvement > 0 and gain < cfg.min_improvement
+    after = balancedness(window_LE, decision.proposed, G).aggregate
+    new = decision.new
     slots = transfers = 0
-    if not skipped:
+    if new is not None:
         for layer in range(old.num_layers):
             if torch.equal(old.phy2log[layer], new.phy2log[layer]):
                 continue
-            plan = plan_layer_transfer(old.phy2log[layer], new.phy2log[layer], rank=0, num_ranks=G)
-            slots += plan.num_changed_slots
-            transfers += plan.num_network_transfers
+            plan_L = plan_layer_transfer(old.phy2log[layer], new.phy2log[layer], rank=0, num_ranks=G)
+            slots += plan_L.num_changed_slots
+            transfers += plan_L.num_network_transfers
     record = Rebalance(
-        step=step, plan_time_s=plan_time, slots_moved=slots, weight_transfers=transfers,
-        bytes_moved=transfers * cfg.bytes_per_expert, predicted_gain=gain,
-        window_balancedness_before=before, window_balancedness_after=after, skipped=skipped,
+        step=step, plan_time_s=decision.seconds, slots_moved=slots, weight_transfers=transfers,
+        bytes_moved=transfers * cfg.bytes_per_expert, predicted_gain=decision.gain,
+        window_balancedness_before=before, window_balancedness_after=after, skipped=new is None,
     )
-    return (old if skipped else new), record
+    return (old if new is None else new), record
 
 
 def _names(configs: list[SimConfig]) -> list[str]:
     """Given names, or labels from the fields that differ between configs (policy always)."""
-    keys = ["policy", "window", "interval", "redundant", "ranks", "nodes", "groups", "min_improvement"]
-    short = {"window": "w", "interval": "i", "redundant": "r", "ranks": "g", "nodes": "n", "groups": "grp",
-             "min_improvement": "min"}
+    keys = ["policy", "window_size", "step_interval", "num_redundant_experts", "num_ranks", "num_nodes",
+            "num_groups", "min_improvement"]
+    short = {"window_size": "w", "step_interval": "i", "num_redundant_experts": "r", "num_ranks": "g",
+             "num_nodes": "n", "num_groups": "grp", "min_improvement": "min"}
     varying = [k for k in keys[1:] if len({getattr(c, k) for c in configs}) > 1]
     names = []
     for i, c in enumerate(configs):

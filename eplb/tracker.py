@@ -23,6 +23,7 @@ import operator
 import torch
 import torch.distributed as dist
 
+from eplb.comm.collectives import all_reduce_sum
 from eplb.errors import EPLBError
 
 __all__ = ["LoadTracker"]
@@ -158,7 +159,7 @@ class LoadTracker:
         """
         self._raise_on_out_of_range()
         load_LE = self._sum_LE.clone()
-        return _all_reduce_sum(load_LE, group) if group is not None else load_LE
+        return all_reduce_sum(load_LE, group) if group is not None else load_LE
 
     def last_step_load(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``[L, E]`` int64 — the load of the most recently completed step (zeros before the first).
@@ -167,7 +168,7 @@ class LoadTracker:
         """
         last_1 = (self._pos_1 - 1).remainder(self.window_size)
         load_LE = self._window_WLE.index_select(0, last_1)[0]
-        return _all_reduce_sum(load_LE, group) if group is not None else load_LE
+        return all_reduce_sum(load_LE, group) if group is not None else load_LE
 
     @property
     def steps_recorded(self) -> int:
@@ -336,23 +337,3 @@ def _normalise_device(device: str | torch.device) -> torch.device:
         # torch.device("cuda") != torch.device("cuda:0"); pin the index so device checks compare equal.
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
-
-
-def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum ``t`` over ``group`` and return the result on ``t``'s device (``t`` is not modified)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise EPLBError(
-            "a process group was passed but torch.distributed is not initialised; "
-            "call torch.distributed.init_process_group first, or pass group=None"
-        )
-    backend = str(dist.get_backend(group)).lower()
-    # Only NCCL reduces accelerator tensors reliably; stage everything else through the CPU.
-    if t.device.type == "cpu" or "nccl" not in backend:
-        staged = t.to("cpu", copy=True)
-        dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=group)
-        return staged.to(t.device)
-    out = t.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out

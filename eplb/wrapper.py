@@ -3,11 +3,13 @@
 Legend: L MoE layers, E logical experts, P = E + num_redundant_experts physical slots, G ranks,
 S = P // G slots per rank.
 
-The wrapper finds the MoE layers (`eplb.moe.find_moe_layers`), replaces each experts module by
-an `eplb.moe.EPLBExperts` holding this rank's slots, counts steps with a forward hook on the
-model, and every ``step_interval`` steps turns the tracker's window into a new placement with
-the configured policy and applies it through the executor. Everything that can be wrong with
-the inputs is checked before the model is modified.
+The wrapper finds the MoE layers (`eplb.moe.find_moe_layers`), builds the runtime for its
+topology (`eplb.runtime.build_runtime`: tracker, dispatcher, communicator, executor), replaces
+each experts module by an `eplb.moe.EPLBExperts` holding this rank's slots, counts steps with a
+forward hook on the model, and every ``step_interval`` steps hands the tracker's window to the
+executor with the planner (`eplb.planner.plan`) to decide the new placement. The layers hold the
+committed placement; the wrapper's `placement` is read back from them after each outcome.
+Everything that can be wrong with the inputs is checked before the model is modified.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eplb.comm.base import dedicated_group, select_communicator
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError
-from eplb.executor import AsyncExecutor, RebalanceReport, StepOutcome, SyncExecutor
-from eplb.metrics import BalancednessLogger, balancedness, predicted_gain, stats_of
+from eplb.executor import RebalanceReport, StepOutcome
+from eplb.executor.staging import placement_of
+from eplb.metrics import BalancednessLogger, balancedness, stats_of
 from eplb.moe import EPLBExperts, find_moe_layers
 from eplb.moe.adapters import direct_tensors
-from eplb.moe.dispatch import make_dispatcher
 from eplb.placement import Placement, _redundant_fixes
+from eplb.planner import Decision, PlanOptions, plan, skip_empty_window
 from eplb.policies import check_policy_inputs, get_policy
+from eplb.runtime import Topology, build_runtime
 from eplb.traces import LoadRecorder, Trace
-from eplb.tracker import LoadTracker
 
 __all__ = ["EPLBWrapper"]
 
@@ -89,7 +91,8 @@ class EPLBWrapper:
         config = EPLBConfig() if config is None else config
         if not isinstance(config, EPLBConfig):
             raise EPLBError(f"config must be an eplb.EPLBConfig, got {type(config).__name__}")
-        num_ranks, rank = _group_size_and_rank(ep_group)
+        topology = Topology.from_group(ep_group, num_nodes)
+        num_ranks, rank = topology.num_ranks, topology.rank
         # Step 1: find the layers and check every size, without touching the model. With several
         # ranks, an error on one rank is shared so that no rank hangs in the agreement check.
         error = None
@@ -123,15 +126,19 @@ class EPLBWrapper:
         elif error:
             raise EPLBError(error) from None
 
-        # Step 2: build the new parts (copies; the model is still untouched).
+        # Step 2: build the new parts (copies; the model is still untouched). Creating the
+        # runtime's communicator and groups is collective.
+        runtime = build_runtime(topology, config, num_layers=num_layers, num_logical=num_logical, device=device)
         self.eplb_config = config
-        self._ep_group = ep_group if num_ranks > 1 else None
+        self._runtime = runtime
+        self._topology = runtime.topology
+        self._ep_group = topology.group
         self._num_ranks, self._rank = num_ranks, rank
         self._num_nodes, self._num_groups = num_nodes, num_groups
         self._num_layers, self._num_logical, self._num_physical = num_layers, num_logical, num_physical
         self._placement = placement
-        self.tracker = LoadTracker(num_layers, num_logical, config.window_size, device)
-        dispatcher = make_dispatcher(self._ep_group)
+        self.tracker = runtime.tracker
+        dispatcher = runtime.dispatcher
         self._specs = specs
         self._layers = [
             EPLBExperts(
@@ -146,9 +153,8 @@ class EPLBWrapper:
             )
             for i, spec in enumerate(specs)
         ]
-        self._executor = _executor(config, device, self._ep_group, rank, num_ranks)
-        if isinstance(self._executor, AsyncExecutor):
-            self._executor.stop_with(self)
+        self._executor = runtime.executor
+        self._executor.stop_with(self)
         self._recorder = LoadRecorder(
             {"num_layers": num_layers, "num_logical": num_logical, "model": type(model).__name__,
              "source": "EPLBWrapper"},
@@ -162,7 +168,6 @@ class EPLBWrapper:
         self._bytes_moved_total = 0
         self._last_report = None
         self._last_gain: float | None = None
-        self._skip_reason = ""
         self._closed = False
         self._unwrapped = False
 
@@ -306,7 +311,7 @@ class EPLBWrapper:
         self.tracker.load_state_dict(state["tracker"])
         all_slots = torch.arange(self._num_physical // self._num_ranks)
         for layer, saved in zip(self._layers, slots):
-            layer.commit(placement.phy2log[layer.layer_index], saved, all_slots)
+            layer.commit(placement.phy2log[layer.layer_index], slots=all_slots, staged=saved)
         self._placement = placement
         self._steps = int(state.get("steps", 0))
 
@@ -353,7 +358,7 @@ class EPLBWrapper:
         if not self.async_in_flight:
             return None
         try:
-            outcome = self._executor.synchronize()
+            outcome = self._executor.drain()
         except BaseException:
             # Layers committed by this call before the failure hold the new rows: record what is there.
             self._placement = self._committed_placement()
@@ -364,92 +369,72 @@ class EPLBWrapper:
     @property
     def async_in_flight(self) -> bool:
         """True while an async rebalance is planned, moving or being committed."""
-        return isinstance(self._executor, AsyncExecutor) and self._executor.in_flight
+        return self._executor.in_flight
 
     def _apply(self, outcome: StepOutcome) -> None:
-        """Take over what the async executor committed, finished or aborted at a step boundary."""
+        """Take over what the executor committed, finished or aborted: the placement the layers
+        hold (read back from them by the executor), the report and the decision."""
         if outcome.placement is not None:
             self._placement = outcome.placement
+        if outcome.decision is not None and outcome.decision.gain is not None:
+            self._last_gain = outcome.decision.gain
         if outcome.report is not None:
             self._last_report = outcome.report
             if not outcome.report.skipped:
                 self._count(outcome.report)
 
-    def _plan(self, load_LE: torch.Tensor, old: Placement) -> Placement | None:
-        """Policy + ``min_improvement``; None (with ``self._skip_reason``) when the rebalance is skipped."""
-        policy = get_policy(self.eplb_config.policy)
-        new = policy(
-            load_LE,
-            num_physical=self._num_physical,
-            num_groups=self._num_groups,
-            num_nodes=self._num_nodes,
-            num_ranks=self._num_ranks,
-            old=old,
-        )
-        self._last_gain = predicted_gain(load_LE, old, new, self._num_ranks)
-        if self.eplb_config.min_improvement > 0 and self._last_gain < self.eplb_config.min_improvement:
-            self._skip_reason = (
-                f"predicted balancedness gain {self._last_gain:.4f} < "
-                f"min_improvement {self.eplb_config.min_improvement}"
-            )
-            return None
-        return new
+    def _plan(self, load_LE: torch.Tensor, old: Placement) -> Decision:
+        """The planner's `Decision` for this model, topology and config (pure: runs on the async
+        worker too, and returns everything it decided)."""
+        options = PlanOptions(num_groups=self._num_groups, min_improvement=self.eplb_config.min_improvement)
+        return plan(load_LE, old, self.eplb_config.policy, self._topology, options)
 
-    def _start_rebalance(self):
-
+    def _start_rebalance(self) -> RebalanceReport | None:
         load_LE = self.tracker.window_load(group=self._ep_group).to("cpu", torch.float64)
         old = self._placement
-        if not bool((load_LE > 0).any()):
-            return self._skip("no load recorded in the window")
-        if isinstance(self._executor, AsyncExecutor):
-            # The policy runs on the worker thread; the main thread goes back to the forward passes.
-            def plan() -> Placement | None:
-                new = self._plan(load_LE, old)
-                plan.skip_reason = self._skip_reason if new is None else ""
-                return new
-
-            self._executor.start(self._layers, old, plan)
+        empty = skip_empty_window(load_LE)
+        if empty is not None:
+            return self._skip(empty.skip_reason)
+        # Async: the planner runs on the worker thread; the main thread goes back to the forward passes.
+        if self.eplb_config.use_async:
+            self._executor.begin(self._layers, old, lambda: self._plan(load_LE, old))
+        else:
+            self._executor.begin(self._layers, old, lambda: self._decide_or_fail(load_LE, old))
+        if self.eplb_config.use_async:
             return None
         try:
-            new = self._plan(load_LE, old)
-        except Exception as exc:  # noqa: BLE001 - the policy is user code; async_on_error decides
-            return self._policy_failed(exc)
-        if new is None:
-            return self._skip(self._skip_reason)
-        try:
-            report = self._executor.rebalance(self._layers, old, new)
+            outcome = self._executor.drain()  # sync: begin + drain
         except BaseException:
             # Committed layers hold the new rows, the others the old: record what is really there.
             self._placement = self._committed_placement()
             raise
-        self._placement = new
-        self._count(report)
-        self._last_report = report
-        return report
+        self._apply(outcome)
+        return outcome.report
 
     def _count(self, report: RebalanceReport) -> None:
         self._num_rebalances += 1
         self._bytes_moved_total += report.bytes_moved
 
-    def _policy_failed(self, exc: Exception) -> RebalanceReport:
-        """Sync mode: the policy raised. As in async mode, ``async_on_error`` decides: ``"log"``
-        logs it and keeps the placement (the step's output is returned as usual); ``"raise"``
-        raises `EPLBError` from it. Nothing was moved either way."""
-        message = (
-            f"policy {self.eplb_config.policy!r} failed at step {self._steps}: {type(exc).__name__}: {exc}; "
-            "the placement is unchanged"
-        )
-        if self.eplb_config.async_on_error == "raise":
-            raise EPLBError(f"{message} (async_on_error='raise'; 'log' logs it and keeps serving)") from exc
-        if self._rank == 0:
-            logger.error("rebalance aborted: %s", message, exc_info=exc)
-        self._last_report = RebalanceReport.skip(f"aborted: {message}")
-        return self._last_report
+    def _decide_or_fail(self, load_LE: torch.Tensor, old: Placement) -> Decision:
+        """Sync mode's decision. If the policy raises, ``async_on_error`` decides, as in async
+        mode: ``"log"`` logs it and skips the rebalance (the placement stays and the step's output
+        is returned as usual); ``"raise"`` raises `EPLBError` from it. Nothing moves either way."""
+        try:
+            return self._plan(load_LE, old)
+        except Exception as exc:  # noqa: BLE001 - the policy is user code; async_on_error decides
+            message = (
+                f"policy {self.eplb_config.policy!r} failed at step {self._steps}: {type(exc).__name__}: "
+                f"{exc}; the placement is unchanged"
+            )
+            if self.eplb_config.async_on_error == "raise":
+                raise EPLBError(f"{message} (async_on_error='raise'; 'log' logs it and keeps serving)") from exc
+            if self._rank == 0:
+                logger.error("rebalance aborted: %s", message, exc_info=exc)
+            return Decision(new=None, skip_reason=f"aborted: {message}")
 
     def _committed_placement(self) -> Placement:
-        """The placement the layers hold now (their maps), read back from the layers."""
-        rows = torch.stack([layer.placement_row() for layer in self._layers])
-        return Placement.from_phy2log(rows, self._num_logical)
+        """The placement the layers hold now, read back from the layers."""
+        return placement_of(self._layers, self._placement)
 
     def _skip(self, reason: str) -> RebalanceReport:
         report = RebalanceReport.skip(reason)
@@ -503,8 +488,7 @@ class EPLBWrapper:
             return
         self._closed = True
         self._hook.remove()
-        if isinstance(self._executor, AsyncExecutor):
-            self._executor.close()
+        self._executor.close()
         self._recorder.stop()
 
     def unwrap(self) -> nn.Module:
@@ -533,17 +517,6 @@ class EPLBWrapper:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _group_size_and_rank(group) -> tuple[int, int]:
-    if group is None:
-        return 1, 0
-    if not (dist.is_available() and dist.is_initialized()):
-        raise EPLBError(
-            "ep_group was given but torch.distributed is not initialised; call "
-            "torch.distributed.init_process_group first (or pass ep_group=None for one process)"
-        )
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
 def _resolve_num_groups(model: nn.Module, num_groups: int | None) -> int:
     config = getattr(model, "config", None)
     from_model = None
@@ -649,28 +622,6 @@ def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int) -> None
             )
 
 
-def _executor(config: EPLBConfig, device: torch.device, group, rank: int, num_ranks: int):
-    """The executor the config asks for; creating communicators and groups is collective."""
-    communicator = select_communicator(
-        config.communicator, use_async=config.use_async, device=device, group=group,
-        timeout_s=config.async_timeout_s,
-    )
-    if not config.use_async:
-        return SyncExecutor(
-            rank=rank, num_ranks=num_ranks, communicator=communicator,
-            max_transfer_bytes=config.max_transfer_bytes,
-        )
-    return AsyncExecutor(
-        rank=rank,
-        num_ranks=num_ranks,
-        communicator=communicator,
-        max_transfer_bytes=config.max_transfer_bytes,
-        timeout_s=config.async_timeout_s,
-        layers_per_step=config.async_layers_per_step,
-        on_error=config.async_on_error,
-        # Readiness agreement runs on its own gloo group: never on the forward pass's group.
-        control_group=dedicated_group(group, "gloo", config.async_timeout_s) if group is not None else None,
-    )
 
 
 def _balancedness_logger(config: EPLBConfig, num_ranks: int, rank: int):

@@ -19,11 +19,14 @@ from eplb.moe.adapters import (
 )
 from eplb.moe.layer import EPLBExperts
 from eplb.moe.reference import MoE, SwiGLUExperts
+from eplb.moe.slot_layer import PreparedCommit, SlotLayer
 
 __all__ = [
     "MoE",
     "SwiGLUExperts",
     "EPLBExperts",
+    "SlotLayer",
+    "PreparedCommit",
     "MoEAdapter",
     "MoELayerSpec",
     "StackedExpertsAdapter",

@@ -1,7 +1,8 @@
 """`EPLBExperts`: the EPLB expert layer, the one chokepoint every routed token passes.
 
 Legend: T tokens, K top-k, D hidden size, E logical experts, P physical slots, S = P // G slots
-on this rank, G ranks, N pairs computed on this rank, R_max = P - E + 1 (widest replica count).
+on this rank, G ranks, N pairs computed on this rank, X = P - E + 1 (the widest possible
+replica count).
 
 One forward: record the logical ids into the tracker → map each (token, logical expert) to one
 replica's physical slot → dispatch the pairs to the slots' owner ranks → run the experts with
@@ -12,22 +13,23 @@ order as the replaced module, so the result matches it (bitwise when the matmuls
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from eplb.comm.collectives import all_gather_rows
 from eplb.errors import EPLBError
 from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
+from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
 
 if TYPE_CHECKING:
     from eplb.tracker import LoadTracker
 
-__all__ = ["EPLBExperts", "PreparedCommit"]
+__all__ = ["EPLBExperts", "PreparedCommit"]  # PreparedCommit: defined in eplb.moe.slot_layer
 
 _HASH_MASK = 0x7FFFFFFF  # keys stay < 2**31 so the 32-bit mixing below never overflows int64
 
@@ -44,21 +46,6 @@ def _mix32(key: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 13)
     h = (h * 0xC2B2AE35) & 0xFFFFFFFF
     return h ^ (h >> 16)
-
-
-@dataclass(frozen=True)
-class PreparedCommit:
-    """A validated commit whose data already sits on the layer's device.
-
-    Attributes:
-        packed: int64 ``[P + E * (P - E + 1) + E]`` on the layer's device — the new ``phy2log``,
-            ``log2phy`` (flattened, ``-1`` padded) and ``logcnt``.
-        slot_list: local slot ids to copy from staging, as Python ints (rows are copied one by
-            one, so no index tensor is needed).
-    """
-
-    packed: torch.Tensor
-    slot_list: tuple[int, ...] = ()
 
 
 class EPLBExperts(nn.Module):
@@ -80,7 +67,11 @@ class EPLBExperts(nn.Module):
     ``rank`` (r) and ``slots_per_rank`` (S) describe the layer.
 
     Buffers (on the weights' device, updated in place by `commit`, never reallocated):
-        phy2log ``[P]`` int64, log2phy ``[E, P - E + 1]`` int64 (``-1`` padded), logcnt ``[E]`` int64.
+        phy2log ``[P]`` int64; replica_slots ``[E, P - E + 1]`` int64 — the slots of each logical
+        expert, ``-1`` padded to the widest possible replica count (one layer's ``log2phy`` at a
+        fixed width, so the storage never changes); logcnt ``[E]`` int64.
+
+    It implements `eplb.moe.SlotLayer`, the executors' contract.
 
     Gradients: with ``G == 1`` and no redundant slot (``P == E``) backward gives the replaced
     module's gradients (slot ``s`` gets expert ``phy2log[s]``'s). With ``P > E`` forwards work in
@@ -133,20 +124,21 @@ class EPLBExperts(nn.Module):
         self.experts = replace_expert_tensors(experts, slots)
         self.register_buffer("phy2log", row_P.to(device, copy=True), persistent=False)
         self.register_buffer(
-            "log2phy",
+            "replica_slots",
             torch.empty(num_logical, P - num_logical + 1, dtype=torch.int64, device=device),
             persistent=False,
         )
         self.register_buffer(
             "logcnt", torch.empty(num_logical, dtype=torch.int64, device=device), persistent=False
         )
+        self._row_P = row_P.clone()  # host copy of the committed phy2log row, set by apply_commit
         self.apply_commit(self.prepare_commit(row_P), None)
         self.train(experts.training)
         self._hooked: set[int] = set()  # ids of slot parameters carrying _refuse_replica_grad
         # Salt the replica hash per rank and layer: ranks with few tokens then use different replicas.
         self._hash_salt = (rank * 0x9E3779B1 + self.layer_index * 0x632BE5AB) & _HASH_MASK
 
-    # ------------------------------------------------------------------ contract with the executor
+    # ------------------------------------------------------------------ SlotLayer (the executors' contract)
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """Name -> this rank's slot storage ``[S, ...]`` of every per-expert tensor (weights,
         biases, scales). Detached aliases of the live storage: writing rows writes the slots."""
@@ -154,14 +146,16 @@ class EPLBExperts(nn.Module):
         return {n: owned[n].detach() for n in self._names}
 
     def placement_row(self) -> torch.Tensor:
-        """``[P]`` int64 CPU copy of the committed ``phy2log`` row."""
-        return self.phy2log.detach().to("cpu", copy=True)
+        """``[P]`` int64 CPU copy of the committed ``phy2log`` row (kept on the host by every
+        commit, so reading it never waits for the device)."""
+        return self._row_P.clone()
 
     def commit(
         self,
         phy2log_P: torch.Tensor,
-        staged: dict[str, torch.Tensor] | None = None,
+        *,
         slots: torch.Tensor | None = None,
+        staged: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Switch this layer to a new placement row in one step: weights and maps together.
 
@@ -171,13 +165,14 @@ class EPLBExperts(nn.Module):
             slots: int64 local slot ids (in ``[0, S)``) to copy from ``staged``; may be empty.
 
         Runs on the caller's current stream; copies in place (same storage) under no_grad.
-        Equivalent to ``apply_commit(prepare_commit(phy2log_P, slots, staged), staged)``.
+        Equivalent to ``apply_commit(prepare_commit(phy2log_P, slots=slots, staged=staged), staged)``.
         """
-        self.apply_commit(self.prepare_commit(phy2log_P, slots, staged), staged)
+        self.apply_commit(self.prepare_commit(phy2log_P, slots=slots, staged=staged), staged)
 
     def prepare_commit(
         self,
         phy2log_P: torch.Tensor,
+        *,
         slots: torch.Tensor | None = None,
         staged: dict[str, torch.Tensor] | None = None,
     ) -> PreparedCommit:
@@ -204,19 +199,20 @@ class EPLBExperts(nn.Module):
                 raise EPLBError(
                     f"staged tensors {sorted(staged)} must be exactly the slot tensors {sorted(current)}"
                 )
-        log2phy_ER = torch.full(tuple(self.log2phy.shape), -1, dtype=torch.int64)
-        log2phy_ER[:, : placement.log2phy.shape[2]] = placement.log2phy[0]
-        # One packed int64 vector: phy2log, log2phy, logcnt; one copy to the device.
-        packed = torch.cat([placement.phy2log[0], log2phy_ER.reshape(-1), placement.logcnt[0]])
+        replica_slots_EX = torch.full(tuple(self.replica_slots.shape), -1, dtype=torch.int64)
+        replica_slots_EX[:, : placement.log2phy.shape[2]] = placement.log2phy[0]
+        # One packed int64 vector: phy2log, replica_slots, logcnt; one copy to the device.
+        packed = torch.cat([placement.phy2log[0], replica_slots_EX.reshape(-1), placement.logcnt[0]])
         device = self.phy2log.device
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        return PreparedCommit(packed=packed, slot_list=tuple(slot_ids.tolist()))
+        return PreparedCommit(row_P=placement.phy2log[0].clone(), slot_list=tuple(slot_ids.tolist()),
+                              packed=packed)
 
     def apply_commit(self, prepared: PreparedCommit, staged: dict[str, torch.Tensor] | None) -> None:
         """Apply a `prepare_commit` result on the current stream: device copies only (no sync)."""
-        phy2log_P, log2phy_flat, logcnt_E = torch.split(
-            prepared.packed, [self.num_physical, self.log2phy.numel(), self.num_logical]
+        phy2log_P, replica_slots_flat, logcnt_E = torch.split(
+            prepared.packed, [self.num_physical, self.replica_slots.numel(), self.num_logical]
         )
         with torch.no_grad():
             if prepared.slot_list:
@@ -226,8 +222,9 @@ class EPLBExperts(nn.Module):
                     for s in prepared.slot_list:
                         dst[s].copy_(src[s])
             self.phy2log.copy_(phy2log_P)
-            self.log2phy.copy_(log2phy_flat.view(self.log2phy.shape))
+            self.replica_slots.copy_(replica_slots_flat.view(self.replica_slots.shape))
             self.logcnt.copy_(logcnt_E)
+        self._row_P = prepared.row_P
 
     # ------------------------------------------------------------------ forward
     def choose_slots(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
@@ -240,7 +237,7 @@ class EPLBExperts(nn.Module):
         T = ids_TK.shape[0]
         key_T = (torch.arange(T, device=ids_TK.device) + self._hash_salt) & _HASH_MASK
         replica_TK = _mix32(key_T).unsqueeze(1) % self.logcnt[ids_TK]
-        return self.log2phy[ids_TK, replica_TK]
+        return self.replica_slots[ids_TK, replica_TK]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index=None, top_k_weights=None, **kwargs
@@ -354,8 +351,8 @@ class EPLBExperts(nn.Module):
         """
         slots = self.slot_tensors()
         if self.num_ranks > 1:
-            slots = {n: _all_gather_rows(t, group, self.num_ranks) for n, t in slots.items()}
-        primary_E = self.log2phy[:, 0]
+            slots = {n: all_gather_rows(t, group, self.num_ranks) for n, t in slots.items()}
+        primary_E = self.replica_slots[:, 0]
         return {n: t.index_select(0, primary_E.to(t.device)).clone() for n, t in slots.items()}
 
     def logical_module(self, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -368,11 +365,3 @@ class EPLBExperts(nn.Module):
             f"num_physical={self.num_physical}, num_ranks={self.num_ranks}, rank={self.rank}"
         )
 
-
-def _all_gather_rows(t_S: torch.Tensor, group, num_ranks: int) -> torch.Tensor:
-    """``[S, ...]`` from every rank -> ``[G * S, ...]`` in rank order (staged on the CPU unless NCCL)."""
-    nccl = "nccl" in str(dist.get_backend(group)).lower()
-    src = t_S.contiguous() if (nccl or t_S.device.type == "cpu") else t_S.cpu()
-    parts = [torch.empty_like(src) for _ in range(num_ranks)]
-    dist.all_gather(parts, src, group=group)
-    return torch.cat(parts).to(t_S.device)

@@ -144,7 +144,6 @@ def _checked(name: str, fn: Callable[..., Placement]) -> Callable[..., Placement
             raise EPLBError(f"policy {name!r} returned an invalid placement: {exc}") from None
         return out
 
-    policy.raw = fn  # the unchecked function, for benchmarks
     return policy
 
 
@@ -185,7 +184,11 @@ def available_policies() -> list[str]:
 
 
 def get_policy(name: str) -> Callable[..., Placement]:
-    """The checked policy registered as ``name``; `EPLBError` lists the known names otherwise."""
+    """The checked policy registered as ``name``; `EPLBError` lists the known names otherwise.
+
+    The function as registered, without the checks, is its ``__wrapped__`` attribute
+    (`functools.wraps`), e.g. to time the bare algorithm.
+    """
     names = available_policies()
     if name not in _REGISTRY:
         raise EPLBError(

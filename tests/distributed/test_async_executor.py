@@ -17,6 +17,7 @@ from test_transfer import SHAPES, FakeExperts, L, P, expected, random_placement
 from eplb.comm.base import dedicated_group, select_communicator
 from eplb.errors import EPLBError
 from eplb.executor import AsyncExecutor, SyncExecutor
+from eplb.planner import Decision
 
 pytestmark = pytest.mark.distributed
 
@@ -38,7 +39,7 @@ def _async_equals_sync(rank, world_size, seed):
     old, new = random_placement(seed, world_size), random_placement(seed + 1, world_size)
     executor = _executor(rank, world_size)
     layers = [FakeExperts(i, old.phy2log[i], rank, world_size) for i in range(L)]
-    executor.start(layers, old, lambda: new)
+    executor.begin(layers, old, lambda: Decision.move_to(new))
     steps, committed_per_step = 0, []
     while executor.in_flight:
         outcome = executor.on_step()  # stands for one forward step of the model
@@ -87,12 +88,12 @@ def _worker_error(rank, world_size, on_error):
     def plan():
         if rank == 1:
             raise RuntimeError("policy exploded on rank 1")
-        return new
+        return Decision.move_to(new)
 
     executor = _executor(rank, world_size, on_error=on_error)
     layers = [FakeExperts(i, old.phy2log[i], rank, world_size) for i in range(L)]
     before = _layer_state(layers)
-    executor.start(layers, old, plan)
+    executor.begin(layers, old, plan)
     steps = 0
     try:
         while executor.in_flight:
@@ -137,7 +138,7 @@ def _stuck_rank(rank, world_size, timeout_s):
     executor = _executor(rank, world_size, timeout_s=timeout_s, transfer_fn=transfer)
     comm = executor.communicator
     layers = [FakeExperts(i, old.phy2log[i], rank, world_size) for i in range(L)]
-    executor.start(layers, old, lambda: new)
+    executor.begin(layers, old, lambda: Decision.move_to(new))
     t0 = time.monotonic()
     while executor.in_flight:
         outcome = executor.on_step()
@@ -182,7 +183,7 @@ def _dying_rank(rank, world_size, timeout_s):
     executor = _executor(rank, world_size, timeout_s=timeout_s, transfer_fn=transfer)
     comm = executor.communicator
     layers = [FakeExperts(i, old.phy2log[i], rank, world_size) for i in range(L)]
-    executor.start(layers, old, lambda: new)
+    executor.begin(layers, old, lambda: Decision.move_to(new))
     t0 = time.monotonic()
     try:
         while executor.in_flight:

@@ -18,6 +18,7 @@ from harness import run_ranks
 from eplb.comm.base import CommunicationError, select_communicator
 from eplb.errors import EPLBError
 from eplb.executor import SyncExecutor
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
 
 pytestmark = pytest.mark.distributed
@@ -33,8 +34,8 @@ def expected(layer: int, expert: int, name: str) -> torch.Tensor:
     return (code * 100 + torch.arange(torch.Size(shape).numel())).reshape(shape).to(dtype)
 
 
-class FakeExperts:
-    """The slot-storage half of the EPLBExperts contract: slot_tensors() and commit()."""
+class FakeExperts(SlotStorage):
+    """Slot storage with the executors' contract (`SlotStorage`) and its own ``phy2log`` row."""
 
     def __init__(self, layer_index: int, phy2log_P: torch.Tensor, rank: int, num_ranks: int, device="cpu"):
         self.layer_index = layer_index
@@ -50,10 +51,12 @@ class FakeExperts:
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         return self.tensors
 
-    def commit(self, phy2log_P, staged, slots) -> None:
-        for name, t in self.tensors.items():
-            t[slots] = staged[name][slots]
-        self.phy2log.copy_(phy2log_P)
+    def placement_row(self) -> torch.Tensor:
+        return self.phy2log.clone()
+
+    def apply_commit(self, prepared, staged) -> None:
+        super().apply_commit(prepared, staged)
+        self.phy2log.copy_(prepared.row_P)
 
 
 def random_placement(seed: int, num_ranks: int) -> Placement:

@@ -19,7 +19,9 @@ from torch import nn
 
 from eplb import EPLBConfig, EPLBWrapper
 from eplb.executor import AsyncExecutor
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
+from eplb.planner import Decision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -102,7 +104,7 @@ def test_cuda_graph_stays_correct_across_async_commits_without_recapture():
     wrapper.close()
 
 
-class _Layer:
+class _Layer(SlotStorage):
     def __init__(self, index, S, numel):
         self.layer_index = index
         self.w = torch.zeros(S, numel, device="cuda")
@@ -110,9 +112,6 @@ class _Layer:
 
     def slot_tensors(self):
         return {"w": self.w}
-
-    def commit(self, phy2log_P, staged, slots):
-        self.w.index_copy_(0, slots.cuda(), staged["w"].index_select(0, slots.cuda()))
 
 
 def test_transfers_run_on_the_side_stream_and_the_main_stream_does_not_wait():
@@ -136,7 +135,7 @@ def test_transfers_run_on_the_side_stream_and_the_main_stream_does_not_wait():
                        transfer_fn=transfer)
     main = torch.cuda.current_stream()
     a = torch.randn(256, 256, device="cuda")
-    ex.start(layers, old, lambda: new)
+    ex.begin(layers, old, lambda: Decision.move_to(new))
     overlapped = 0
     while ex.in_flight:
         ex.on_step()

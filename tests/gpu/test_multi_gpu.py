@@ -50,6 +50,7 @@ from eplb.comm.base import dedicated_group, select_communicator  # noqa: E402
 from eplb.executor import AsyncExecutor, SyncExecutor  # noqa: E402
 from eplb.moe import find_moe_layers  # noqa: E402
 from eplb.moe.dispatch import AllToAllDispatcher  # noqa: E402
+from eplb.planner import Decision  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs >= 2 GPUs"
@@ -105,8 +106,8 @@ def _rebalance_fake_experts(rank: int, world_size: int, seed: int, communicator:
                 rank=rank, num_ranks=world_size, communicator=comm, max_transfer_bytes=max_bytes,
                 timeout_s=120, on_error="raise", control_group=control,
             )
-            executor.start(layers, old, lambda new=new: new)
-            executor.synchronize()
+            executor.begin(layers, old, lambda new=new: Decision.move_to(new))
+            executor.drain()
             executor.close()
             report = executor.last_report
         else:
@@ -266,8 +267,8 @@ def _contexts_around_async_rebalance(rank: int, world_size: int):
     old, new = random_placement(5, world_size), random_placement(6, world_size)
     layers = [FakeExperts(i, old.phy2log[i], rank, world_size, device) for i in range(L)]
     before = _gpus_with_context()
-    executor.start(layers, old, lambda: new)
-    executor.synchronize()
+    executor.begin(layers, old, lambda: Decision.move_to(new))
+    executor.drain()
     executor.close()
     torch.cuda.synchronize(device)
     return before, _gpus_with_context()

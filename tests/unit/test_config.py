@@ -117,7 +117,7 @@ def test_policies_of_the_entry_point_group_are_registered(monkeypatch):
         name = "from_entry_point"
 
         def load(self):
-            return registry.get_policy("default").raw
+            return registry.get_policy("default").__wrapped__
 
     def entry_points(group=None):
         return [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else []

@@ -54,7 +54,7 @@ def _random_row(num_physical, seed, num_logical=E):
 def _commit_by_hand(layer: EPLBExperts, full: dict, row):
     """Move ``layer`` to ``row`` with the logical weights ``full`` (what an executor does on one rank)."""
     staged = {n: t[row].clone() for n, t in full.items()}
-    layer.commit(row, staged, torch.arange(layer.slots_per_rank))
+    layer.commit(row, slots=torch.arange(layer.slots_per_rank), staged=staged)
 
 
 # ----------------------------------------------------------------------------------- replicas
@@ -140,18 +140,19 @@ def test_commit_updates_weights_and_maps_in_place():
     experts = _experts()
     full = {n: getattr(experts, n).detach().clone() for n in ("gate_up_proj", "down_proj")}
     layer = EPLBExperts(experts, tuple(full), layer_index=0, phy2log=_random_row(12, 0))
-    pointers = [layer.phy2log.data_ptr(), layer.log2phy.data_ptr(), layer.logcnt.data_ptr()]
+    pointers = [layer.phy2log.data_ptr(), layer.replica_slots.data_ptr(), layer.logcnt.data_ptr()]
     pointers += [t.data_ptr() for t in layer.slot_tensors().values()]
     row = _random_row(12, 5)
     _commit_by_hand(layer, full, row)
-    assert pointers[:3] == [layer.phy2log.data_ptr(), layer.log2phy.data_ptr(), layer.logcnt.data_ptr()]
+    assert pointers[:3] == [layer.phy2log.data_ptr(), layer.replica_slots.data_ptr(), layer.logcnt.data_ptr()]
     assert pointers[3:] == [t.data_ptr() for t in layer.slot_tensors().values()]
     assert torch.equal(layer.placement_row(), row)
     expected = Placement.from_phy2log(row, E)
     assert torch.equal(layer.logcnt, expected.logcnt[0])
     width = expected.log2phy.shape[2]
     assert (
-        torch.equal(layer.log2phy[:, :width], expected.log2phy[0]) and (layer.log2phy[:, width:] == -1).all()
+        torch.equal(layer.replica_slots[:, :width], expected.log2phy[0])
+        and (layer.replica_slots[:, width:] == -1).all()
     )
     for name, t in layer.slot_tensors().items():
         assert torch.equal(t, full[name][row])
@@ -162,7 +163,7 @@ def test_commit_copies_only_the_listed_slots():
     layer = EPLBExperts(experts, ("gate_up_proj", "down_proj"), layer_index=0, phy2log=torch.arange(E))
     before = {n: t.clone() for n, t in layer.slot_tensors().items()}
     staged = {n: torch.zeros_like(t) for n, t in before.items()}
-    layer.commit(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), staged, torch.tensor([2, 5]))
+    layer.commit(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), slots=torch.tensor([2, 5]), staged=staged)
     for name, t in layer.slot_tensors().items():
         assert (t[[2, 5]] == 0).all() and torch.equal(t[[0, 1, 3, 4, 6, 7]], before[name][[0, 1, 3, 4, 6, 7]])
 
@@ -182,7 +183,7 @@ def test_commit_rejects_bad_input_and_changes_nothing(row, staged_names, slots, 
     before = {n: t.clone() for n, t in layer.slot_tensors().items()}
     staged = None if staged_names is None else {n: torch.zeros_like(before[n]) for n in staged_names}
     with pytest.raises(EPLBError, match=match):
-        layer.commit(torch.tensor(row), staged, torch.tensor(slots, dtype=torch.int64))
+        layer.commit(torch.tensor(row), slots=torch.tensor(slots, dtype=torch.int64), staged=staged)
     assert torch.equal(layer.placement_row(), torch.arange(E))
     assert all(torch.equal(before[n], t) for n, t in layer.slot_tensors().items())
 

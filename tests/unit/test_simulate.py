@@ -38,7 +38,7 @@ def spy_policy():
 def test_a_balanceable_constant_load_is_perfect_after_the_first_rebalance():
     # Experts 0, 1 are hot; the initial placement puts both on rank 0: balancedness 4 / 6.
     trace = _constant(5, [3, 3, 1, 1])
-    run = simulate(trace, SimConfig(window=2, interval=2, ranks=2), progress=False).runs[0]
+    run = simulate(trace, SimConfig(window_size=2, step_interval=2, num_ranks=2), progress=False).runs[0]
     assert run.balancedness.tolist() == pytest.approx([4 / 6, 4 / 6, 1.0, 1.0, 1.0])
     assert [r.step for r in run.rebalances] == [2, 4]
     first, second = run.rebalances
@@ -58,7 +58,8 @@ def test_policy_sees_the_window_before_the_rebalance_and_the_placement_in_force(
     trace = Trace(loads)
     swapped = Placement.from_phy2log(torch.tensor([[2, 3, 0, 1]]), 4)
     spy.plan = lambda load, old: swapped
-    run = simulate(trace, SimConfig(policy="spy_sim", window=2, interval=3, ranks=2), progress=False).runs[0]
+    run = simulate(trace, SimConfig(policy="spy_sim", window_size=2, step_interval=3, num_ranks=2),
+                   progress=False).runs[0]
     assert [r.step for r in run.rebalances] == [3, 6]
     assert torch.equal(calls[0][0], loads[1:3].sum(0).double())  # steps 1, 2 for the rebalance at 3
     assert torch.equal(calls[1][0], loads[4:6].sum(0).double())
@@ -70,7 +71,7 @@ def test_policy_sees_the_window_before_the_rebalance_and_the_placement_in_force(
 def test_window_longer_than_the_history_uses_every_step_so_far(spy_policy):
     spy, calls = spy_policy
     loads = torch.arange(5 * 2, dtype=torch.int64).reshape(5, 1, 2)
-    simulate(Trace(loads), SimConfig(policy="spy_sim", window=100, interval=4, ranks=1), progress=False)
+    simulate(Trace(loads), SimConfig(policy="spy_sim", window_size=100, step_interval=4, num_ranks=1), progress=False)
     assert torch.equal(calls[0][0], loads[:4].sum(0).double())
 
 
@@ -88,7 +89,7 @@ def test_per_step_numbers_match_the_metrics_with_the_placement_in_force(spy_poli
         return new
 
     spy.plan = plan
-    cfg = SimConfig(policy="spy_sim", window=7, interval=9, redundant=4, ranks=4)
+    cfg = SimConfig(policy="spy_sim", window_size=7, step_interval=9, num_redundant_experts=4, num_ranks=4)
     run = simulate(trace, cfg, progress=False).runs[0]
     in_force = [Placement.initial(3, 16, 20, 4)] + [placements[i] for i in sorted(placements)]
     for t in range(trace.steps):
@@ -108,8 +109,8 @@ def test_moved_slots_and_transfers_count_what_changed(spy_policy):
     old = Placement.from_phy2log(torch.tensor([[0, 1, 2, 3, 3, 1]]), 4)
     new = Placement.from_phy2log(torch.tensor([[0, 2, 3, 3, 1, 0]]), 4)
     spy.plan = lambda load, o: new
-    cfg = SimConfig(policy="spy_sim", window=1, interval=1, redundant=2, ranks=2, bytes_per_expert=1000,
-                    initial_placement=old)
+    cfg = SimConfig(policy="spy_sim", window_size=1, step_interval=1, num_redundant_experts=2, num_ranks=2,
+                    bytes_per_expert=1000, initial_placement=old)
     rebalance = simulate(_constant(2, [1, 1, 1, 1]), cfg, progress=False).runs[0].rebalances[0]
     assert rebalance.slots_moved == 4
     assert rebalance.weight_transfers == 2
@@ -118,7 +119,8 @@ def test_moved_slots_and_transfers_count_what_changed(spy_policy):
 
 def test_transfers_equal_new_expert_rank_pairs_on_random_plans():
     trace = hot_shift(60, 4, 16, sigma=1.5, shift_steps=(20, 40), tokens_per_step=64, top_k=2, seed=1)
-    run = simulate(trace, SimConfig(window=20, interval=20, redundant=8, ranks=4, bytes_per_expert=7),
+    run = simulate(trace, SimConfig(window_size=20, step_interval=20, num_redundant_experts=8, num_ranks=4,
+                                    bytes_per_expert=7),
                    progress=False).runs[0]
     old = Placement.initial(4, 16, 24, 4)
     new = None
@@ -136,8 +138,8 @@ def test_transfers_equal_new_expert_rank_pairs_on_random_plans():
 
 def test_min_improvement_skips_rebalances_that_gain_too_little():
     trace = _constant(6, [1, 1, 1, 1])  # already perfectly balanced: every gain is 0
-    runs = simulate(trace, [SimConfig(window=2, interval=2, ranks=2, name="always"),
-                            SimConfig(window=2, interval=2, ranks=2, min_improvement=0.01, name="picky")],
+    runs = simulate(trace, [SimConfig(window_size=2, step_interval=2, num_ranks=2, name="always"),
+                            SimConfig(window_size=2, step_interval=2, num_ranks=2, min_improvement=0.01, name="picky")],
                     progress=False)
     assert [r.skipped for r in runs["always"].rebalances] == [False, False]
     assert [r.skipped for r in runs["picky"].rebalances] == [True, True]
@@ -148,7 +150,7 @@ def test_min_improvement_skips_rebalances_that_gain_too_little():
 
 def test_interval_beyond_the_trace_keeps_the_initial_placement():
     trace = _constant(4, [3, 3, 1, 1])
-    run = simulate(trace, SimConfig(interval=4, ranks=2), progress=False).runs[0]
+    run = simulate(trace, SimConfig(step_interval=4, num_ranks=2), progress=False).runs[0]
     assert run.rebalances == []
     assert run.balancedness.tolist() == pytest.approx([4 / 6] * 4)
     np.testing.assert_allclose(run.rank_load, run.rank_load_static)
@@ -158,21 +160,22 @@ def test_initial_placement_from_object_or_file(tmp_path):
     trace = _constant(3, [3, 3, 1, 1])
     good = Placement.from_phy2log(torch.tensor([[0, 2, 1, 3]]), 4)
     good.save(tmp_path / "p.json")
-    configs = [SimConfig(interval=10, ranks=2, initial_placement=good),
-               SimConfig(interval=10, ranks=2, initial_placement=str(tmp_path / "p.json")),
-               SimConfig(interval=10, ranks=2, initial_placement=tmp_path / "p.json", name="path")]
+    configs = [SimConfig(step_interval=10, num_ranks=2, initial_placement=good),
+               SimConfig(step_interval=10, num_ranks=2, initial_placement=str(tmp_path / "p.json")),
+               SimConfig(step_interval=10, num_ranks=2, initial_placement=tmp_path / "p.json", name="path")]
     res = simulate(trace, configs, progress=False)
     for run in res.runs:
         assert run.balancedness.tolist() == pytest.approx([1.0] * 3)
     configs = [run["config"]["initial_placement"] for run in json.loads(res.to_json())["runs"]]
     assert configs == ["<in-memory Placement>", str(tmp_path / "p.json"), str(tmp_path / "p.json")]
-    with pytest.raises(EPLBError, match="set redundant to 0"):
-        simulate(trace, SimConfig(interval=10, ranks=2, redundant=2, initial_placement=good), progress=False)
+    with pytest.raises(EPLBError, match="set num_redundant_experts to 0"):
+        simulate(trace, SimConfig(step_interval=10, num_ranks=2, num_redundant_experts=2, initial_placement=good),
+                 progress=False)
 
 
 def test_results_do_not_depend_on_the_step_chunking(monkeypatch):
     trace = drift(50, 2, 8, sigma=1.0, drift_sigma=0.2, tokens_per_step=32, top_k=2, seed=3)
-    cfg = SimConfig(window=10, interval=7, redundant=4, ranks=4)
+    cfg = SimConfig(window_size=10, step_interval=7, num_redundant_experts=4, num_ranks=4)
     whole = simulate(trace, cfg, progress=False).runs[0]
     monkeypatch.setattr(sim, "_CHUNK_STEPS", 3)
     chunked = simulate(trace, cfg, progress=False).runs[0]
@@ -182,32 +185,32 @@ def test_results_do_not_depend_on_the_step_chunking(monkeypatch):
 
 def test_idle_steps_count_as_balanced():
     trace = Trace(torch.tensor([[[0, 0]], [[2, 0]]]))
-    run = simulate(trace, SimConfig(ranks=2), progress=False).runs[0]
+    run = simulate(trace, SimConfig(num_ranks=2), progress=False).runs[0]
     assert run.balancedness.tolist() == [1.0, 0.5]
 
 
 def test_invalid_configs_are_reported_with_their_name():
     trace = _constant(3, [1, 1, 1, 1])
     with pytest.raises(EPLBError, match=r"config 'default': num_physical \(4\) must be a multiple"):
-        simulate(trace, SimConfig(ranks=3), progress=False)
+        simulate(trace, SimConfig(num_ranks=3), progress=False)
     with pytest.raises(EPLBError, match="unknown policy 'nope'"):
-        simulate(trace, SimConfig(policy="nope", ranks=2), progress=False)
+        simulate(trace, SimConfig(policy="nope", num_ranks=2), progress=False)
     with pytest.raises(EPLBError, match="num_groups"):
-        simulate(trace, SimConfig(ranks=2, groups=3), progress=False)
+        simulate(trace, SimConfig(num_ranks=2, num_groups=3), progress=False)
     with pytest.raises(EPLBError, match="distinct name"):
-        simulate(trace, [SimConfig(ranks=2), SimConfig(ranks=2)], progress=False)
+        simulate(trace, [SimConfig(num_ranks=2), SimConfig(num_ranks=2)], progress=False)
     with pytest.raises(EPLBError, match="at least one"):
         simulate(trace, [], progress=False)
     with pytest.raises(ValueError):
-        SimConfig(window=0)
+        SimConfig(window_size=0)
     with pytest.raises(ValueError):
         SimConfig(unknown_field=1)
 
 
 def test_default_names_show_what_differs():
     trace = _constant(3, [1, 1, 1, 1])
-    res = simulate(trace, [SimConfig(ranks=2, interval=1), SimConfig(ranks=2, interval=2),
-                           SimConfig(ranks=4, interval=2)], progress=False)
+    res = simulate(trace, [SimConfig(num_ranks=2, step_interval=1), SimConfig(num_ranks=2, step_interval=2),
+                           SimConfig(num_ranks=4, step_interval=2)], progress=False)
     assert [r.name for r in res.runs] == ["default i=1 g=2", "default i=2 g=2", "default i=2 g=4"]
     with pytest.raises(KeyError, match="runs: default i=1"):
         res["other"]
@@ -215,13 +218,13 @@ def test_default_names_show_what_differs():
 
 def test_json_output_has_every_series_and_rebalance(tmp_path):
     trace = _constant(5, [3, 3, 1, 1])
-    res = simulate(trace, SimConfig(window=2, interval=2, ranks=2, bytes_per_expert=10), progress=False)
+    res = simulate(trace, SimConfig(window_size=2, step_interval=2, num_ranks=2, bytes_per_expert=10), progress=False)
     text = res.to_json(tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
     assert json.loads(text) == data
     assert data["format"] == "eplb.simresult" and data["trace"]["steps"] == 5
     (run,) = data["runs"]
-    assert run["config"]["interval"] == 2
+    assert run["config"]["step_interval"] == 2
     assert run["balancedness"] == pytest.approx([4 / 6, 4 / 6, 1, 1, 1])
     assert len(run["max_load"]) == len(run["mean_load"]) == 5
     assert [r["step"] for r in run["rebalances"]] == [2, 4]
@@ -231,7 +234,8 @@ def test_json_output_has_every_series_and_rebalance(tmp_path):
 
 def test_table_has_one_row_per_config():
     trace = _constant(5, [3, 3, 1, 1])
-    configs = [SimConfig(window=2, interval=2, ranks=2), SimConfig(window=2, interval=10, ranks=2)]
+    configs = [SimConfig(window_size=2, step_interval=2, num_ranks=2),
+               SimConfig(window_size=2, step_interval=10, num_ranks=2)]
     res = simulate(trace, configs, progress=False)
     lines = res.table().splitlines()
     assert len(lines) == 4 and lines[2].startswith("default i=2") and lines[3].startswith("default i=10")
@@ -240,8 +244,8 @@ def test_table_has_one_row_per_config():
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     trace = _constant(6, [3, 3, 1, 1])
-    res = simulate(trace, [SimConfig(window=2, interval=2, ranks=2), SimConfig(interval=10, ranks=2)],
-                   progress=False)
+    res = simulate(trace, [SimConfig(window_size=2, step_interval=2, num_ranks=2),
+                           SimConfig(step_interval=10, num_ranks=2)], progress=False)
     res.plot(tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -250,7 +254,7 @@ def test_progress_bar_only_on_long_replays_and_only_with_tqdm(monkeypatch, capsy
     pytest.importorskip("tqdm")
     assert sim._progress_bar(10) is None
     trace = _constant(3000, [3, 3, 1, 1])
-    run = simulate(trace, SimConfig(window=10, interval=1000, ranks=2), progress=True).runs[0]
+    run = simulate(trace, SimConfig(window_size=10, step_interval=1000, num_ranks=2), progress=True).runs[0]
     assert "simulate" in capsys.readouterr().err  # the bar went to stderr
     assert [r.step for r in run.rebalances] == [1000, 2000]
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # tqdm not installed
@@ -260,6 +264,7 @@ def test_progress_bar_only_on_long_replays_and_only_with_tqdm(monkeypatch, capsy
 def test_a_window_without_load_skips_the_rebalance_as_the_wrapper_does(spy_policy):
     spy, calls = spy_policy
     trace = Trace(torch.tensor([[[0, 0]], [[0, 0]], [[5, 1]], [[5, 1]]]))
-    run = simulate(trace, SimConfig(policy="spy_sim", window=2, interval=2, ranks=1), progress=False).runs[0]
+    run = simulate(trace, SimConfig(policy="spy_sim", window_size=2, step_interval=2, num_ranks=1),
+                   progress=False).runs[0]
     (rebalance,) = run.rebalances
     assert rebalance.step == 2 and rebalance.skipped and calls == []

@@ -10,6 +10,7 @@ from eplb.comm import available_communicators, get_communicator
 from eplb.comm.base import LocalCommunicator, select_communicator
 from eplb.errors import EPLBError
 from eplb.executor import RebalanceReport, SyncExecutor
+from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
 from eplb.transfer import (
     LocalCopy,
@@ -24,7 +25,7 @@ def code(layer: int, expert: int, param: int) -> int:
     return layer * 10_000 + expert * 10 + param
 
 
-class FakeExperts:
+class FakeExperts(SlotStorage):
     """The slot-storage half of the EPLBExperts contract, with weights that encode (layer, expert, param)."""
 
     SHAPES = {"w_up": ((3, 4), torch.float32), "bias": ((3,), torch.float64), "scale": ((), torch.int32)}
@@ -54,6 +55,12 @@ class FakeExperts:
             for name, t in self.tensors.items():
                 t[slots] = staged[name][slots]
         self.phy2log.copy_(phy2log_P)
+
+    def placement_row(self) -> torch.Tensor:
+        return self.phy2log.clone()
+
+    def apply_commit(self, prepared, staged) -> None:
+        self.commit(prepared.row_P, staged, torch.tensor(prepared.slot_list, dtype=torch.int64))
 
     def check(self) -> None:
         for j in range(self.slots_per_rank):

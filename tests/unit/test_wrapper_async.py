@@ -1,7 +1,7 @@
-"""Adversarial use of `EPLBWrapper` with the default (async) config, written as users would call it:
-generation with rebalances in flight, state round trips and unwrap between async rebalances,
-unusual model shapes, the skip/logging/trace paths, misuse of the lifecycle, failures in the
-forward or the worker, a pause longer than ``async_timeout_s``, and a wrapper dropped mid-flight.
+"""EPLBWrapper with use_async=True (the default) on one process: forward steps keep running while
+the worker plans and stages, outputs equal the unwrapped model after every step (generation
+included), the end state equals the sync wrapper's, unusual model shapes, skips, logging and
+traces, timeouts and worker errors surface, and the counters and staging buffers of a rebalance.
 
 Legend: E logical experts, K top-k.
 """
@@ -18,40 +18,94 @@ import weakref
 import moe_models as mm
 import pytest
 import torch
+from async_helpers import _config, _layer_rows, _steps, _wait_planned, _workers
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper
 from eplb.moe import MoE
 from eplb.traces import Trace
 
 
-def _config(**kw) -> EPLBConfig:
-    return EPLBConfig(**{"num_redundant_experts": 4, "step_interval": 10_000, **kw})
+def _wrapped_pair(**kw):
+    reference = mm.build_reference_model(num_layers=3)
+    return EPLBWrapper(copy.deepcopy(reference), _config(**kw)), reference
 
 
-def _steps(wrapper, reference, seeds, dtype=None) -> None:
-    """One forward per seed; every output equals the unwrapped model's."""
+# ------------------------------------------------------------------------------------ in flight
+def test_async_is_the_default_and_runs_the_default_policy():
+    config = EPLBConfig()
+    assert config.use_async and config.policy == "default"
+    with pytest.raises(ValueError, match="Async EPLB is only supported with the default policy"):
+        EPLBConfig(policy="topk")
+
+
+def test_steps_run_while_the_rebalance_is_in_flight_and_outputs_never_change():
+    wrapper, reference = _wrapped_pair()
     with torch.no_grad():
-        for seed in seeds:
-            x = mm.hidden_batch(seed, dtype=dtype)
+        for seed in range(3):
+            wrapper(mm.hidden_batch(seed))
+        old = wrapper.placement
+        assert wrapper.rebalance() is None  # async: returns at once
+        steps_in_flight = 0
+        seed = 100
+        while wrapper.async_in_flight:
+            x = mm.hidden_batch(seed)
+            # Every step sees, per layer, either the old or the new weights with their own maps.
             torch.testing.assert_close(wrapper(x), reference(x))
+            wrapper.placement.validate()
+            steps_in_flight += 1
+            seed += 1
+            assert steps_in_flight < 10_000
+    report = wrapper.stats()
+    assert steps_in_flight >= 1
+    assert not wrapper.placement.equals(old), "skewed routing must move experts"
+    assert report["num_rebalances"] == 1 and report["last_rebalance_layers"] >= 1
+    for layer in wrapper.eplb_layers:
+        assert torch.equal(layer.placement_row(), wrapper.placement.phy2log[layer.layer_index])
+    with torch.no_grad():
+        x = mm.hidden_batch(999)
+        torch.testing.assert_close(wrapper(x), reference(x))
+    wrapper.close()
+    assert not _workers()
 
 
-def _layer_rows(wrapper) -> torch.Tensor:
-    return torch.stack([layer.placement_row() for layer in wrapper.eplb_layers])
+def test_async_end_state_equals_sync_from_the_same_load():
+    reference = mm.build_reference_model(num_layers=3)
+    wrappers = [
+        EPLBWrapper(copy.deepcopy(reference), _config(use_async=use_async)) for use_async in (True, False)
+    ]
+    with torch.no_grad():
+        for w in wrappers:
+            for seed in range(4):
+                w(mm.hidden_batch(seed))
+            w.rebalance()
+        wrappers[0].synchronize()
+    a, s = wrappers
+    assert a.placement.equals(s.placement)
+    for la, ls in zip(a.eplb_layers, s.eplb_layers):
+        for name, t in la.slot_tensors().items():
+            assert torch.equal(t, ls.slot_tensors()[name])
+    for w in wrappers:
+        w.close()
 
 
-def _wait_planned(wrapper) -> None:
-    job = wrapper._executor._job
-    deadline = time.monotonic() + 30
-    while job is not None and not job.planned and time.monotonic() < deadline:
-        time.sleep(0.001)
+def test_step_interval_triggers_async_rebalances_and_commits_one_layer_per_step():
+    wrapper, reference = _wrapped_pair(step_interval=4, window_size=4)
+    committed_rows = []
+    with torch.no_grad():
+        for seed in range(20):
+            x = mm.hidden_batch(seed)
+            torch.testing.assert_close(wrapper(x), reference(x))
+            committed_rows.append(wrapper.placement.phy2log.clone())
+    wrapper.synchronize()
+    assert wrapper.stats()["num_rebalances"] >= 1
+    changed_layers = [
+        int((a != b).any(dim=1).sum()) for a, b in zip(committed_rows, committed_rows[1:])
+    ]
+    assert max(changed_layers) == 1, "async_layers_per_step=1 commits at most one layer per step"
+    wrapper.close()
 
 
-def _workers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "eplb-async-rebalance"]
-
-
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
 def test_generate_with_async_rebalances_in_flight_gives_the_unwrapped_tokens(name):
     import transformers
@@ -85,27 +139,7 @@ def test_generate_with_async_rebalances_in_flight_gives_the_unwrapped_tokens(nam
     assert not _workers()
 
 
-# ------------------------------------------------------------------------ state and unwrap
-def test_state_round_trip_mid_flight_into_a_fresh_copy_and_unwrap_after_async_rebalances():
-    reference = mm.build_module_list_model(num_layers=3)
-    config = _config(step_interval=3, window_size=3)
-    wrapper = EPLBWrapper(copy.deepcopy(reference), config)
-    _steps(wrapper, reference, range(8))
-    state = wrapper.state_dict()  # possibly with a rebalance in flight: a mixed, committed placement
-    fresh = EPLBWrapper(copy.deepcopy(reference), config)
-    fresh.load_state_dict(state)
-    assert fresh.placement.equals(wrapper.placement) and fresh.steps == wrapper.steps
-    assert torch.equal(_layer_rows(fresh), fresh.placement.phy2log)
-    _steps(fresh, reference, range(50, 60))
-    fresh.synchronize()
-    unwrapped = fresh.unwrap()
-    got, want = unwrapped.state_dict(), reference.state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert [type(m) for m in unwrapped.modules()] == [type(m) for m in reference.modules()]
-    wrapper.close()
-
-
-# ------------------------------------------------------------------------- model shapes
+# --------------------------------------------------------------------------------- model shapes
 @pytest.mark.parametrize(
     "num_layers, top_k, redundant, dtype",
     [(1, 2, 4, None), (2, 8, 4, None), (2, 2, 24, None), (3, 2, 4, torch.bfloat16)],
@@ -147,7 +181,7 @@ def test_layers_with_different_expert_counts_are_refused_and_the_model_untouched
     assert not _workers()
 
 
-# ---------------------------------------------------------------- skip, logging and trace
+# ---------------------------------------------------------------------- skip, logging and trace
 def test_min_improvement_skips_async_rebalances():
     # One rank: every placement is perfectly balanced across ranks, so the predicted gain is 0.
     reference = mm.build_reference_model()
@@ -183,58 +217,35 @@ def test_balancedness_log_and_trace_record_every_step_with_async(tmp_path, caplo
     assert sum("balancedness" in r.getMessage() for r in caplog.records) >= 3
 
 
-# -------------------------------------------------------------------------------- lifecycle
-def test_lifecycle_misuse_gives_clear_answers():
-    reference = mm.build_reference_model()
-    wrapper = EPLBWrapper(copy.deepcopy(reference), _config())
-    report = wrapper.rebalance()  # right after construction: the window is empty
-    assert report.skipped and "no load" in report.reason and not wrapper.async_in_flight
-    assert wrapper.synchronize() is None  # nothing in flight
-    _steps(wrapper, reference, range(3))
-    assert wrapper.rebalance() is None and wrapper.rebalance() is None  # the second finishes the first
-    first = wrapper.synchronize()
-    assert first is not None and not first.skipped
-    assert wrapper.synchronize() is None
-    assert wrapper.stats()["num_rebalances"] == 2
-    wrapper.close()
-    wrapper.close()
-    for call in (wrapper.rebalance, wrapper.synchronize, wrapper.step):
-        with pytest.raises(EPLBError, match="closed"):
-            call()
-    with pytest.raises(EPLBError, match="closed"):
-        wrapper.load_state_dict(wrapper.state_dict())
-    _steps(wrapper, reference, range(3))  # the model keeps running with its placement
-    unwrapped = wrapper.unwrap()
-    with pytest.raises(EPLBError, match="already unwrapped"):
-        wrapper.unwrap()
-    assert unwrapped is wrapper.module
-
-
-def test_an_exception_in_the_forward_while_a_rebalance_is_in_flight_leaves_the_wrapper_consistent():
-    reference = mm.build_reference_model(num_layers=3)
-    wrapper = EPLBWrapper(copy.deepcopy(reference), _config())
-    _steps(wrapper, reference, range(3))
-    wrapper.rebalance()
-
-    def explode(module, args, output):
-        raise KeyError("boom")
-
-    handle = wrapper.module.blocks[2].register_forward_hook(explode)
+# ------------------------------------------------------------------- worker errors and timeouts
+@pytest.mark.parametrize("mode", ["log", "raise"])
+def test_worker_error_is_never_swallowed(mode, caplog, monkeypatch):
+    wrapper, reference = _wrapped_pair(async_on_error=mode)
     with torch.no_grad():
-        for seed in range(4):
-            with pytest.raises(KeyError, match="boom"):
-                wrapper(mm.hidden_batch(seed))
-    handle.remove()
-    assert wrapper.steps == 3, "a failed forward is not a step"
-    _steps(wrapper, reference, range(10, 14))
-    wrapper.synchronize()
-    _steps(wrapper, reference, range(20, 22))
-    assert wrapper.stats()["num_rebalances"] == 1
-    assert torch.equal(_layer_rows(wrapper), wrapper.placement.phy2log)
+        wrapper(mm.hidden_batch(0))
+    before = wrapper.placement
+
+    def broken_plan(load, old):
+        raise RuntimeError("policy blew up")
+
+    monkeypatch.setattr(wrapper, "_plan", broken_plan)
+    wrapper.rebalance()
+    with caplog.at_level(logging.ERROR, logger="eplb"), torch.no_grad():
+        if mode == "raise":
+            with pytest.raises(EPLBError, match=r"(?s)worker on rank 0 failed.*RuntimeError: policy blew up"):
+                wrapper.synchronize()
+        else:
+            wrapper.synchronize()
+            assert "policy blew up" in caplog.text
+            assert wrapper.stats()["last_rebalance_reason"].startswith("aborted")
+    assert wrapper.placement is before or wrapper.placement.equals(before)
+    with torch.no_grad():
+        x = mm.hidden_batch(5)
+        torch.testing.assert_close(wrapper(x), reference(x))
     wrapper.close()
+    assert not _workers()
 
 
-# ------------------------------------------------------------------ bugs found in review
 def test_a_pause_longer_than_the_timeout_before_synchronize_does_not_abort_the_rebalance():
     """The stall clock measures the worker, not the time the user spends away from the steps."""
     reference = mm.build_reference_model(num_layers=3)
@@ -313,26 +324,7 @@ def test_a_failed_synchronize_keeps_the_placement_in_step_with_the_committed_lay
     fresh.close()
 
 
-def test_a_wrapper_dropped_with_a_rebalance_in_flight_frees_the_model_and_its_worker():
-    def wrap_and_drop():
-        model = mm.build_reference_model()
-        wrapper = EPLBWrapper(model, _config(step_interval=2))
-        with torch.no_grad():
-            for seed in range(2):
-                wrapper(mm.hidden_batch(seed))
-        assert wrapper.async_in_flight
-        _wait_planned(wrapper)
-        return weakref.ref(model)
-
-    model_ref = wrap_and_drop()
-    deadline = time.monotonic() + 10
-    while (model_ref() is not None or _workers()) and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.05)
-    assert model_ref() is None, "the dropped model is still alive"
-    assert not _workers(), "the worker outlived its wrapper"
-
-
+# ----------------------------------------------------------------- counters and staging buffers
 def test_steps_in_flight_counts_forward_steps_not_synchronize_polls():
     reference = mm.build_reference_model(num_layers=3)
     wrapper = EPLBWrapper(copy.deepcopy(reference), _config())
@@ -354,3 +346,4 @@ def test_a_finished_rebalance_releases_its_staging_buffers():
     gc.collect()
     assert job() is None, "the finished job (and its staging buffers) is still referenced"
     wrapper.close()
+

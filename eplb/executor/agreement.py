@@ -1,0 +1,56 @@
+"""The step-boundary agreement of the async executor: one small all-reduce of readiness and
+error flags on a dedicated gloo group, so every rank commits, aborts or finishes at the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from eplb.comm.collectives import agree
+
+__all__ = ["Agreement", "Flags", "PeerLost"]
+
+
+class PeerLost(Exception):
+    """The agreement all-reduce failed: a peer died or hung past the control group's timeout."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flags:
+    """One rank's state at a step boundary, or (returned by `Agreement.__call__`) the group's.
+
+    Attributes:
+        failed_rank: 1 + the rank whose worker failed, 0 when none (MAX over ranks).
+        timed_out: 1 when the worker owes work past the timeout (MAX).
+        ready: layers staged and ready (MIN: ready on every rank).
+        planned: 1 once the plan is known (MIN: planned on every rank).
+    """
+
+    failed_rank: int = 0
+    timed_out: int = 0
+    ready: int = 0
+    planned: int = 0
+
+
+class Agreement:
+    """Agree on `Flags` over ``control_group`` (a gloo group over the EP ranks; None for one rank)."""
+
+    def __init__(self, control_group: dist.ProcessGroup | None, num_ranks: int):
+        self.control_group = control_group
+        self.num_ranks = num_ranks
+
+    def __call__(self, mine: Flags) -> Flags:
+        """The group's flags; raises `PeerLost` when the all-reduce fails."""
+        if self.num_ranks == 1 or self.control_group is None:
+            return mine
+        try:
+            out = agree(
+                self.control_group,
+                at_least={"failed_rank": mine.failed_rank, "timed_out": mine.timed_out},
+                at_most={"ready": mine.ready, "planned": mine.planned},
+            )
+        except Exception as exc:  # a peer died or hung: gloo gives up after the group timeout
+            raise PeerLost(f"{type(exc).__name__}: {exc}") from None
+        return Flags(**out)

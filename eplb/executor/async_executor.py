@@ -1,0 +1,392 @@
+"""`AsyncExecutor`: plan and move on a background thread (and a side CUDA stream); commit one
+layer at a time at step boundaries.
+
+Legend: L layers, P physical slots, G ranks, S = P // G slots on this rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from eplb.comm.base import Communicator
+from eplb.errors import EPLBError
+from eplb.executor.agreement import Agreement, Flags, PeerLost
+from eplb.executor.report import RebalanceReport, StepOutcome, Tally
+from eplb.executor.staging import (
+    StagedLayer,
+    StagingPool,
+    changed_layers,
+    commit_staged,
+    placement_of,
+    stage_layer,
+)
+from eplb.placement import Placement
+from eplb.planner import Decision
+from eplb.transfer import execute_layer_transfer
+
+__all__ = ["AsyncExecutor"]
+
+logger = logging.getLogger("eplb")
+
+
+class _Job:
+    """Shared state of one in-flight async rebalance (worker writes, main thread reads)."""
+
+    def __init__(self, layers: list, old: Placement, decide: Callable[[], Decision], num_buffers: int):
+        self.layers = layers
+        self.old = old
+        self.decide = decide
+        self.cond = threading.Condition()
+        self.decision: Decision | None = None
+        self.new: Placement | None = None
+        self.planned = False  # decision known (possibly "skip")
+        self.total = 0  # layers that change
+        self.staged: list[StagedLayer] = []  # in commit order; len() = layers ready here
+        self.error: BaseException | None = None
+        self.error_tb = ""
+        self.abort = False
+        self.go = False  # set once every rank has planned: transfers need every peer
+        self.pool = StagingPool(num_buffers, self.cond, stopped=lambda: self.abort)
+        self.tally = Tally()  # of the layers staged so far
+        self.started = time.perf_counter()
+        self.start_event: torch.cuda.Event | None = None
+
+    def stop(self) -> None:
+        """Tell the worker to stop (it leaves at its next check; a transfer in progress ends first)."""
+        with self.cond:
+            self.abort = True
+            self.cond.notify_all()
+
+
+class AsyncExecutor:
+    """Rebalance in the background; commit one layer at a time at step boundaries.
+
+    Follows `eplb.executor.Executor`. Flow of one rebalance (see docs/concepts/sync-vs-async.md):
+
+    1. `begin` (main thread) hands ``decide`` (runs the planner on an all-reduced load
+       snapshot) to a worker thread and returns at once.
+    2. The worker decides, then for each layer that changes stages it (`eplb.executor.staging`:
+       transfer plan, weights into a staging buffer through the communicator — on its own CUDA
+       stream when the weights are on CUDA — prepared commit, event) and marks it ready.
+    3. `on_step` (main thread, once per step, on every rank) agrees on a few integers over a
+       dedicated gloo group (`eplb.executor.agreement`): layers ready on every rank (MIN), error
+       and timeout flags (MAX). It commits up to ``layers_per_step`` layers ready everywhere: the
+       main stream waits on the layer's event (the host does not), then the layer applies its
+       prepared commit in place. The staging buffer goes back to the worker, ordered by an event.
+
+    Faults: an exception on any rank's worker aborts the rebalance on every rank at the same step
+    (``on_error="raise"`` raises `EPLBError` with the traceback on the rank that failed and names
+    that rank on the others; ``"log"`` logs it). A worker that owes its plan, or its next layer
+    once transfers may start, for ``timeout_s`` on some rank aborts on all ranks (time the main
+    thread spends between steps does not count against the worker). A rank that dies makes the
+    agreement fail within ``timeout_s`` (the control group is created with that timeout):
+    `EPLBError`. Layers already committed keep the new placement, the others the old one; both
+    are valid.
+
+    ``transfer_fn(layer, plan, slot_tensors, staging)`` replaces the communicator step that fills
+    ``staging`` (benchmarks use it to stage from host copies on one GPU); it runs on the worker's
+    stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        num_ranks: int,
+        communicator: Communicator,
+        max_transfer_bytes: int,
+        timeout_s: float,
+        layers_per_step: int = 1,
+        on_error: str = "log",
+        control_group: dist.ProcessGroup | None = None,
+        num_buffers: int = 2,
+        transfer_fn: Callable | None = None,
+    ):
+        if num_ranks > 1 and control_group is None:
+            raise EPLBError("AsyncExecutor with several ranks needs a gloo control_group")
+        if layers_per_step <= 0 or num_buffers <= 0 or timeout_s <= 0:
+            raise EPLBError(
+                f"layers_per_step ({layers_per_step}), num_buffers ({num_buffers}) and timeout_s "
+                f"({timeout_s}) must be > 0"
+            )
+        if on_error not in ("log", "raise"):
+            raise EPLBError(f"on_error ({on_error!r}) must be 'log' or 'raise'")
+        self.rank, self.num_ranks = rank, num_ranks
+        self.communicator = communicator
+        self.max_transfer_bytes = max_transfer_bytes
+        self.timeout_s = timeout_s
+        self.layers_per_step = layers_per_step
+        self.on_error = on_error
+        self.control_group = control_group
+        self.num_buffers = num_buffers
+        self._agree = Agreement(control_group, num_ranks)
+        self._transfer = transfer_fn or self._communicate
+        self._job: _Job | None = None
+        self._thread: threading.Thread | None = None
+        # The in-flight job and the latest worker, for the exit hooks (they must not hold a reference
+        # to self). The job is dropped once finished or aborted: it holds the staging buffers.
+        self._live: dict = {}
+        weakref.finalize(self, _stop_worker, self._live)
+        self._stream: torch.cuda.Stream | None = None
+        self._committed = 0
+        self._last_progress = 0.0
+        self.last_report: RebalanceReport | None = None
+        self.steps_in_flight = 0  # forward steps that ran while the last rebalance was in flight
+
+    # ------------------------------------------------------------------ main thread
+    @property
+    def in_flight(self) -> bool:
+        """True between `begin` and the step that finishes, skips or aborts the rebalance."""
+        return self._job is not None
+
+    def begin(self, layers: list, old: Placement, decide: Callable[[], Decision]) -> None:
+        """Begin a rebalance from ``old``; returns at once.
+
+        Args:
+            layers: the layers (`eplb.moe.SlotLayer`; ``layer.layer_index`` selects a placement row).
+            old: the committed ``[L, P]`` placement.
+            decide: called on the worker; returns the `eplb.planner.Decision`.
+        """
+        if self._job is not None:
+            raise EPLBError("a rebalance is already in flight; call synchronize() first")
+        if self._thread is not None and self._thread.is_alive():
+            # An aborted rebalance's worker may still wait on a transfer; its communicator calls
+            # time out within timeout_s. Never let two workers talk on one communicator.
+            self._thread.join(self.timeout_s)
+            if self._thread.is_alive():
+                raise EPLBError(
+                    f"the previous rebalance's worker is still blocked after async_timeout_s "
+                    f"({self.timeout_s} s); a rank is probably gone"
+                )
+        job = _Job(layers, old, decide, self.num_buffers)
+        device = _device_of(layers)
+        if device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
+            # Transfers read the slots: order them after everything already queued on the main stream.
+            job.start_event = torch.cuda.Event()
+            job.start_event.record(torch.cuda.current_stream(device))
+        self._job = job
+        self._committed = 0
+        self._last_progress = time.monotonic()
+        self.steps_in_flight = 0
+        self._thread = threading.Thread(
+            target=self._work, args=(job,), name="eplb-async-rebalance", daemon=True
+        )
+        self._thread.start()
+        self._live.update(job=job, thread=self._thread)
+
+    def on_step(self) -> StepOutcome:
+        """Commit what every rank has ready; finish or abort the rebalance when due. Call once per step."""
+        if self._job is not None:
+            self.steps_in_flight += 1
+        return self._advance()
+
+    def drain(self) -> StepOutcome:
+        """Drive the in-flight rebalance to its end (blocking); collective like `on_step`."""
+        outcome = StepOutcome()
+        committed: list[int] = []
+        placement = None
+        while self._job is not None:
+            outcome = self._advance()  # not a forward step: steps_in_flight stays
+            committed.extend(outcome.committed)
+            placement = outcome.placement or placement
+            if self._job is not None and not outcome.committed:
+                time.sleep(0.001)
+        return StepOutcome(committed=tuple(committed), placement=placement, report=outcome.report,
+                           decision=outcome.decision)
+
+    def stop_with(self, owner: object) -> None:
+        """Abort the in-flight rebalance, without waiting, once ``owner`` is garbage-collected: an
+        owner dropped without `close` must not leave the worker (and the layers its job holds) behind."""
+        weakref.finalize(owner, _stop_worker, self._live, 0.0).atexit = False
+
+    def close(self) -> None:
+        """Abort an in-flight rebalance locally and join the worker (bounded by ``timeout_s``)."""
+        if self._job is not None:
+            self._drop_job()
+        if self._thread is not None:
+            self._thread.join(self.timeout_s)
+            self._thread = None
+
+    # ------------------------------------------------------------------ internals (main thread)
+    def _advance(self) -> StepOutcome:
+        job = self._job
+        if job is None:
+            return StepOutcome()
+        with job.cond:
+            ready, planned = len(job.staged), job.planned
+            failed = job.error is not None
+        # The clock runs only while this rank's worker owes the next piece of work (the plan, or
+        # the next layer once it may transfer): time the main thread spends away from the step
+        # boundaries (an idle server, a pause before synchronize()) is no stall of the worker.
+        owed = not planned or (job.go and job.new is not None and ready <= self._committed < job.total)
+        stalled = owed and time.monotonic() - self._last_progress > self.timeout_s
+        mine = Flags(failed_rank=self.rank + 1 if failed else 0, timed_out=int(stalled), ready=ready,
+                     planned=int(planned))
+        try:
+            flags = self._agree(mine)
+        except PeerLost as exc:
+            return self._abort(job, peer_lost=str(exc))
+        if flags.failed_rank:
+            return self._abort(job, failed_rank=flags.failed_rank - 1)
+        if flags.timed_out:
+            return self._abort(job, timed_out=True)
+        if flags.planned and not job.go:
+            # Every rank planned without error: the workers may start exchanging weights. Before
+            # this, a rank whose planning failed would leave its peers blocked in a transfer.
+            with job.cond:
+                job.go = True
+                job.cond.notify_all()
+            self._last_progress = time.monotonic()  # the worker's time for the first layer starts now
+        committed: list[int] = []
+        while self._committed < flags.ready and len(committed) < self.layers_per_step:
+            committed.append(commit_staged(job.staged[self._committed], job.pool))
+            self._committed += 1
+        if committed:
+            self._last_progress = time.monotonic()
+        if flags.planned and job.new is None:
+            return self._finish(job, committed, skipped=True)
+        if flags.planned and self._committed == job.total:
+            return self._finish(job, committed)
+        placement = self._placement(job) if committed else None
+        return StepOutcome(committed=tuple(committed), placement=placement)
+
+    def _placement(self, job: _Job) -> Placement:
+        """The placement the layers hold now: ``old`` with the rows of the layers committed so far,
+        read back from those layers."""
+        return placement_of([staged.layer for staged in job.staged[: self._committed]], job.old)
+
+    def _drop_job(self) -> None:
+        """Stop the worker of the in-flight job and forget the job (it holds the staging buffers)."""
+        job = self._job
+        self._job = None
+        self._live.pop("job", None)
+        if job is not None:
+            job.stop()
+
+    def _finish(self, job: _Job, committed: list[int], skipped: bool = False) -> StepOutcome:
+        self._job = None
+        self._live.pop("job", None)
+        if self._thread is not None:
+            self._thread.join(self.timeout_s)
+            self._thread = None
+        # Every changed layer was staged (and committed) by now; a skipped job staged none.
+        decision = job.decision
+        report = job.tally.report(time.perf_counter() - job.started, skipped=skipped,
+                                  reason=decision.skip_reason if skipped else "")
+        self.last_report = report
+        if self.rank == 0:
+            if skipped:
+                logger.info("async rebalance skipped: %s", decision.skip_reason)
+            else:
+                logger.info(
+                    "async rebalance done: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
+                    "%d local copies, %.3f s, %d steps ran meanwhile",
+                    report.layers, report.slots_changed, report.network_transfers, report.bytes_moved / 2**20,
+                    report.local_copies, report.seconds, self.steps_in_flight,
+                )
+        return StepOutcome(committed=tuple(committed), placement=self._placement(job),
+                           report=report, decision=decision)
+
+    def _abort(self, job: _Job, *, failed_rank: int | None = None, timed_out: bool = False,
+               peer_lost: str = "") -> StepOutcome:
+        """The one abort path: stop the worker, drop the job, report (or raise) why."""
+        self._drop_job()
+        if peer_lost:
+            raise EPLBError(
+                f"async rebalance aborted on rank {self.rank}: the other ranks did not answer within "
+                f"async_timeout_s ({self.timeout_s} s) ({peer_lost}); a rank has probably "
+                "died. Committed layers keep the new placement, the others the old one"
+            ) from None
+        if timed_out:
+            reason = (
+                f"a layer was not ready on every rank within async_timeout_s ({self.timeout_s} s); "
+                f"{self._committed} of {job.total} layers were committed"
+            )
+        elif failed_rank == self.rank:
+            reason = f"the worker on rank {self.rank} failed:\n{job.error_tb}"
+        else:
+            reason = f"the worker on rank {failed_rank} failed (its log has the traceback)"
+        report = RebalanceReport.skip(
+            f"aborted: {reason}", layers=self._committed, seconds=time.perf_counter() - job.started
+        )
+        self.last_report = report
+        message = (
+            f"async rebalance aborted: {reason}. Committed layers keep the new placement, the others "
+            "the old one; the next rebalance starts from that placement"
+        )
+        if self.on_error == "raise" and not timed_out:
+            raise EPLBError(message) from (job.error if failed_rank == self.rank else None)
+        logger.error("%s", message)
+        return StepOutcome(placement=self._placement(job), report=report, decision=job.decision)
+
+    # ------------------------------------------------------------------ worker thread
+    def _work(self, job: _Job) -> None:
+        if self._stream is not None:
+            # A new thread starts on cuda:0; without this, leaving the stream context would
+            # create a stray CUDA context on GPU 0 in every rank but rank 0.
+            torch.cuda.set_device(self._stream.device)
+        try:
+            decision = job.decide()
+            new = decision.new
+            changed = changed_layers(job.layers, job.old, new, self.num_ranks) if new is not None else []
+            with job.cond:
+                job.decision = decision
+                job.new = new
+                job.total = len(changed)
+                # decide may hold the caller (the wrapper, hence the model): drop it, so a wrapper
+                # dropped mid-flight can be collected and its finaliser stop this worker.
+                job.decide = None
+                job.planned = True
+                job.cond.notify_all()
+                while not (job.go or job.abort):
+                    job.cond.wait(0.1)
+                if job.abort:
+                    return
+            for layer in changed:
+                staged = stage_layer(layer, job.old, new, rank=self.rank, num_ranks=self.num_ranks,
+                                     transfer=self._transfer, pool=job.pool, stream=self._stream,
+                                     start_event=job.start_event)
+                if staged is None:
+                    return  # aborted
+                with job.cond:
+                    if job.abort:
+                        return
+                    job.tally.add(staged.plan, layer.slot_tensors())
+                    job.staged.append(staged)
+                    job.cond.notify_all()
+        except BaseException as exc:  # surfaced on the main thread by on_step; never swallowed
+            with job.cond:
+                job.error = exc
+                job.error_tb = traceback.format_exc()
+                job.cond.notify_all()
+            logger.debug("async worker failed on rank %d", self.rank, exc_info=True)
+
+    def _communicate(self, layer, plan, slot_tensors, staging) -> None:
+        execute_layer_transfer(plan, slot_tensors, staging, self.communicator, self.max_transfer_bytes)
+
+
+def _stop_worker(live: dict, join_s: float = 2.0) -> None:
+    """At interpreter exit (or when the executor is collected): abort the job and give the worker
+    a moment to leave its torch calls, so the process never dies inside one at shutdown."""
+    job, thread = live.get("job"), live.get("thread")
+    if job is not None:
+        job.stop()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(join_s)
+
+
+def _device_of(layers: list) -> torch.device:
+    for layer in layers:
+        for t in layer.slot_tensors().values():
+            return t.device
+    return torch.device("cpu")

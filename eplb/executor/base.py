@@ -1,0 +1,56 @@
+"""The one protocol both executors follow: `Executor` (begin, on_step, drain, close)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from eplb.executor.report import RebalanceReport, StepOutcome
+from eplb.moe.slot_layer import SlotLayer
+from eplb.placement import Placement
+from eplb.planner import Decision
+
+__all__ = ["Executor"]
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Applies a planned placement to the layers, moving weights between ranks.
+
+    Every rank of the EP group calls the methods at the same steps, with the same arguments.
+
+    - `begin` hands over the layers, the placement they hold (``old``) and ``decide``, which
+      returns the `eplb.planner.Decision` (called once: at once by the sync executor's `drain`,
+      on the worker thread by the async executor).
+    - `on_step` runs at every step boundary: commits what is ready everywhere, finishes or aborts.
+    - `drain` drives the rebalance in flight to its end, blocking. The sync executor does all
+      its work here: a sync rebalance is ``begin`` + ``drain``.
+    - `close` aborts what is in flight (locally) and releases the worker.
+
+    The layers are the single source of truth of the committed placement: each `StepOutcome`
+    lists the layers committed and carries the placement read back from the layers.
+    """
+
+    last_report: RebalanceReport | None
+
+    @property
+    def in_flight(self) -> bool:
+        """True between `begin` and the outcome that finishes, skips or aborts the rebalance."""
+        ...
+
+    def begin(self, layers: list[SlotLayer], old: Placement, decide: Callable[[], Decision]) -> None:
+        ...
+
+    def on_step(self) -> StepOutcome:
+        ...
+
+    def drain(self) -> StepOutcome:
+        ...
+
+    def close(self) -> None:
+        ...
+
+    def stop_with(self, owner: object) -> None:
+        """Abort the work in flight once ``owner`` is garbage-collected (no-op when nothing runs
+        in the background)."""
+        ...

@@ -1,0 +1,129 @@
+"""The runtime seam: a frozen `Topology` (who the ranks are) and `build_runtime`, the one place
+that turns a topology and an `EPLBConfig` into the parts that run: tracker, dispatcher,
+communicator and executor.
+
+A new communicator, or re-building for another set of ranks, goes through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from eplb.comm.base import Communicator, dedicated_group, select_communicator
+from eplb.config import EPLBConfig
+from eplb.errors import EPLBError
+from eplb.executor import AsyncExecutor, Executor, SyncExecutor
+from eplb.moe.dispatch import Dispatcher, make_dispatcher
+from eplb.tracker import LoadTracker
+
+__all__ = ["Topology", "Runtime", "build_runtime"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    """The expert-parallel group as the library sees it.
+
+    Attributes:
+        group: the EP process group, or None for one process (or an offline topology).
+        rank: this process's rank in the group (``0 .. G-1``).
+        num_ranks: ``G``.
+        num_nodes: ``N``, hosts the ranks span (``G % N == 0``; hierarchical policies use it).
+        control_group: a gloo group over the same ranks for the async executor's step-boundary
+            agreement (never the forward pass's group); None until `build_runtime` creates it.
+    """
+
+    group: dist.ProcessGroup | None = None
+    rank: int = 0
+    num_ranks: int = 1
+    num_nodes: int = 1
+    control_group: dist.ProcessGroup | None = None
+
+    @classmethod
+    def from_group(cls, group: dist.ProcessGroup | None, num_nodes: int = 1) -> Topology:
+        """This process's place in ``group`` (None: one process). A group of one rank is kept as
+        None: nothing communicates. Raises `EPLBError` when ``group`` is given but
+        torch.distributed is not initialised."""
+        if group is None:
+            return cls(num_nodes=num_nodes)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise EPLBError(
+                "ep_group was given but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group first (or pass ep_group=None for one process)"
+            )
+        num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+        return cls(group=group if num_ranks > 1 else None, rank=rank, num_ranks=num_ranks, num_nodes=num_nodes)
+
+    @classmethod
+    def offline(cls, num_ranks: int, num_nodes: int = 1) -> Topology:
+        """``num_ranks`` ranks on ``num_nodes`` nodes without processes (planning, simulation)."""
+        return cls(num_ranks=num_ranks, num_nodes=num_nodes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """The parts `build_runtime` created for one topology."""
+
+    topology: Topology
+    tracker: LoadTracker
+    dispatcher: Dispatcher
+    communicator: Communicator
+    executor: Executor
+
+
+def build_runtime(
+    topology: Topology,
+    config: EPLBConfig,
+    *,
+    num_layers: int,
+    num_logical: int,
+    device: torch.device,
+) -> Runtime:
+    """Create tracker, dispatcher, communicator and executor for ``topology`` and ``config``.
+
+    Args:
+        topology: from `Topology.from_group`.
+        config: the `EPLBConfig`.
+        num_layers: ``L`` (the tracker's window is ``[W, L, E]``).
+        num_logical: ``E``.
+        device: the experts' device (the tracker's and the communicator's).
+
+    Returns:
+        A `Runtime`; its ``topology`` has the control group the async executor uses.
+
+    Creating communicators and groups is collective: every rank of the job calls this at the
+    same time.
+    """
+    group = topology.group
+    tracker = LoadTracker(num_layers, num_logical, config.window_size, device)
+    dispatcher = make_dispatcher(group)
+    communicator = select_communicator(
+        config.communicator, use_async=config.use_async, device=device, group=group,
+        timeout_s=config.async_timeout_s,
+    )
+    if not config.use_async:
+        executor: Executor = SyncExecutor(
+            rank=topology.rank, num_ranks=topology.num_ranks, communicator=communicator,
+            max_transfer_bytes=config.max_transfer_bytes,
+        )
+    else:
+        if group is not None and topology.control_group is None:
+            # Readiness agreement runs on its own gloo group: never on the forward pass's group.
+            topology = dataclasses.replace(
+                topology, control_group=dedicated_group(group, "gloo", config.async_timeout_s)
+            )
+        executor = AsyncExecutor(
+            rank=topology.rank,
+            num_ranks=topology.num_ranks,
+            communicator=communicator,
+            max_transfer_bytes=config.max_transfer_bytes,
+            timeout_s=config.async_timeout_s,
+            layers_per_step=config.async_layers_per_step,
+            on_error=config.async_on_error,
+            control_group=topology.control_group,
+        )
+    return Runtime(topology=topology, tracker=tracker, dispatcher=dispatcher, communicator=communicator,
+                   executor=executor)
