@@ -87,9 +87,10 @@ def _one_line(exc: Exception) -> str:
     return " ".join(text.split())
 
 
-_FLAGS = {"policy": "--policy", "window": "--window", "interval": "--interval", "redundant": "--redundant",
-          "ranks": "--ranks", "nodes": "--nodes", "groups": "--groups", "min_improvement": "--min-improvement",
-          "bytes_per_expert": "--bytes-per-expert", "initial_placement": "--initial"}
+_FLAGS = {"policy": "--policy", "window_size": "--window", "step_interval": "--interval",
+          "num_redundant_experts": "--redundant", "num_ranks": "--ranks", "num_nodes": "--nodes",
+          "num_groups": "--groups", "min_improvement": "--min-improvement", "bytes_per_expert": "--bytes-per-expert",
+          "initial_placement": "--initial"}
 """SimConfig fields and the simulate flags that set them (errors name the flag)."""
 
 
@@ -370,7 +371,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         _check_policy(name)
     trace = load_trace(args.trace)
     for redundant, ranks, nodes, groups in itertools.product(
-        axes["redundant"], axes["ranks"], axes["nodes"], axes["groups"]
+        axes["num_redundant_experts"], axes["num_ranks"], axes["num_nodes"], axes["num_groups"]
     ):
         _check_sizes(trace.num_logical, redundant, ranks, nodes, groups)
     configs = [

@@ -19,7 +19,7 @@ def _maps(fig):
 
 
 def test_seven_configs_draw_one_no_rebalance_map_and_seven_simulated_ones():
-    configs = [SimConfig(window=2, interval=i, ranks=2) for i in (1, 2, 3, 4, 5, 6, 7)]
+    configs = [SimConfig(window_size=2, step_interval=i, num_ranks=2) for i in (1, 2, 3, 4, 5, 6, 7)]
     fig = simulate(_trace(), configs, progress=False).figure()
     titles = _maps(fig)
     assert titles[0] == "no rebalance (every config)" and len(titles) == 8
@@ -32,7 +32,8 @@ def test_seven_configs_draw_one_no_rebalance_map_and_seven_simulated_ones():
 
 
 def test_configs_with_other_sizes_get_their_own_no_rebalance_map(tmp_path):
-    configs = [SimConfig(interval=2, ranks=2), SimConfig(interval=2, ranks=4), SimConfig(interval=3, ranks=4)]
+    configs = [SimConfig(step_interval=2, num_ranks=2), SimConfig(step_interval=2, num_ranks=4),
+               SimConfig(step_interval=3, num_ranks=4)]
     result = simulate(_trace(), configs, progress=False)
     titles = _maps(result.figure())
     static = [t for t in titles if t.startswith("no rebalance")]

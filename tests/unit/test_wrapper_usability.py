@@ -31,7 +31,7 @@ def test_a_static_config_never_rebalances_on_its_own(config):
     _steps(wrapper, range(12))
     stats = wrapper.stats()
     assert stats["num_rebalances"] == 0 and stats["steps_to_next_rebalance"] is None
-    assert wrapper.placement is before and stats["step"] == 12
+    assert wrapper.placement.equals(before) and stats["step"] == 12
     assert EPLBConfig.model_validate_json(config.model_dump_json()).step_interval is None
     wrapper.close()
 
@@ -83,7 +83,7 @@ def test_a_failing_policy_in_sync_mode_is_logged_and_the_step_output_kept(failin
     assert "rebalance aborted: policy 'test_fails_at_rebalance' failed at step 3: RuntimeError" in caplog.text
     stats = wrapper.stats()
     assert stats["last_rebalance_skipped"] and "the policy broke" in stats["last_rebalance_reason"]
-    assert stats["num_rebalances"] == 0 and wrapper.placement is before
+    assert stats["num_rebalances"] == 0 and wrapper.placement.equals(before)
 
 
 def test_a_failing_policy_in_sync_mode_raises_with_on_error_raise(failing_policy):
@@ -95,7 +95,7 @@ def test_a_failing_policy_in_sync_mode_raises_with_on_error_raise(failing_policy
     with pytest.raises(EPLBError, match="failed at step 2: RuntimeError: the policy broke") as info:
         _steps(wrapper, [1])
     assert isinstance(info.value.__cause__, RuntimeError)
-    assert wrapper.placement is before
+    assert wrapper.placement.equals(before)
 
 
 @pytest.mark.parametrize(
