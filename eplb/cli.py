@@ -301,6 +301,26 @@ def _check_sizes(num_logical: int, redundant: int, ranks: int, nodes: int, group
         )
 
 
+def _check_initial(path: str, trace, redundant_values: list[int]) -> None:
+    """``--initial``: a placement for the trace's model, with as many slots as ``--redundant`` gives."""
+    from eplb.errors import EPLBError
+    from eplb.placement import Placement
+
+    initial = Placement.load(path)
+    if (initial.num_layers, initial.num_logical) != (trace.num_layers, trace.num_logical):
+        raise EPLBError(
+            f"--initial {path} is for {initial.num_layers} layers of {initial.num_logical} experts but the trace "
+            f"has {trace.num_layers} of {trace.num_logical}; plan one from this trace with 'eplb plan'"
+        )
+    fits = initial.num_physical - initial.num_logical
+    bad = [r for r in redundant_values if r != fits]
+    if bad:
+        raise EPLBError(
+            f"--initial {path} has {initial.num_physical} slots per layer ({fits} redundant) but --redundant is "
+            f"{bad[0]}; pass --redundant {fits}"
+        )
+
+
 def _divisors_text(n: int, limit: int = 8) -> str:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     shown = ", ".join(map(str, divisors[:limit])) + (", ..." if len(divisors) > limit else "")
@@ -374,6 +394,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         axes["num_redundant_experts"], axes["num_ranks"], axes["num_nodes"], axes["num_groups"]
     ):
         _check_sizes(trace.num_logical, redundant, ranks, nodes, groups)
+    if args.initial:
+        _check_initial(args.initial, trace, axes["num_redundant_experts"])
     configs = [
         SimConfig(
             **dict(zip(axes, values)), bytes_per_expert=args.bytes_per_expert, initial_placement=args.initial

@@ -100,3 +100,14 @@ def test_plan_checks_its_output_before_planning(capsys, tmp_path):
     code, _, err = _run(capsys, "plan", "never_read.npz", "-o", str(tmp_path / "no" / "p.json"))
     _one_line_error(code, err, 1, "-o ")
     assert "does not exist; create it" in err
+
+
+def test_an_initial_placement_that_does_not_fit_names_the_flags(capsys, tmp_path):
+    from eplb import Placement
+
+    Placement.initial(4, 64, 72, 8).save(tmp_path / "p72.json")
+    code, _, err = _run(capsys, "simulate", "example", "--initial", str(tmp_path / "p72.json"))
+    _one_line_error(code, err, 1, "has 72 slots per layer (8 redundant) but --redundant is 0; pass --redundant 8")
+    Placement.initial(2, 8, 8, 2).save(tmp_path / "small.json")
+    code, _, err = _run(capsys, "simulate", "example", "--initial", str(tmp_path / "small.json"))
+    _one_line_error(code, err, 1, "is for 2 layers of 8 experts but the trace has 4 of 64")
