@@ -1,4 +1,4 @@
-"""Multi-GPU benchmark: torch_nccl transfer bandwidth, and async rebalancing under NCCL load.
+"""Multi-GPU benchmark: transfer bandwidth (torch_nccl, torch_p2p), and async rebalancing under NCCL load.
 
 Run on one host with N >= 2 GPUs, one process per GPU (NVLink multicast stays off):
 
@@ -13,12 +13,14 @@ DeepSeek-V3 expert in bf16 (hidden 7168, intermediate 2048: 84 MiB), one copy of
 (g + 1 + j mod (N - 1)) mod N, and back: every slot changes and every rank receives from every
 peer. Timed, median of ``--bw-repeats``, slowest rank:
 
-- ``transfer``: `eplb.transfer.execute_layer_transfer` through `TorchNCCLCommunicator` for every
-  layer into a staging buffer (the network part of a rebalance);
+- ``transfer``: `eplb.transfer.execute_layer_transfer` through each of ``--bw-communicators``
+  (default ``torch_nccl`` and ``torch_p2p``) for every layer into a staging buffer (the network
+  part of a rebalance);
 - ``rebalance``: `SyncExecutor.rebalance` (transfer + commit into the slots), checked afterwards:
   every slot holds its expert's weights.
 
-Both for each ``--max-transfer-mib`` (the default batch bound of `EPLBConfig` and a large one).
+Communicators that stage each batch (``torch_gloo``) are measured for each ``--max-transfer-mib``;
+``torch_nccl`` and ``torch_p2p`` move a layer in one exchange (the bound does not apply).
 The bandwidth is what one rank receives per second. It is compared with the machine's plain
 GPU-to-GPU copy bandwidth, measured here two ways: one NCCL send/recv of a ``--copy-mib`` buffer
 from rank 0 to rank 1, and a peer copy ``dst_on_cuda1.copy_(src_on_cuda0)`` in rank 0's process
@@ -35,16 +37,18 @@ of the same model, ``--steps`` steps, the rebalance at step ``--rebalance-at``:
 - ``none``: no rebalance;
 - ``sync``: `EPLBWrapper.rebalance` with ``use_async=False`` (``--sync-communicator``, ``auto``
   = torch_nccl): the triggering step blocks for the whole transfer;
-- ``async``: ``use_async=True`` (``auto`` = torch_gloo): the worker thread moves weights through
-  gloo, staged in pinned host memory, while the forwards keep dispatching over NCCL.
+- ``async``: ``use_async=True``, ``communicator="auto"``: ``torch_p2p`` on one host with peer
+  access (receivers pull over the copy engines), while the forwards keep dispatching over NCCL;
+- ``async:NAME`` for each other name in ``--async-communicators`` (default ``torch_gloo``: staged
+  through pinned host memory), for comparison.
 
 Per-step latency (wall time of the step, slowest rank) p50 / p99 / max over the steps after
 ``--warmup``; the async run continues until the rebalance is committed (no hang: every wait has
 ``--timeout``). Outputs are compared with the unwrapped model on the same GPU every
 ``--check-every`` steps and at every step whose in-flight state changes; every slot is checked
 against its expert's weights after the rebalance. Also reported: on which GPUs each rank's
-process holds a CUDA context (expected: only its own). Targets: async p50 <= 1.05x
-and p99 <= 1.10x the no-rebalance step.
+process holds a CUDA context (expected: only its own). Targets: async p50 <= 1.05x and p99 <= 1.10x
+the no-rebalance step; async rebalance seconds <= 1.5x the sync rebalance's ("x sync").
 
 Rank 0 prints the tables; ``--json`` writes every number. The script exits non-zero when a check
 fails.
@@ -91,7 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bw.add_argument("--copy-mib", type=int, default=2048, help="buffer of the plain-copy baselines")
     bw.add_argument(
         "--max-transfer-mib", default=f"{DEFAULT_MAX_TRANSFER_MIB},8192",
-        help="comma-separated max_transfer_bytes values (MiB) to measure",
+        help="comma-separated max_transfer_bytes values (MiB) to measure (communicators that stage batches)",
+    )
+    bw.add_argument(
+        "--bw-communicators", default="torch_nccl,torch_p2p",
+        help="comma-separated communicators whose transfer bandwidth is measured",
     )
     load = ap.add_argument_group("async under load")
     load.add_argument("--layers", type=int, default=12)
@@ -113,12 +121,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     load.add_argument("--sync-communicator", default="auto", help="communicator of the sync mode")
     load.add_argument("--async-layers-per-step", type=int, default=1)
+    load.add_argument(
+        "--async-communicators", default="auto,torch_gloo",
+        help="comma-separated communicators of the async modes (auto = torch_p2p on one host with peer access)",
+    )
     args = ap.parse_args(argv)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - {"bandwidth", "async"})
     if unknown:
         ap.error(f"--parts: unknown part(s) {unknown}; use bandwidth, async or both")
     args.max_transfer_mib = [int(v) for v in args.max_transfer_mib.split(",")]
+    args.bw_communicators = [c.strip() for c in args.bw_communicators.split(",") if c.strip()]
+    args.async_communicators = [c.strip() for c in args.async_communicators.split(",") if c.strip()]
     if args.rebalance_at <= args.warmup or args.rebalance_at >= args.steps:
         ap.error(f"--rebalance-at ({args.rebalance_at}) must be in (--warmup, --steps)")
     return args
@@ -255,9 +269,6 @@ def run_bandwidth(args, rank: int, world: int, device: torch.device) -> dict:
     mine = slice(rank * S, (rank + 1) * S)
     layers = [Slots(i, old.phy2log[i, mine].tolist(), shapes, device) for i in range(L)]
     expert_bytes = bytes_per_expert(layers[0].slot_tensors())
-    comm = select_communicator(
-        "torch_nccl", use_async=False, device=device, group=dist.group.WORLD, timeout_s=args.timeout
-    )
     plans = [
         plan_layer_transfer(old.phy2log[i], new.phy2log[i], rank=rank, num_ranks=world) for i in range(L)
     ]
@@ -267,8 +278,14 @@ def run_bandwidth(args, rank: int, world: int, device: torch.device) -> dict:
     nccl_s = nccl_one_buffer_seconds(rank, args.copy_mib * 2**20, args.bw_repeats, device)
     rows = []
     ok = True
-    for max_mib in args.max_transfer_mib:
-        max_bytes = max_mib * 2**20
+    runs = []
+    for name in args.bw_communicators:  # building one is collective: every rank, in this order
+        comm = select_communicator(name, use_async=False, device=device, group=dist.group.WORLD,
+                                   timeout_s=args.timeout)
+        # max_transfer_bytes only splits the exchanges of communicators that stage each batch.
+        runs += [(comm, mib) for mib in (args.max_transfer_mib if comm.stages_batches else [None])]
+    for comm, max_mib in runs:
+        max_bytes = (max_mib or DEFAULT_MAX_TRANSFER_MIB) * 2**20
 
         samples = []
         for _ in range(args.bw_repeats + 1):  # the first is a warm-up
@@ -291,7 +308,8 @@ def run_bandwidth(args, rank: int, world: int, device: torch.device) -> dict:
             if i == 0:  # every slot holds its new expert
                 ok &= all(layer.check(new.phy2log[layer.layer_index, mine].tolist()) for layer in layers)
         rebalance_s = median_max(samples, device)
-        rows.append({"max_transfer_mib": max_mib, "transfer_s": transfer_s, "rebalance_s": rebalance_s})
+        rows.append({"communicator": comm.name, "max_transfer_mib": max_mib, "transfer_s": transfer_s,
+                     "rebalance_s": rebalance_s})
     ok &= all(layer.check(old.phy2log[layer.layer_index, mine].tolist()) for layer in layers)
     flags = torch.tensor([0 if ok else 1], device=device)
     dist.all_reduce(flags)
@@ -308,7 +326,7 @@ def print_bandwidth(bw: dict) -> bool:
     peer_gbps = bw["copy_bytes"] / bw["peer_copy_s"] / 1e9 if bw.get("peer_copy_s") else 0.0
     base = max(nccl_gbps, peer_gbps)
     print(
-        f"\n== torch_nccl transfer bandwidth: {bw['ranks']} GPUs, {bw['layers']} layers x "
+        f"\n== transfer bandwidth: {bw['ranks']} GPUs, {bw['layers']} layers x "
         f"{bw['slots_per_rank']} slots per rank, expert {bw['expert_mib']:.1f} MiB bf16; each rank receives "
         f"{received / 2**30:.2f} GiB per rebalance"
     )
@@ -316,12 +334,13 @@ def print_bandwidth(bw: dict) -> bool:
         f"plain GPU-to-GPU copy of {bw['copy_bytes'] / 2**20:.0f} MiB, rank 0 -> 1: NCCL send/recv "
         f"{nccl_gbps:.1f} GB/s, peer copy {peer_gbps:.1f} GB/s (P2P access: {bw.get('peer_access')})"
     )
-    print(f"{'max_transfer MiB':>17}{'part':>11}{'ms':>10}{'GB/s per rank':>15}{'ratio':>8}")
+    print(f"{'communicator':<13}{'max_transfer MiB':>17}{'part':>11}{'ms':>10}{'GB/s per rank':>15}{'ratio':>8}")
     for row in bw["rows"]:
+        batch = row["max_transfer_mib"] or "one per layer"
         for part in ("transfer", "rebalance"):
             s = row[f"{part}_s"]
             gbps = received / s / 1e9
-            print(f"{row['max_transfer_mib']:>17}{part:>11}{s * 1e3:>10.1f}{gbps:>15.1f}{gbps / base:>8.2f}")
+            print(f"{row['communicator']:<13}{batch:>17}{part:>11}{s * 1e3:>10.1f}{gbps:>15.1f}{gbps / base:>8.2f}")
     print("ratio = received GB/s / max(NCCL send/recv, peer copy); target >= 0.80")
     if bw["ranks_with_wrong_slots"]:
         print(f"FAILED: {bw['ranks_with_wrong_slots']} rank(s) hold wrong weights after the rebalances")
@@ -381,8 +400,8 @@ def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: in
         num_redundant_experts=args.redundant_per_rank * world,
         window_size=args.rebalance_at,
         step_interval=10**9,  # rebalances only when called below
-        use_async=mode == "async",
-        communicator="auto" if mode == "async" else args.sync_communicator,
+        use_async=mode.startswith("async"),
+        communicator=mode.partition(":")[2] or "auto" if mode.startswith("async") else args.sync_communicator,
         async_timeout_s=args.timeout,
         async_layers_per_step=args.async_layers_per_step,
         async_on_error="raise",
@@ -472,7 +491,8 @@ def run_async(args, rank: int, world: int, device: torch.device) -> list[dict]:
         (0.5 * torch.randn(args.tokens, args.hidden, generator=gen, device=device) + direction_D.to(device))
         .to(dtype) for _ in range(16)
     ]
-    return [run_mode(mode, base, pool, args, rank, world, device) for mode in ("none", "sync", "async")]
+    modes = ["none", "sync", *(f"async:{c}" if c != "auto" else "async" for c in args.async_communicators)]
+    return [run_mode(mode, base, pool, args, rank, world, device) for mode in modes]
 
 
 def print_async(results: list[dict], args, world: int) -> bool:
@@ -485,17 +505,19 @@ def print_async(results: list[dict], args, world: int) -> bool:
         f"NCCL all-to-all dispatch; rebalance at step {args.rebalance_at}"
     )
     print(
-        f"{'mode':<7}{'comm':>12}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50 x':>8}{'p99 x':>8}"
-        f"{'rebal s':>9}{'GB moved':>10}{'in flight':>11}{'max err':>10}"
+        f"{'mode':<17}{'comm':>12}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50 x':>8}{'p99 x':>8}"
+        f"{'rebal s':>9}{'x sync':>8}{'GB moved':>10}{'in flight':>11}{'max err':>10}"
     )
     ok = True
+    sync_s = next((r["rebalance_s"] for r in results if r["mode"] == "sync"), None)
     for r in results:
         reb = "-" if r["mode"] == "none" else f"{r['rebalance_s']:.3f}"
+        vs_sync = "-" if r["mode"] == "none" or not sync_s else f"{r['rebalance_s'] / sync_s:.2f}"
         moved = "-" if r["mode"] == "none" else f"{r['bytes_moved'] / 1e9:.2f}"
         print(
-            f"{r['mode']:<7}{r['communicator']:>12}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}"
-            f"{r['p50_ms'] / base['p50_ms']:>8.3f}{r['p99_ms'] / base['p99_ms']:>8.3f}{reb:>9}{moved:>10}"
-            f"{r['steps_in_flight']:>11}{r['max_err']:>10.1e}"
+            f"{r['mode']:<17}{r['communicator']:>12}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}"
+            f"{r['p50_ms'] / base['p50_ms']:>8.3f}{r['p99_ms'] / base['p99_ms']:>8.3f}{reb:>9}{vs_sync:>8}"
+            f"{moved:>10}{r['steps_in_flight']:>11}{r['max_err']:>10.1e}"
         )
         if r["max_err"] > r["tolerance"]:
             print(f"FAILED: {r['mode']}: outputs differ from the unwrapped model (error {r['max_err']:.2e})")
@@ -506,7 +528,7 @@ def print_async(results: list[dict], args, world: int) -> bool:
         if r["mode"] != "none" and (r["skipped"] or not r["bytes_moved"]):
             print(f"FAILED: {r['mode']}: the rebalance moved nothing ({r['reason'] or 'no bytes moved'})")
             ok = False
-    print("targets: async p50 x <= 1.05, p99 x <= 1.10 (per step, slowest rank)")
+    print("targets: async p50 x <= 1.05, p99 x <= 1.10 (per step, slowest rank); async rebalance <= 1.5 x sync")
     for r in results:
         strays = [(g, after) for g, (_, after) in enumerate(r["contexts"]) if after not in ([], [g])]
         if strays:

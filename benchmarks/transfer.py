@@ -14,6 +14,15 @@ Run:
         transfer goes through. Compares its time with the card's pinned host<->device memcpy
         bandwidth, measured here: ratio = (bytes / D2H bandwidth + bytes / H2D bandwidth) / time.
 
+    python benchmarks/transfer.py --device cuda --p2p [--experts 8] [--scale 1] [--repeats 5]
+        One GPU, two processes (gloo control group): the `TorchP2PCommunicator` pull bandwidth. Each
+        process holds ``--experts`` full-size DeepSeek-V3 experts; the receiver pulls them out of
+        the other process's memory (CUDA IPC) into its staging buffer. Rows: one direction (rank 1
+        pulls, rank 0 idles) in one exchange and with one exchange per expert (the cost of a
+        handshake), and both directions at once; each against a plain device copy of the same
+        tensors inside one process (``staging.copy_(slots)`` row by row), run in the same pattern
+        (one process, or both at once). Bandwidth = bytes received per second by one process.
+
 Target: ratio >= 0.8.
 """
 
@@ -163,6 +172,97 @@ def run_cuda(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------- one GPU, two processes, torch_p2p
+def _p2p_rank(rank: int, port: int, args: argparse.Namespace, results) -> None:
+    from eplb.comm.p2p import TorchP2PCommunicator
+
+    torch.cuda.set_device(args.gpu)
+    device = torch.device("cuda", args.gpu)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        comm = TorchP2PCommunicator(group=dist.group.WORLD, device=device, timeout_s=120)
+        hidden, inter = HIDDEN // args.scale, INTER // args.scale
+        torch.manual_seed(rank)
+        slots = SlotStore(0, args.experts, hidden, inter, str(device)).slot_tensors()
+        staging = {n: torch.zeros_like(t) for n, t in slots.items()}
+        names = sorted(slots)
+        expert_bytes = bytes_per_expert(slots)
+        peer = 1 - rank
+
+        def timed(fn, active: bool) -> float:
+            """Median seconds of ``fn`` (run where ``active``), the slowest process."""
+            samples = []
+            for _ in range(args.repeats + 1):  # the first is a warm-up (IPC mappings, allocations)
+                dist.barrier()
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                if active:
+                    fn()
+                torch.cuda.synchronize(device)
+                samples.append(time.perf_counter() - start)
+            worst = torch.tensor([statistics.median(samples[1:])], dtype=torch.float64)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            return float(worst.item())
+
+        def pull(sender: bool, receiver: bool, per_expert: bool) -> None:
+            for i in range(args.experts):
+                if sender:
+                    comm.add_send([slots[n][i] for n in names], peer)
+                if receiver:
+                    comm.add_recv([staging[n][i] for n in names], peer)
+                if per_expert:
+                    comm.execute()
+            comm.execute()
+
+        def local_copy() -> None:
+            for i in range(args.experts):
+                for n in names:
+                    staging[n][i].copy_(slots[n][i], non_blocking=True)
+
+        rows = {}
+        rows["plain copy, one process"] = timed(local_copy, rank == 1)
+        rows["p2p pull, one direction"] = timed(lambda: pull(rank == 0, rank == 1, False), True)
+        rows["p2p pull, one exchange per expert"] = timed(lambda: pull(rank == 0, rank == 1, True), True)
+        rows["plain copy, both processes at once"] = timed(local_copy, True)
+        rows["p2p pull, both directions at once"] = timed(lambda: pull(True, True, False), True)
+        # What the peer holds: rank r's experts are randn under seed r (SlotStore), pulled last.
+        torch.manual_seed(peer)
+        theirs = SlotStore(0, args.experts, hidden, inter, str(device)).slot_tensors()
+        correct = all(torch.equal(staging[n], theirs[n]) for n in names)
+        if rank == 0:
+            results.update(rows=rows, nbytes=expert_bytes * args.experts, expert_bytes=expert_bytes,
+                           gpu=torch.cuda.get_device_name(device), correct=correct)
+        else:
+            results["correct_1"] = correct
+    finally:
+        dist.destroy_process_group()
+
+
+def run_p2p(args: argparse.Namespace) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args.gpu = torch.cuda.current_device()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_p2p_rank, args=(port, args, results), nprocs=2, join=True)
+        results = dict(results)
+    nbytes = results["nbytes"]
+    print(
+        f"{results['gpu']}, two processes: {args.experts} experts of {results['expert_bytes'] / 2**20:.1f} MiB "
+        f"(bf16), {nbytes / 2**20:.0f} MiB received per process; median of {args.repeats}, slowest process"
+    )
+    print(f"{'':<38}{'ms':>9}{'GB/s':>9}{'vs copy':>9}")
+    rows = results["rows"]
+    for name, seconds in rows.items():
+        ref = rows["plain copy, both processes at once" if "both" in name else "plain copy, one process"]
+        print(f"{name:<38}{seconds * 1e3:>9.2f}{nbytes / seconds / 1e9:>9.1f}{ref / seconds:>9.2f}")
+    ok = results["correct"] and results["correct_1"]
+    print(f"pulled weights equal the sender's: {ok}")
+    if not ok:
+        raise SystemExit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -174,12 +274,13 @@ def main() -> None:
     parser.add_argument("--drift", type=float, default=0.3, help="CPU: sigma of the log-normal load drift")
     parser.add_argument("--max-transfer-bytes", type=int, default=256 * 2**20)
     parser.add_argument("--experts", type=int, default=4, help="GPU: experts staged per exchange")
+    parser.add_argument("--p2p", action="store_true", help="GPU: torch_p2p pull between two processes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.device == "cuda":
         args.scale = args.scale or 1
-        run_cuda(args)
+        run_p2p(args) if args.p2p else run_cuda(args)
     else:
         args.scale = args.scale or 8
         os.environ.setdefault("OMP_NUM_THREADS", "1")

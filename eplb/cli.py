@@ -90,7 +90,7 @@ def _one_line(exc: Exception) -> str:
 _FLAGS = {"policy": "--policy", "window_size": "--window", "step_interval": "--interval",
           "num_redundant_experts": "--redundant", "num_ranks": "--ranks", "num_nodes": "--nodes",
           "num_groups": "--groups", "min_improvement": "--min-improvement", "bytes_per_expert": "--bytes-per-expert",
-          "initial_placement": "--initial"}
+          "initial_placement": "--initial", "migration_budget": "--migration-budget", "refine": "--refine"}
 """SimConfig fields and the simulate flags that set them (errors name the flag)."""
 
 
@@ -123,6 +123,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_sizes(p, repeatable=True)
     p.add_argument("--min-improvement", action="append", type=_fraction, metavar="X",
                    help="skip a rebalance whose predicted balancedness gain is below X (default 0)")
+    p.add_argument("--migration-budget", action="append", type=_budget, metavar="X",
+                   help="policy option: at most this fraction (0, 1] of each layer's slots receive a new "
+                        "expert per rebalance (repeat to compare)")
+    p.add_argument("--refine", action="store_true",
+                   help="policy option: swap search after packing, in every config")
     p.add_argument("--bytes-per-expert", type=_byte_size, default=0, metavar="BYTES",
                    help="bytes of one expert's weights, e.g. 44M, to report bytes moved (default 0)")
     p.add_argument("--initial", metavar="PLACEMENT.json",
@@ -367,6 +372,16 @@ def _no_repeats(flag: str, values: list) -> list:
     return values
 
 
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a fraction in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]: the fraction of slots that may move")
+    return value
+
+
 # ---------------------------------------------------------------------------------------- commands
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from eplb.simulate import SimConfig, simulate
@@ -384,6 +399,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "num_nodes": args.nodes or [1],
         "num_groups": args.groups or [1],
         "min_improvement": args.min_improvement or [0.0],
+        "migration_budget": args.migration_budget or [None],
+        "refine": [args.refine],
     }
     for key, values in axes.items():
         _no_repeats(_FLAGS[key], values)

@@ -56,11 +56,22 @@ class EPLBConfig(BaseModel):
     """Name of a registered policy (see ``eplb.available_policies()``). Plug-ins must be
     registered before the config is built."""
 
+    migration_budget: float | None = Field(None, gt=0.0, le=1.0)
+    """Policy option: at most this fraction of each layer's slots may receive an expert their rank
+    did not hold before a rebalance (the rest of the plan is the best found within that limit).
+    Bounds the bytes moved per rebalance; ``None`` moves whatever the plan needs."""
+
+    refine: bool = False
+    """Policy option: a swap search after packing that lowers the heaviest rank's load without
+    changing replica counts. Never less balanced; costs up to tens of ms of planning. Off keeps
+    the plan identical to DeepSeek's reference algorithm."""
+
     communicator: str = "auto"
-    """How expert weights move between ranks: ``"auto"``, ``"torch_nccl"`` or ``"torch_gloo"``
-    (or a registered plug-in). ``"auto"`` picks ``local`` for one rank, else ``torch_gloo`` for
-    async, ``torch_nccl`` for sync on CUDA with an NCCL group, ``torch_gloo`` otherwise. Any name
-    gives ``local`` on one rank."""
+    """How expert weights move between ranks: ``"auto"``, ``"torch_nccl"``, ``"torch_gloo"`` or
+    ``"torch_p2p"`` (or a registered plug-in). ``"auto"`` picks ``local`` for one rank; for async
+    on CUDA ``torch_p2p`` (receivers pull over the copy engines) when every EP rank is on one host
+    with peer access, else ``torch_gloo``; for sync ``torch_nccl`` on CUDA with an NCCL group,
+    ``torch_gloo`` otherwise. The choice and why are logged. Any name gives ``local`` on one rank."""
 
     min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
     """Skip a rebalance whose predicted balancedness gain (new - old, on the window's load) is
@@ -81,8 +92,9 @@ class EPLBConfig(BaseModel):
     main thread (async: at the next step; sync: from the step that triggered the rebalance)."""
 
     max_transfer_bytes: int = Field(256 * 2**20, gt=0)
-    """Largest batch of weights exchanged in one communicator call; bigger exchanges are split,
-    so a hot expert with many receivers cannot exhaust memory. Also bounds staging memory."""
+    """Largest batch of weights ``torch_gloo`` exchanges in one call through its pinned host
+    buffers; bigger exchanges are split, so a hot expert with many receivers cannot exhaust host
+    memory. ``torch_nccl`` and ``torch_p2p`` buffer nothing per batch and move a layer at once."""
 
     @classmethod
     def static(cls, **fields) -> EPLBConfig:
@@ -122,6 +134,23 @@ class EPLBConfig(BaseModel):
             raise ValueError(f"communicator {value!r} is unknown; use one of {', '.join(names)}")
         return value
 
+    def policy_options(self) -> dict[str, object]:
+        """The policy options that are set, as keyword arguments of the policy call."""
+        from eplb.policies import set_options
+
+        return set_options(migration_budget=self.migration_budget, refine=self.refine)
+
+    @model_validator(mode="after")
+    def _policy_accepts_options(self) -> EPLBConfig:
+        from eplb.errors import EPLBError
+        from eplb.policies import check_policy_options
+
+        try:
+            check_policy_options(self.policy, self.policy_options())
+        except EPLBError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     @model_validator(mode="after")
     def _async_rules(self) -> EPLBConfig:
         if self.use_async and self.policy != "default":
@@ -133,6 +162,6 @@ class EPLBConfig(BaseModel):
             raise ValueError(
                 "use_async=True cannot use communicator='torch_nccl': NCCL point-to-point traffic from a "
                 "background stream can deadlock against the forward pass's own NCCL collectives; "
-                "set communicator to 'torch_gloo' or 'auto' (or set use_async=False)"
+                "set communicator to 'torch_p2p' (one host), 'torch_gloo' or 'auto' (or set use_async=False)"
             )
         return self

@@ -62,7 +62,6 @@ class Placement:
             raise EPLBError(f"phy2log must hold integer expert ids, got dtype {phy2log.dtype}")
         # A private copy: a Placement never aliases a caller's (or a layer's) tensor.
         phy2log = phy2log.detach().to("cpu", torch.int64, copy=True).contiguous()
-        num_layers, num_physical = phy2log.shape
         if num_logical <= 0:
             raise EPLBError(f"num_logical ({num_logical}) must be > 0")
         if phy2log.numel() and (phy2log.min() < 0 or phy2log.max() >= num_logical):
@@ -71,20 +70,36 @@ class Placement:
                 f"phy2log holds expert id {bad}, outside [0, num_logical={num_logical}); "
                 "every slot must hold a valid logical expert"
             )
-        logcnt = torch.zeros(num_layers, num_logical, dtype=torch.int64)
-        logcnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-        # Sort slots by (expert, slot): the position inside each expert's run is its replica index.
-        # Keys are unique, so any sort gives the same order; numpy's is ~4x faster than torch's here.
-        keys = (phy2log * num_physical + torch.arange(num_physical)).numpy()
-        order = torch.from_numpy(np.argsort(keys, axis=1))
-        first = torch.cumsum(logcnt, dim=1) - logcnt  # [L, E] start of each expert's run
-        sorted_experts = torch.gather(phy2log, 1, order)
-        replica = torch.arange(num_physical).expand(num_layers, -1) - torch.gather(first, 1, sorted_experts)
-        max_rep = max(int(logcnt.max().item()) if logcnt.numel() else 1, 1)
-        log2phy = torch.full((num_layers, num_logical, max_rep), -1, dtype=torch.int64)
-        layer = torch.arange(num_layers).unsqueeze(1).expand(-1, num_physical)
-        log2phy[layer, sorted_experts, replica] = order
-        return cls(phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
+        return cls._of_valid(phy2log.numpy(), num_logical, phy2log)
+
+    @classmethod
+    def _of_valid(
+        cls, phy2log_LP: np.ndarray, num_logical: int, phy2log: torch.Tensor | None = None
+    ) -> Placement:
+        """Build from an ``[L, P]`` int64 array whose ids are known to be in ``[0, E)`` (built-in
+        policies, `from_phy2log` after its checks); ``phy2log`` may pass the tensor sharing its memory.
+        The array is owned by the result afterwards: the caller must not modify it."""
+        num_layers, num_physical = phy2log_LP.shape
+        layer_base_L1 = (np.arange(num_layers) * num_logical)[:, None]
+        flat_F = (phy2log_LP + layer_base_L1).reshape(-1)
+        logcnt_F = np.bincount(flat_F, minlength=num_layers * num_logical)
+        # Slots in (expert, slot) order per layer: a stable sort of the ids (a radix sort on small
+        # ints). The position inside each expert's run is its replica index.
+        small_LP = phy2log_LP.astype(np.int16 if num_logical < 2**15 else np.int32)
+        order_LP = np.argsort(small_LP, axis=1, kind="stable")
+        sorted_F = (np.take_along_axis(phy2log_LP, order_LP, 1) + layer_base_L1).reshape(-1)
+        first_F = np.cumsum(logcnt_F) - logcnt_F
+        replica_F = np.arange(sorted_F.size) - first_F[sorted_F]
+        max_rep = max(int(logcnt_F.max()) if logcnt_F.size else 1, 1)
+        log2phy_F = np.full(num_layers * num_logical * max_rep, -1, dtype=np.int64)
+        log2phy_F[sorted_F * max_rep + replica_F] = order_LP.reshape(-1)
+        if phy2log is None:
+            phy2log = torch.from_numpy(np.ascontiguousarray(phy2log_LP, dtype=np.int64))
+        return cls(
+            phy2log=phy2log,
+            log2phy=torch.from_numpy(log2phy_F.reshape(num_layers, num_logical, max_rep)),
+            logcnt=torch.from_numpy(logcnt_F.reshape(num_layers, num_logical)),
+        )
 
     @classmethod
     def initial(cls, num_layers: int, num_logical: int, num_physical: int, num_ranks: int) -> Placement:

@@ -11,8 +11,8 @@ the same decision on every rank.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,10 +37,13 @@ class PlanOptions:
         num_groups: expert groups of group-limited routing (a property of the model).
         min_improvement: skip a placement whose predicted balancedness gain is below this
             (``EPLBConfig.min_improvement``; 0 never skips a planned placement).
+        policy_options: keyword arguments for the policy (``EPLBConfig.policy_options()``: the
+            options that are set, e.g. ``migration_budget``, ``refine``).
     """
 
     num_groups: int = 1
     min_improvement: float = 0.0
+    policy_options: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +120,7 @@ def plan(
         num_nodes=topology.num_nodes,
         num_ranks=topology.num_ranks,
         old=old,
+        **options.policy_options,
     )
     seconds = time.perf_counter() - start
     gain = predicted_gain(load_LE, old, proposed, topology.num_ranks)

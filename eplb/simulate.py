@@ -35,12 +35,11 @@ from eplb.errors import EPLBError
 from eplb.metrics import balancedness, rank_share
 from eplb.placement import Placement
 from eplb.planner import PlanOptions, plan
-from eplb.policies import check_policy_inputs, get_policy
+from eplb.policies import check_policy_inputs, check_policy_options, get_policy, set_options
 from eplb.runtime import Topology
 from eplb.traces import Trace
-from eplb.transfer import plan_layer_transfer
 
-__all__ = ["SimConfig", "Rebalance", "RunResult", "SimResult", "simulate"]
+__all__ = ["SimConfig", "Rebalance", "RunResult", "SimResult", "simulate", "count_transfers"]
 
 _CHUNK_STEPS = 1024  # steps multiplied at once: bounds memory to ~chunk * L * (E + G) floats
 _PROGRESS_MIN_STEPS = 2000  # a progress bar below this many (steps x configs) is only noise
@@ -83,6 +82,13 @@ class SimConfig(BaseModel):
 
     min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
     """Skip a rebalance whose predicted balancedness gain is below this (as ``EPLBConfig.min_improvement``)."""
+
+    migration_budget: float | None = Field(None, gt=0.0, le=1.0)
+    """Policy option (``EPLBConfig.migration_budget``): at most this fraction of each layer's slots
+    may receive an expert their rank did not hold."""
+
+    refine: bool = False
+    """Policy option (``EPLBConfig.refine``): swap search after packing."""
 
     bytes_per_expert: int = Field(0, ge=0)
     """Bytes of one expert's weights, to turn weight transfers into bytes; 0 reports 0 bytes."""
@@ -272,10 +278,11 @@ class SimResult:
 
     def figure(self):
         """A matplotlib ``Figure``: balancedness over time for every config (rebalances marked;
-        the legend beside the plot, never over the curves), then heat maps of the rank loads of
-        the whole trace ``[L, G]`` (each layer divided by its mean rank load): one "no rebalance"
-        map per distinct initial placement (configs with the same sizes share one), and one map
-        per config as simulated.
+        the legend beside the plot, never over the curves), next to each config's fraction of
+        slots moved per rebalance against its overall balancedness; then heat maps of the rank
+        loads of the whole trace ``[L, G]`` (each layer divided by its mean rank load): one
+        "no rebalance" map per distinct initial placement (configs with the same sizes share one),
+        and one map per config as simulated.
         """
         try:
             from matplotlib.figure import Figure
@@ -295,10 +302,12 @@ class SimResult:
         maps += [(f"{run.name}: as simulated", run.rank_load) for run in self.runs]
         cols = min(3, len(maps))
         rows = -(-len(maps) // cols)
-        fig = Figure(figsize=(12, 3.6 + 2.6 * rows), layout="constrained")
+        fig = Figure(figsize=(13, 3.6 + 2.6 * rows), layout="constrained")
         grid = fig.add_gridspec(1 + rows, cols, height_ratios=[1.4] + [1.0] * rows)
-        # Step 2: balancedness over time, legend outside the axes.
-        ax = fig.add_subplot(grid[0, :])
+        grid_top = grid[0, :].subgridspec(1, 2, width_ratios=[2.6, 1])
+        # Step 2: balancedness over time, the legend beside the curves (not over them).
+        ax = fig.add_subplot(grid_top[0, 0])
+        scatter = fig.add_subplot(grid_top[0, 1])
         for run in self.runs:
             (line,) = ax.plot(np.arange(self.steps), run.balancedness, lw=0.8, label=run.name)
             for r in run.rebalances:
@@ -308,18 +317,32 @@ class SimResult:
         ax.set_ylabel("balancedness (mean / max rank load)")
         ax.set_ylim(0, 1.02)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
-        # Step 3: the heat maps, on one colour scale.
+        # Step 3: what each config pays in movement for the balance it gets.
+        for run in self.runs:
+            summary = run.summary()
+            done = max(summary["rebalances"], 1)
+            slots = run.final_placement.num_layers * run.final_placement.num_physical
+            moved = summary["slots_moved"] / (done * slots) if slots else 0.0
+            scatter.scatter([moved], [summary["overall_balancedness"]], label=run.name)
+            scatter.annotate(run.name, (moved, summary["overall_balancedness"]), fontsize="x-small",
+                             xytext=(3, 3), textcoords="offset points")
+        scatter.set_xlabel("slots moved per rebalance (fraction)")
+        scatter.set_ylabel("overall balancedness")
+        scatter.set_xlim(left=0)
+        # Step 4: the heat maps, on one colour scale.
         vmax = max((float(_per_layer_ratio(m).max()) for _, m in maps), default=1.0)
         image = None
+        heat_axes = []
         for k, (title, m) in enumerate(maps):
             hax = fig.add_subplot(grid[1 + k // cols, k % cols])
+            heat_axes.append(hax)
             image = hax.imshow(_per_layer_ratio(m), aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
                                interpolation="nearest")
             hax.set_title(title, fontsize="small")
             hax.set_xlabel("rank")
             hax.set_ylabel("layer")
         if image is not None:
-            fig.colorbar(image, ax=fig.axes[1:], label="rank load / layer mean", shrink=0.8)
+            fig.colorbar(image, ax=heat_axes, label="rank load / layer mean", shrink=0.8)
         return fig
 
 
@@ -350,6 +373,7 @@ def simulate(
     for cfg, name in zip(configs, names):
         try:
             get_policy(cfg.policy)
+            check_policy_options(cfg.policy, _policy_options(cfg))
             check_policy_inputs(
                 total_LE, num_physical=trace.num_logical + cfg.num_redundant_experts,
                 num_groups=cfg.num_groups, num_nodes=cfg.num_nodes, num_ranks=cfg.num_ranks,
@@ -411,7 +435,8 @@ def _rebalance(trace: Trace, cfg: SimConfig, policy, old: Placement, step: int) 
     window_LE = trace.total(max(0, step - cfg.window_size), step)
     G = cfg.num_ranks
     decision = plan(window_LE, old, policy, Topology.offline(G, cfg.num_nodes),
-                    PlanOptions(num_groups=cfg.num_groups, min_improvement=cfg.min_improvement))
+                    PlanOptions(num_groups=cfg.num_groups, min_improvement=cfg.min_improvement,
+                                policy_options=_policy_options(cfg)))
     if decision.proposed is None:
         # As the wrapper: nothing to plan from, so no rebalance.
         return old, Rebalance(step=step, plan_time_s=0.0, slots_moved=0, weight_transfers=0, bytes_moved=0,
@@ -422,12 +447,7 @@ def _rebalance(trace: Trace, cfg: SimConfig, policy, old: Placement, step: int) 
     new = decision.new
     slots = transfers = 0
     if new is not None:
-        for layer in range(old.num_layers):
-            if torch.equal(old.phy2log[layer], new.phy2log[layer]):
-                continue
-            plan_L = plan_layer_transfer(old.phy2log[layer], new.phy2log[layer], rank=0, num_ranks=G)
-            slots += plan_L.num_changed_slots
-            transfers += plan_L.num_network_transfers
+        slots, transfers = count_transfers(old.phy2log.numpy(), new.phy2log.numpy(), G)
     record = Rebalance(
         step=step, plan_time_s=decision.seconds, slots_moved=slots, weight_transfers=transfers,
         bytes_moved=transfers * cfg.bytes_per_expert, predicted_gain=decision.gain,
@@ -436,19 +456,52 @@ def _rebalance(trace: Trace, cfg: SimConfig, policy, old: Placement, step: int) 
     return (old if new is None else new), record
 
 
+def _policy_options(cfg: SimConfig) -> dict[str, object]:
+    """The policy options a config sets (as `EPLBConfig.policy_options`)."""
+    return set_options(migration_budget=cfg.migration_budget, refine=cfg.refine)
+
+
+def count_transfers(old_LP: np.ndarray, new_LP: np.ndarray, num_ranks: int) -> tuple[int, int]:
+    """``(changed slots, network transfers)`` of a rebalance, over all layers.
+
+    Args:
+        old_LP: ``[L, P]`` int64 ``phy2log`` before the rebalance.
+        new_LP: ``[L, P]`` int64 ``phy2log`` after it.
+        num_ranks: ``G``.
+
+    Returns:
+        Slots whose expert changes, and experts crossing the network: one per (layer, expert,
+        receiving rank) whose rank did not hold that expert before, the count of
+        `eplb.transfer.plan_layer_transfer` summed over layers.
+    """
+    num_layers, num_physical = old_LP.shape
+    num_logical = int(max(old_LP.max(initial=0), new_LP.max(initial=0))) + 1
+    rank_P = np.arange(num_physical) // (num_physical // num_ranks)
+    key_base_L1 = (np.arange(num_layers)[:, None] * num_logical)
+    old_key_LP = (key_base_L1 + old_LP) * num_ranks + rank_P
+    new_key_LP = (key_base_L1 + new_LP) * num_ranks + rank_P
+    changed_LP = old_LP != new_LP
+    held_F = np.zeros(num_layers * num_logical * num_ranks, dtype=bool)
+    held_F[old_key_LP] = True
+    needed_F = new_key_LP[changed_LP]
+    received = np.unique(needed_F[~held_F[needed_F]])
+    return int(changed_LP.sum()), int(received.size)
+
+
 def _names(configs: list[SimConfig]) -> list[str]:
     """Given names, or labels from the fields that differ between configs (policy always)."""
     keys = ["policy", "window_size", "step_interval", "num_redundant_experts", "num_ranks", "num_nodes",
-            "num_groups", "min_improvement"]
+            "num_groups", "min_improvement", "migration_budget", "refine"]
     short = {"window_size": "w", "step_interval": "i", "num_redundant_experts": "r", "num_ranks": "g",
-             "num_nodes": "n", "num_groups": "grp", "min_improvement": "min"}
+             "num_nodes": "n", "num_groups": "grp", "min_improvement": "min", "migration_budget": "budget",
+             "refine": "refine"}
     varying = [k for k in keys[1:] if len({getattr(c, k) for c in configs}) > 1]
     names = []
     for i, c in enumerate(configs):
         if c.name:
             names.append(c.name)
             continue
-        label = " ".join([c.policy, *(f"{short[k]}={getattr(c, k):g}" for k in varying)])
+        label = " ".join([c.policy, *(f"{short[k]}={_label_value(getattr(c, k))}" for k in varying)])
         if isinstance(c.initial_placement, (str, Path)):
             label += f" init={os.path.basename(c.initial_placement)}"
         elif c.initial_placement is not None:
@@ -458,6 +511,12 @@ def _names(configs: list[SimConfig]) -> list[str]:
     if dupes:
         raise EPLBError(f"two configs are both named {dupes[0]!r}; give each SimConfig a distinct name")
     return names
+
+
+def _label_value(value: object) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "on", False: "off"}[value]
+    return f"{value:g}"
 
 
 def _per_layer_ratio(rank_load_LG: np.ndarray) -> np.ndarray:

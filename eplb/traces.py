@@ -543,10 +543,12 @@ def lognormal(
     """Fixed log-normal expert popularity per layer, counts sampled per step.
 
     Each layer's popularity is ``exp(sigma * z)``, ``z ~ N(0, 1)`` per expert, normalised; each
-    step draws ``tokens_per_step * top_k`` picks per layer from it (multinomial: picks are
-    independent, so a token may pick an expert twice, which top-k routing forbids; immaterial
-    for load statistics). ``sigma = 1`` gives a max/mean rank load of about 2.4 with 256 experts
-    on 32 ranks without redundancy, close to the 2.56 DeepSeek reported for R1 decode on 32 GPUs.
+    step draws exactly ``tokens_per_step * top_k`` picks per layer from it (multinomially
+    distributed; from 50 picks per expert on, drawn from the Gaussian with the multinomial's mean
+    and covariance, see `_sample_counts`. Picks are independent, so a token may pick an expert
+    twice, which top-k routing forbids; immaterial for load statistics). ``sigma = 1`` gives a
+    max/mean rank load of about 2.4 with 256 experts on 32 ranks without redundancy, close to
+    the 2.56 DeepSeek reported for R1 decode on 32 GPUs.
 
     Returns:
         `Trace` with ``loads: [steps, num_layers, num_logical]`` int32 (int64 when
@@ -664,17 +666,67 @@ def _generate(
     logp_CLE = np.empty((_GEN_CHUNK, L, E))
     for start in range(0, steps, _GEN_CHUNK):
         stop = min(start + _GEN_CHUNK, steps)
-        for t in range(start, stop):
-            if t in shift_set:
+        # Segments end at shift steps: a shift permutes before that step's drift. Each segment
+        # draws its drift noise at once (the same stream as one draw per step).
+        cuts = sorted({start, stop, *(t for t in shift_set if start < t < stop)})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if a in shift_set:
                 logp_LE = np.take_along_axis(logp_LE, np.argsort(pop_rng.random((L, E)), axis=1), axis=1)
-            if drift_sigma and t > 0:
-                logp_LE = rho * logp_LE + drift_sigma * pop_rng.standard_normal((L, E))
-            logp_CLE[t - start] = logp_LE
-        p_CLE = np.exp(logp_CLE[: stop - start] - logp_CLE[: stop - start].max(axis=-1, keepdims=True))
+            first_drift = max(a, 1)
+            noise_KLE = None
+            if drift_sigma and b > first_drift:
+                noise_KLE = pop_rng.standard_normal((b - first_drift, L, E), dtype=np.float32)
+                noise_KLE *= np.float32(drift_sigma)
+            for t in range(a, b):
+                row_LE = logp_CLE[t - start]
+                if noise_KLE is not None and t >= first_drift:
+                    np.multiply(logp_LE, rho, out=row_LE)
+                    row_LE += noise_KLE[t - first_drift]
+                    logp_LE = row_LE
+                else:
+                    row_LE[...] = logp_LE
+            logp_LE = logp_LE.copy()  # the chunk buffer is reused
+        # Popularities in float32: their log is within a few units of the row maximum.
+        chunk_CLE = logp_CLE[: stop - start]
+        p_CLE = np.exp((chunk_CLE - chunk_CLE.max(axis=-1, keepdims=True)).astype(np.float32))
         p_CLE /= p_CLE.sum(axis=-1, keepdims=True)
-        out_TLE[start:stop] = sample_rng.multinomial(picks, p_CLE)
+        out_TLE[start:stop] = _sample_counts(sample_rng, picks, p_CLE)
     meta = {"model": None, "top_k": top_k, "tokens_per_step": tokens, "source": spec}
     return Trace(torch.from_numpy(out_TLE), meta)
+
+
+_GAUSS_MIN_MEAN = 50  # mean picks per expert from which counts are drawn from the Gaussian approximation
+
+
+def _sample_counts(rng: np.random.Generator, picks: int, p_XE: np.ndarray) -> np.ndarray:
+    """``[..., E]`` integer counts summing to exactly ``picks`` per row, distributed like
+    ``Multinomial(picks, p)``.
+
+    With a mean of at least 50 picks per expert, a Gaussian with the multinomial's mean and
+    covariance (``x = n p + sqrt(n) (sqrt(p) z - p sum(sqrt(p) z))``, whose rows sum to ``n``
+    exactly) is clipped at 0 and rounded to the nearest integer; the few picks the rounding adds
+    or drops (about ``sqrt(E / 12)``) go to the row's largest count. About 5x faster than NumPy's
+    multinomial at 32,768 picks over 256 experts. Below that mean, the exact multinomial.
+    """
+    num_experts = p_XE.shape[-1]
+    if picks < _GAUSS_MIN_MEAN * num_experts:
+        return rng.multinomial(picks, p_XE)
+    # float32 represents every count exactly below 2**24 and halves the cost of the noise.
+    dtype = np.float32 if picks < 2**24 else np.float64
+    p = p_XE.astype(dtype, copy=False)
+    y = rng.standard_normal(p.shape, dtype=dtype)
+    y *= np.sqrt(p)
+    root = dtype(math.sqrt(picks))
+    x = p * (dtype(picks) - root * y.sum(-1, keepdims=True))
+    y *= root
+    x += y
+    np.maximum(x, 0, out=x)
+    np.rint(x, out=x)
+    counts = x.astype(np.int32 if picks < 2**31 else np.int64)
+    hot = counts.argmax(-1)[..., None]
+    short = picks - counts.sum(-1, keepdims=True, dtype=np.int64)
+    np.put_along_axis(counts, hot, np.take_along_axis(counts, hot, -1) + short, -1)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------- spec strings

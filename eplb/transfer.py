@@ -22,6 +22,7 @@ both a source and a destination.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -237,8 +238,10 @@ def execute_layer_transfer(
     """Fill ``staging[name][plan.changed_local]`` with the new experts' weights.
 
     Network transfers run first, in batches of at most ``max_transfer_bytes`` per rank (see
-    `LayerTransferPlan.batches`), then the local copies. Slot storage is only read, so the old
-    contents stay valid for every source; the caller commits staging afterwards.
+    `LayerTransferPlan.batches`) when the communicator stages each batch in a buffer
+    (``communicator.stages_batches``; else in one exchange), then the local copies. Slot storage
+    is only read, so the old contents stay valid for every source; the caller commits staging
+    afterwards.
 
     Args:
         plan: this rank's plan of the layer.
@@ -257,6 +260,8 @@ def execute_layer_transfer(
                 f"{tuple(slot_tensors[n].shape)} {slot_tensors[n].dtype}; allocate it with torch.empty_like"
             )
     base = plan.rank * plan.slots_per_rank
+    if not getattr(communicator, "stages_batches", True):
+        max_transfer_bytes = sys.maxsize  # nothing is buffered per batch: one exchange per layer
     for batch in plan.batches(bytes_per_expert(slot_tensors), max_transfer_bytes):
         queued = False
         for t in batch:

@@ -386,7 +386,8 @@ class EPLBWrapper:
     def _plan(self, load_LE: torch.Tensor, old: Placement) -> Decision:
         """The planner's `Decision` for this model, topology and config (pure: runs on the async
         worker too, and returns everything it decided)."""
-        options = PlanOptions(num_groups=self._num_groups, min_improvement=self.eplb_config.min_improvement)
+        options = PlanOptions(num_groups=self._num_groups, min_improvement=self.eplb_config.min_improvement,
+                              policy_options=self.eplb_config.policy_options())
         return plan(load_LE, old, self.eplb_config.policy, self._topology, options)
 
     def _start_rebalance(self) -> RebalanceReport | None:

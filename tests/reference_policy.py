@@ -10,10 +10,13 @@ from __future__ import annotations
 def reference_pack(weights: list[float], num_packs: int) -> tuple[list[int], list[int]]:
     """weights: [n] -> (pack of each item, position in its pack); ``n // num_packs`` items per pack.
 
-    Items are taken heaviest first; each goes to the lightest pack that still has room.
+    Items are taken heaviest first; each goes to the lightest pack that still has room. With one
+    item per pack, item ``k`` goes to pack ``k`` (DeepSeek's reference takes that shortcut).
     """
     n = len(weights)
     cap = n // num_packs
+    if cap == 1:
+        return list(range(n)), [0] * n
     order = sorted(range(n), key=lambda i: (-weights[i], i))
     pack_w = [0.0] * num_packs
     pack_n = [0] * num_packs

@@ -1,6 +1,6 @@
 """Communicators: move sets of tensors between ranks.
 
-Registry of communicator classes; built-ins are ``torch_nccl``, ``torch_gloo`` and ``local``.
+Registry of communicator classes; built-ins are ``torch_nccl``, ``torch_gloo``, ``torch_p2p`` and ``local``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ def register_communicator(name: str, *, override: bool = False) -> Callable[[typ
     """Class decorator registering a communicator under ``name``.
 
     The class subclasses `eplb.comm.base.Communicator` and is built as
-    ``cls(group=..., device=..., timeout_s=...)``; register it before building an `EPLBConfig`
+    ``cls(group=..., device=..., timeout_s=...)`` (``"auto"`` also passes ``gloo_group=`` to a
+    class registered over ``torch_gloo`` or ``torch_p2p``); register it before building an `EPLBConfig`
     that names it. A taken name raises `EPLBError` unless ``override=True``.
     """
 
@@ -51,4 +52,4 @@ def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        from eplb.comm import base, gloo, nccl  # noqa: F401  (register on import)
+        from eplb.comm import base, gloo, nccl, p2p  # noqa: F401  (register on import)

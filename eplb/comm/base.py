@@ -47,6 +47,11 @@ class Communicator(ABC):
     """
 
     name: str = ""
+    stages_batches: bool = True
+    """Whether each exchange goes through a buffer of its size (``torch_gloo``'s pinned host
+    memory), so `eplb.transfer.execute_layer_transfer` splits a layer's exchange into batches of
+    at most ``max_transfer_bytes``. False for communicators that send from the slots and receive
+    into staging directly (``torch_nccl``, ``torch_p2p``): a layer moves in one exchange."""
 
     def __init__(
         self,
@@ -162,38 +167,64 @@ def select_communicator(
 ) -> Communicator:
     """Build the communicator a config names, resolving ``"auto"``.
 
-    ``"auto"``: ``local`` for one rank (``group`` None or of size 1); else ``torch_gloo`` for
-    async rebalancing (it never issues NCCL work, so it can run beside the forward pass's NCCL
-    collectives), ``torch_nccl`` for sync rebalancing of CUDA tensors when the group's backend
-    includes NCCL, ``torch_gloo`` otherwise. Any name on one rank also gives ``local``. The choice
-    is logged at INFO on ``logging.getLogger("eplb")``.
+    ``"auto"``: ``local`` for one rank (``group`` None or of size 1). Async rebalancing of CUDA
+    tensors: ``torch_p2p`` when every rank of the group is on one host with peer access between
+    its GPUs (`eplb.comm.p2p.peer_to_peer_support`) and a first exchange through CUDA IPC works,
+    else ``torch_gloo``; both issue no NCCL work, so they can run beside the forward pass's NCCL
+    collectives. Sync rebalancing of CUDA tensors: ``torch_nccl`` when the group's backend
+    includes NCCL. ``torch_gloo`` otherwise. Any name on one rank also gives ``local``. The choice
+    and its reason are logged at INFO on ``logging.getLogger("eplb")`` (rank 0).
 
-    Creating ``torch_gloo`` or ``torch_nccl`` is collective (it creates a process group): call
-    this on every process at the same time.
+    Creating any communicator but ``local`` is collective (it creates a process group): call this
+    on every process at the same time.
     """
     device = torch.device(device)
     single = group is None or dist.get_world_size(group) == 1
+    communicator = None
     if single:
-        chosen = "local"
-    elif name == "auto":
-        if use_async:
-            chosen = "torch_gloo"
-        elif device.type == "cuda" and "nccl" in str(dist.get_backend(group)).lower():
-            chosen = "torch_nccl"
-        else:
-            chosen = "torch_gloo"
+        chosen, why = "local", "one rank"
+    elif name != "auto":
+        chosen, why = name, "named in the config"
+    elif use_async and device.type == "cuda":
+        from eplb.comm.p2p import peer_to_peer_support
+
+        # The same verdict on every rank (gathered), so every rank takes the same branch below.
+        why = peer_to_peer_support(group, device)
+        chosen = "torch_gloo" if why else "torch_p2p"
+        # One gloo group whichever is built: every process of the job creates the same groups in
+        # the same order, even when EP groups of one job decide differently.
+        gloo_group = dedicated_group(group, "gloo", timeout_s)
+        if not why:
+            why = "every rank of the EP group is on one host with peer access: receivers pull with device copies"
+            try:
+                communicator = get_communicator("torch_p2p")(
+                    group=group, device=device, timeout_s=timeout_s, gloo_group=gloo_group
+                )
+            except EPLBError as exc:  # raised on every rank alike (the probe's verdict is gathered)
+                chosen, why = "torch_gloo", str(exc)
+        if chosen == "torch_gloo":
+            why = f"async without peer-to-peer copies, staged through pinned host memory: {why}"
+            communicator = get_communicator("torch_gloo")(
+                group=group, device=device, timeout_s=timeout_s, gloo_group=gloo_group
+            )
+    elif use_async:
+        chosen, why = "torch_gloo", "async on the CPU"
+    elif device.type == "cuda" and "nccl" in str(dist.get_backend(group)).lower():
+        chosen, why = "torch_nccl", "sync on CUDA with an NCCL group"
     else:
-        chosen = name
-    cls = get_communicator(chosen)
-    communicator = cls(group=None if single else group, device=device, timeout_s=timeout_s)
+        chosen, why = "torch_gloo", "sync on the CPU" if device.type == "cpu" else "sync without an NCCL group"
+    if communicator is None:
+        cls = get_communicator(chosen)
+        communicator = cls(group=None if single else group, device=device, timeout_s=timeout_s)
     if communicator.rank == 0:
         logger.info(
-            "communicator: %s (requested %r, use_async=%s, device=%s, ranks=%d)",
+            "communicator: %s (requested %r, use_async=%s, device=%s, ranks=%d): %s",
             chosen,
             name,
             use_async,
             device,
             communicator.num_ranks,
+            why,
         )
     return communicator
 

@@ -30,18 +30,27 @@ Region = tuple[int, int, list[tuple[torch.Tensor, int]]]
 class TorchGlooCommunicator(Communicator):
     """Gloo send/recv on a dedicated group, staged through reusable host buffers.
 
-    Creating it is collective over the whole job (it creates a process group). ``timeout_s`` is the
-    gloo group's timeout and every wait's: a dead or stuck peer raises `CommunicationError`.
+    Creating it is collective over the whole job (it creates a process group, unless
+    ``gloo_group`` hands it a dedicated gloo group over the same ranks, created with
+    `eplb.comm.base.dedicated_group`). ``timeout_s`` is the gloo group's timeout and every wait's:
+    a dead or stuck peer raises `CommunicationError`.
     """
 
     name = "torch_gloo"
 
-    def __init__(self, *, group: dist.ProcessGroup | None, device="cpu", timeout_s: float = 300.0):
+    def __init__(
+        self,
+        *,
+        group: dist.ProcessGroup | None,
+        device="cpu",
+        timeout_s: float = 300.0,
+        gloo_group: dist.ProcessGroup | None = None,
+    ):
         if group is None:
             raise EPLBError("communicator 'torch_gloo' needs a process group; use 'local' for one rank")
         super().__init__(group=group, device=device, timeout_s=timeout_s)
         self._global_ranks = dist.get_process_group_ranks(group)
-        self._pg = dedicated_group(group, "gloo", timeout_s)
+        self._pg = gloo_group if gloo_group is not None else dedicated_group(group, "gloo", timeout_s)
         self._pinned = self.device.type == "cuda"
         self._send_buf = self._new_buffer(0)
         self._recv_buf = self._new_buffer(0)

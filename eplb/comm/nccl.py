@@ -28,6 +28,9 @@ class TorchNCCLCommunicator(Communicator):
     """
 
     name = "torch_nccl"
+    # Sends read the slots and receives land in staging: no buffer per batch, so a layer moves in
+    # one batch_isend_irecv (every batch boundary is a pause of the link).
+    stages_batches = False
 
     def __init__(self, *, group: dist.ProcessGroup | None, device="cuda", timeout_s: float = 300.0):
         if group is None:

@@ -2,18 +2,21 @@
 
 A policy is a pure, deterministic callable::
 
-    policy(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None) -> Placement
+    policy(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None, **options) -> Placement
 
-with ``load: [L, E]`` non-negative float. Register one with `register_policy`; third-party
-packages can also register through the entry-point group ``eplb.policies`` (each entry point
-names a policy callable, registered under the entry point's name).
+with ``load: [L, E]`` non-negative float. ``options`` are the policy options set in `EPLBConfig`
+(``migration_budget``, ``refine``; see `POLICY_OPTIONS`); a policy declares the ones it accepts
+when it is registered and receives only those that are set. Register one with `register_policy`;
+third-party packages can also register through the entry-point group ``eplb.policies`` (each entry
+point names a policy callable, registered under the entry point's name, accepting no options
+unless the callable has an ``eplb_options`` attribute listing them).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
@@ -21,9 +24,16 @@ import torch
 from eplb.errors import EPLBError
 from eplb.placement import Placement, _check_sizes
 
-__all__ = ["Policy", "register_policy", "get_policy", "available_policies", "check_policy_inputs"]
+__all__ = [
+    "Policy", "register_policy", "get_policy", "available_policies", "check_policy_inputs",
+    "policy_options", "check_policy_options", "set_options", "POLICY_OPTIONS",
+]
 
 ENTRY_POINT_GROUP = "eplb.policies"
+
+POLICY_OPTIONS = ("migration_budget", "refine")
+"""Options a policy may accept (they are `EPLBConfig` fields of the same names). A config passes
+an option to the policy only when it is set (``migration_budget`` not None, ``refine`` True)."""
 
 
 class Policy(Protocol):
@@ -38,10 +48,12 @@ class Policy(Protocol):
         num_nodes: int,
         num_ranks: int,
         old: Placement | None = None,
+        **options: object,
     ) -> Placement: ...
 
 
 _REGISTRY: dict[str, Callable[..., Placement]] = {}
+_OPTIONS: dict[str, frozenset[str]] = {}
 _entry_points_loaded = False
 _builtins_loaded = False
 
@@ -122,15 +134,45 @@ def _check_signature(name: str, fn) -> None:
         )
 
 
-def _checked(name: str, fn: Callable[..., Placement]) -> Callable[..., Placement]:
+
+def set_options(*, migration_budget: float | None = None, refine: bool = False) -> dict[str, object]:
+    """The policy options that are set (not at their defaults), as keyword arguments of a policy call."""
+    options: dict[str, object] = {}
+    if migration_budget is not None:
+        options["migration_budget"] = migration_budget
+    if refine:
+        options["refine"] = True
+    return options
+
+
+def check_policy_options(name: str, options: dict) -> None:
+    """Raise `EPLBError` unless policy ``name`` accepts every option in ``options``."""
+    accepted = _OPTIONS.get(name, frozenset())
+    for option in options:
+        if option not in accepted:
+            takes = f"accepts {', '.join(sorted(accepted))}" if accepted else "accepts no options"
+            raise EPLBError(
+                f"policy {name!r} does not accept the option {option}={options[option]!r} (it {takes}); "
+                f"unset {option} or choose a policy that accepts it (the default policy accepts "
+                f"{', '.join(POLICY_OPTIONS)})"
+            )
+
+
+def _checked(name: str, fn: Callable[..., Placement], *, trusted: bool = False) -> Callable[..., Placement]:
+    """``fn`` behind the input checks and, unless ``trusted`` (a built-in whose output is valid by
+    construction and covered by the test suite), the output validation."""
+
     @functools.wraps(fn)
-    def policy(load, *, num_physical, num_groups=1, num_nodes=1, num_ranks=1, old=None):
+    def policy(load, *, num_physical, num_groups=1, num_nodes=1, num_ranks=1, old=None, **options):
+        check_policy_options(name, options)
         load = check_policy_inputs(
             load, num_physical=num_physical, num_groups=num_groups, num_nodes=num_nodes,
             num_ranks=num_ranks, old=old,
         )
         out = fn(load, num_physical=num_physical, num_groups=num_groups, num_nodes=num_nodes,
-                 num_ranks=num_ranks, old=old)
+                 num_ranks=num_ranks, old=old, **options)
+        if trusted:
+            return out
         if not isinstance(out, Placement):
             raise EPLBError(f"policy {name!r} returned {type(out).__name__}, expected a Placement")
         if (out.num_layers, out.num_logical, out.num_physical) != (load.shape[0], load.shape[1], num_physical):
@@ -148,32 +190,60 @@ def _checked(name: str, fn: Callable[..., Placement]) -> Callable[..., Placement
 
 
 def register_policy(
-    name: str, *, override: bool = False
+    name: str, *, options: Iterable[str] = (), override: bool = False
 ) -> Callable[[Callable[..., Placement]], Callable[..., Placement]]:
     """Decorator registering a policy under ``name``.
 
-    The registered callable validates its inputs (`check_policy_inputs`) and its output
-    (`Placement.validate`), so plug-ins get the same error messages as built-ins.
+    Args:
+        name: the name `EPLBConfig.policy` refers to.
+        options: the policy options (names from `POLICY_OPTIONS`) the policy accepts as keyword
+            arguments; a config setting any other option for this policy is rejected.
+        override: replace a policy registered under ``name`` (raises `EPLBError` otherwise).
+
+    The registered callable validates its inputs (`check_policy_inputs`, the options) and its
+    output (`Placement.validate`), so plug-ins get the same error messages as built-ins.
     Registering a taken name raises `EPLBError` unless ``override=True``; so does a function
     whose signature lacks the load or one of the keywords of `Policy` (``old`` included).
     """
+    return _register(name, options, override=override, trusted=False)
+
+
+def _register(
+    name: str, options: Iterable[str], *, override: bool, trusted: bool
+) -> Callable[[Callable[..., Placement]], Callable[..., Placement]]:
     if not isinstance(name, str) or not name:
         raise EPLBError(f"policy name must be a non-empty string, got {name!r}")
+    options = frozenset(options)
+    unknown = sorted(options - set(POLICY_OPTIONS))
+    if unknown:
+        raise EPLBError(
+            f"policy {name!r} declares unknown option(s) {', '.join(unknown)}; "
+            f"options are {', '.join(POLICY_OPTIONS)}"
+        )
 
     def decorator(fn: Callable[..., Placement]) -> Callable[..., Placement]:
-        _load_builtins()
+        if not trusted:
+            _load_builtins()
         if name in _REGISTRY and not override:
             raise EPLBError(f"policy {name!r} is already registered; pass override=True to replace it")
         _check_signature(name, fn)
-        _REGISTRY[name] = _checked(name, fn)
+        _REGISTRY[name] = _checked(name, fn, trusted=trusted)
+        _OPTIONS[name] = options
         return fn
 
     return decorator
 
 
+def policy_options(name: str) -> frozenset[str]:
+    """The options policy ``name`` accepts (`EPLBError` for an unknown name)."""
+    get_policy(name)
+    return _OPTIONS.get(name, frozenset())
+
+
 def unregister_policy(name: str) -> None:
     """Remove a registered policy (tests and notebooks); built-ins can be removed too."""
     _REGISTRY.pop(name, None)
+    _OPTIONS.pop(name, None)
 
 
 def available_policies() -> list[str]:
@@ -223,4 +293,9 @@ def _load_entry_points() -> None:
 
             logging.getLogger("eplb").warning("could not load policy entry point %r: %s", ep.name, exc)
             continue
-        _REGISTRY[ep.name] = _checked(ep.name, fn)
+        try:
+            _register(ep.name, getattr(fn, "eplb_options", ()), override=False, trusted=False)(fn)
+        except EPLBError as exc:
+            import logging
+
+            logging.getLogger("eplb").warning("could not register policy entry point %r: %s", ep.name, exc)

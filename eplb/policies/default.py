@@ -31,7 +31,8 @@ from scipy.optimize import linear_sum_assignment
 
 from eplb.errors import EPLBError
 from eplb.placement import Placement
-from eplb.policies import register_policy
+from eplb.policies import POLICY_OPTIONS, _register
+from eplb.policies.local_search import limit_migration, refine_packing
 
 __all__ = ["default_policy", "pack", "replicate", "relabel"]
 
@@ -54,7 +55,9 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
     """Balanced packing of ``n`` items into ``num_packs`` packs of ``n // num_packs`` items, per row.
 
     Items are taken heaviest first (ties: lowest index); each goes to the lightest pack that still
-    has room (ties: lowest pack).
+    has room (ties: lowest pack). With one item per pack (``n == num_packs``) item ``k`` goes to
+    pack ``k``, as in DeepSeek's reference (its shortcut for that case): same pack loads, and the
+    labels stay identical to the reference's.
 
     Args:
         weight_Xn: ``[X, n]`` float64 — weight of each item; ``n`` a multiple of ``num_packs``.
@@ -65,10 +68,10 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
         ``item_of_slot_Xn[x, k * (n // K) + j]``; positions are filled in packing order.
     """
     num_rows, n = weight_Xn.shape
+    if n == num_packs:  # one item per pack: the reference keeps items in place (pack k gets item k)
+        return np.broadcast_to(np.arange(n), (num_rows, n)).copy()
     cap = n // num_packs
     order_Xn = _argsort_descending(weight_Xn)
-    if cap == 1:  # one item per pack: the k-th heaviest item fills the k-th empty pack
-        return order_Xn
     weight_nX = np.ascontiguousarray(np.take_along_axis(weight_Xn, order_Xn, 1).T)
     pack_weight_XK = np.zeros((num_rows, num_packs))
     pack_count_XK = np.zeros((num_rows, num_packs), dtype=np.int64)
@@ -79,15 +82,25 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
     full_penalty_C[cap] = np.inf
     row_base_X = np.arange(num_rows) * num_packs
     pack_nX = np.empty((n, num_rows), dtype=np.int64)
-    for k in range(n):
+    first = 0
+    if num_packs > 1 and bool((weight_nX[num_packs - 1] > 0).all()):
+        # The K heaviest items are all > 0, so the k-th of them finds packs 0..k-1 heavier than the
+        # empty ones and goes to pack k (lowest index among the empty): no argmin needed.
+        pack_weight_XK[:] = weight_nX[:num_packs].T
+        pack_count_XK[:] = 1
+        pack_nX[:num_packs] = np.arange(num_packs)[:, None]
+        first = num_packs
+    for k in range(first, n):
         p_X = pack_weight_XK.argmin(1)
         flat_X = row_base_X + p_X
         count_X = flat_count[flat_X] + 1
         flat_count[flat_X] = count_X
         flat_weight[flat_X] += weight_nX[k] + full_penalty_C[count_X]
         pack_nX[k] = p_X
-    # Sort by (pack, arrival): the items of each pack in the order they arrived, i.e. slot order.
-    sorted_of_slot_Xn = np.sort(pack_nX.T * n + np.arange(n), axis=1) % n
+    # Sort by (pack, arrival): the items of each pack in the order they arrived, i.e. slot order
+    # (a stable sort of small ints, which NumPy does as a radix sort).
+    small = np.int16 if num_packs < 2**15 else np.int64
+    sorted_of_slot_Xn = np.argsort(pack_nX.T.astype(small), axis=1, kind="stable")
     return np.take_along_axis(order_Xn, sorted_of_slot_Xn, 1)
 
 
@@ -124,9 +137,12 @@ def replicate(weight_Xn: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.nda
 
 
 def _rebalance(
-    load_LE: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_ranks: int
+    load_LE: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_ranks: int,
+    refine: bool = False, group_of_mgroup_LG: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``phy2log`` ``[L, P]`` of the hierarchical algorithm (global: one group, one node)."""
+    """``phy2log`` ``[L, P]`` of the hierarchical algorithm (global: one group, one node);
+    ``refine`` adds the swap search of `refine_packing` after step 3; ``group_of_mgroup_LG``
+    (``[L, num_groups]``, groups node by node) replaces step 1's packing of groups to nodes."""
     num_layers, num_logical = load_LE.shape
     group_size = num_logical // num_groups
     log_per_node = num_logical // num_nodes
@@ -135,7 +151,8 @@ def _rebalance(
     # Step 1: pack groups to nodes. Group loads are summed left to right (cumsum), the same order
     # as the reference, so near-equal groups compare identically.
     group_load_LG = np.cumsum(load_LE.reshape(num_layers, num_groups, group_size), axis=2)[:, :, -1]
-    group_of_mgroup_LG = pack(group_load_LG, num_nodes)
+    if group_of_mgroup_LG is None:
+        group_of_mgroup_LG = pack(group_load_LG, num_nodes)
     # mlog: "meta-logical" ids, the experts renumbered node by node after step 1.
     mlog2log_LE = (group_of_mgroup_LG[:, :, None] * group_size + np.arange(group_size)).reshape(
         num_layers, num_logical
@@ -148,6 +165,9 @@ def _rebalance(
     # Step 3: pack each node's replicas onto its ranks.
     phy_load_XM = np.take_along_axis(mlog_load_Xn / mlogcnt_Xn, phy2mlog_XM, 1)
     phy_of_pphy_XM = pack(phy_load_XM, num_ranks // num_nodes)
+    if refine:  # Step 3b: swap replicas between the node's ranks while that lowers its heaviest rank.
+        perm_XM = refine_packing(np.take_along_axis(phy_load_XM, phy_of_pphy_XM, 1), num_ranks // num_nodes)
+        phy_of_pphy_XM = np.take_along_axis(phy_of_pphy_XM, perm_XM, 1)
     pphy2mlog_XM = np.take_along_axis(phy2mlog_XM, phy_of_pphy_XM, 1)
     node_offset_N = np.arange(num_nodes) * log_per_node
     pphy2mlog_LNM = pphy2mlog_XM.reshape(num_layers, num_nodes, phy_per_node) + node_offset_N[:, None]
@@ -161,6 +181,8 @@ def _relabel(
     """Permute nodes, ranks within nodes, and slots within ranks of ``new_LP`` to match ``old_LP``."""
     num_layers, num_physical = new_LP.shape
     per_rank = num_physical // num_ranks
+    if per_rank == 1:
+        return _relabel_one_slot_per_rank(new_LP, old_LP, num_logical, num_nodes)
     ranks_per_node = num_ranks // num_nodes
     layer_L1 = np.arange(num_layers)[:, None]
     rank_of_slot_P = np.arange(num_physical) // per_rank
@@ -197,39 +219,81 @@ def _relabel(
     moved_LGS = np.empty((num_layers, num_ranks, per_rank), dtype=np.int64)
     moved_LGS[layer_L1, old_rank_LG] = new_LP.reshape(num_layers, num_ranks, per_rank)
 
-    # Step 4: within each rank, the k-th copy of an expert that was there takes the slot of its k-th
-    # old copy; the other experts fill the remaining slots in order. Keys (rank row, expert, copy)
-    # are unique, so one sorted search matches all ranks of all layers at once.
-    new_F = moved_LGS.reshape(-1)
-    old_F = old_LP.reshape(-1)
-    row_F = np.arange(new_F.size) // per_rank
-    new_key_F = (row_F * num_logical + new_F) * per_rank + _occurrence(new_F, row_F, num_logical, per_rank)
-    old_key_F = (row_F * num_logical + old_F) * per_rank + _occurrence(old_F, row_F, num_logical, per_rank)
-    old_order_F = np.argsort(old_key_F)
-    found_F = np.minimum(np.searchsorted(old_key_F[old_order_F], new_key_F), new_F.size - 1)
+    # Step 4: within each rank, an expert that was there keeps its old slot.
+    return _keep_in_place(moved_LGS.reshape(num_layers, num_physical), old_LP, num_logical, per_rank)
+
+
+def _relabel_one_slot_per_rank(
+    new_LP: np.ndarray, old_LP: np.ndarray, num_logical: int, num_nodes: int
+) -> np.ndarray:
+    """`_relabel` when every rank holds one slot: a rank's expert stays iff the rank is matched to
+    an old rank holding it, so the best rank assignment within a node pair is one matching of
+    copies (`_keep_in_place` over the node as one block). Node pairs are matched on their exact
+    value, ``sum_e min(copies of e in the new node, copies in the old node)``."""
+    num_layers, num_physical = new_LP.shape
+    per_node = num_physical // num_nodes
+    new_LNR = new_LP.reshape(num_layers, num_nodes, per_node)
+    if num_nodes > 1:
+        layer_L1 = np.arange(num_layers)[:, None]
+        node_NR = np.broadcast_to(np.arange(num_nodes)[:, None], (num_nodes, per_node)).reshape(-1)
+        new_LNE = np.zeros((num_layers, num_nodes, num_logical), dtype=np.int64)
+        old_LNE = np.zeros((num_layers, num_nodes, num_logical), dtype=np.int64)
+        np.add.at(new_LNE, (layer_L1, node_NR, new_LP), 1)
+        np.add.at(old_LNE, (layer_L1, node_NR, old_LP), 1)
+        value_LNN = np.minimum(new_LNE[:, :, None, :], old_LNE[:, None, :, :]).sum(3)
+        moved_LNR = np.empty_like(new_LNR)
+        for l in range(num_layers):
+            moved_LNR[l, linear_sum_assignment(value_LNN[l], maximize=True)[1]] = new_LNR[l]
+        new_LNR = moved_LNR
+    return _keep_in_place(new_LNR.reshape(num_layers, num_physical), old_LP, num_logical, per_node)
+
+
+def _keep_in_place(new_LP: np.ndarray, old_LP: np.ndarray, num_logical: int, block: int) -> np.ndarray:
+    """Permute ``new_LP`` within blocks of ``block`` consecutive slots so that the k-th copy of an
+    expert in a block takes the slot of its k-th copy in ``old_LP``'s block, where there is one;
+    the other experts fill the remaining slots of the block in order."""
+    num_layers, num_physical = new_LP.shape
+    num_rows = new_LP.size // block
+    # Keys (block row, expert, copy) are unique; old keys in (expert, copy) order per row are
+    # ascending overall, so one sorted search matches all blocks at once.
+    new_key_F, _, _ = _copy_keys(new_LP.reshape(num_rows, block), num_logical)
+    _, old_key_sorted_F, old_order_F = _copy_keys(old_LP.reshape(num_rows, block), num_logical)
+    size = new_key_F.size
+    found_F = np.minimum(np.searchsorted(old_key_sorted_F, new_key_F), size - 1)
     target_F = old_order_F[found_F]
-    matched_F = old_key_F[target_F] == new_key_F
-    taken_F = np.zeros(new_F.size, dtype=bool)
+    matched_F = old_key_sorted_F[found_F] == new_key_F
+    taken_F = np.zeros(size, dtype=bool)
     taken_F[target_F[matched_F]] = True
-    # Per rank, as many new slots are unmatched as old slots are free, and both lists are in
-    # row-major order: pairing them in order keeps every expert in its rank.
+    # Per block, as many new slots are unmatched as old slots are free, and both lists are in
+    # row-major order: pairing them in order keeps every expert in its block.
     target_F[~matched_F] = np.nonzero(~taken_F)[0]
-    out_F = np.empty_like(new_F)
-    out_F[target_F] = new_F
+    out_F = np.empty(size, dtype=new_LP.dtype)
+    out_F[target_F] = new_LP.reshape(-1)
     return out_F.reshape(num_layers, num_physical)
 
 
-def _occurrence(ids_F: np.ndarray, row_F: np.ndarray, num_ids: int, row_size: int) -> np.ndarray:
-    """``[F]`` -> ``[F]``: how many earlier entries of the same row hold the same id (rows of
-    ``row_size`` consecutive entries)."""
-    pos_F = np.arange(ids_F.size)
-    order_F = np.argsort((row_F * num_ids + ids_F) * row_size + pos_F % row_size)
-    group_F = (row_F * num_ids + ids_F)[order_F]
-    run_start_F = np.ones(ids_F.size, dtype=bool)
-    run_start_F[1:] = group_F[1:] != group_F[:-1]
-    occ_F = np.empty_like(ids_F)
-    occ_F[order_F] = pos_F - np.maximum.accumulate(np.where(run_start_F, pos_F, 0))
-    return occ_F
+def _copy_keys(ids_XB: np.ndarray, num_ids: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Key ``(row * num_ids + id) * B + copy`` of every entry (``copy``: earlier entries of the same
+    row with the same id).
+
+    Returns:
+        ``(key_F, sorted_key_F, order_F)``, ``[X * B]`` each: the keys in entry order, the keys
+        ascending, and the flat entry index of each ascending key.
+    """
+    num_rows, block = ids_XB.shape
+    # A stable sort of small ints per row is a radix sort: (id, position) order within each row.
+    order_XB = np.argsort(ids_XB.astype(np.int16 if num_ids < 2**15 else np.int32), axis=1, kind="stable")
+    sorted_XB = np.take_along_axis(ids_XB, order_XB, 1)
+    pos_B = np.arange(block)
+    run_start_XB = np.ones(ids_XB.shape, dtype=bool)
+    run_start_XB[:, 1:] = sorted_XB[:, 1:] != sorted_XB[:, :-1]
+    copy_sorted_XB = pos_B - np.maximum.accumulate(np.where(run_start_XB, pos_B, 0), axis=1)
+    row_X1 = np.arange(num_rows)[:, None]
+    key_sorted_XB = (row_X1 * num_ids + sorted_XB) * block + copy_sorted_XB
+    order_F = (order_XB + row_X1 * block).reshape(-1)
+    key_F = np.empty(ids_XB.size, dtype=np.int64)
+    key_F[order_F] = key_sorted_XB.reshape(-1)
+    return key_F, key_sorted_XB.reshape(-1), order_F
 
 
 def relabel(new: Placement, old: Placement, *, num_ranks: int, num_nodes: int = 1) -> Placement:
@@ -256,10 +320,10 @@ def relabel(new: Placement, old: Placement, *, num_ranks: int, num_nodes: int = 
     if num_nodes <= 0 or num_ranks % num_nodes:
         raise EPLBError(f"num_ranks ({num_ranks}) must be a multiple of num_nodes ({num_nodes})")
     phy2log_LP = _relabel(new.phy2log.numpy(), old.phy2log.numpy(), new.num_logical, num_nodes, num_ranks)
-    return Placement.from_phy2log(torch.from_numpy(phy2log_LP), new.num_logical)
+    return Placement._of_valid(phy2log_LP, new.num_logical)
 
 
-@register_policy("default")
+@_register("default", POLICY_OPTIONS, override=False, trusted=True)
 def default_policy(
     load: torch.Tensor,
     *,
@@ -268,6 +332,8 @@ def default_policy(
     num_nodes: int = 1,
     num_ranks: int = 1,
     old: Placement | None = None,
+    migration_budget: float | None = None,
+    refine: bool = False,
 ) -> Placement:
     """DeepSeek's EPLB: hierarchical when ``num_groups % num_nodes == 0``, else global.
 
@@ -278,14 +344,33 @@ def default_policy(
         num_nodes: ``N``; the hierarchical form keeps each group's replicas on one node.
         num_ranks: ``G``, each holding ``P // G`` slots.
         old: placement in effect; when given, the plan is relabeled to move as little as possible.
+        migration_budget: with ``old``, at most ``floor(migration_budget * P)`` slots per layer
+            receive an expert their rank did not hold (see `limit_migration`); ``None``: no limit.
+            Ignored without ``old``.
+        refine: swap search after packing (`refine_packing`): never less balanced, not identical
+            to the reference algorithm any more.
 
     Returns:
         `Placement` with ``phy2log: [L, num_physical]``.
+
+    Raises:
+        EPLBError: ``migration_budget`` outside ``(0, 1]``.
     """
+    if migration_budget is not None and not 0 < migration_budget <= 1:
+        raise EPLBError(
+            f"migration_budget ({migration_budget}) must be in (0, 1]: the fraction of each layer's "
+            "slots that may receive a new expert; use None for no limit"
+        )
     if num_groups % num_nodes:
         num_groups, num_nodes = 1, 1
     load_LE = np.asarray(load, dtype=np.float64)
-    phy2log_LP = _rebalance(load_LE, num_physical, num_groups, num_nodes, num_ranks)
+    phy2log_LP = _rebalance(load_LE, num_physical, num_groups, num_nodes, num_ranks, refine)
     if old is not None:
-        phy2log_LP = _relabel(phy2log_LP, old.phy2log.numpy(), load_LE.shape[1], num_nodes, num_ranks)
-    return Placement.from_phy2log(torch.from_numpy(phy2log_LP), load_LE.shape[1])
+        old_LP = old.phy2log.numpy()
+        phy2log_LP = _relabel(phy2log_LP, old_LP, load_LE.shape[1], num_nodes, num_ranks)
+        if migration_budget is not None:
+            phy2log_LP = limit_migration(
+                load_LE, old_LP, phy2log_LP, migration_budget, num_ranks=num_ranks, num_nodes=num_nodes,
+                num_groups=num_groups,
+            )
+    return Placement._of_valid(phy2log_LP, load_LE.shape[1])

@@ -3,10 +3,14 @@
 Legend: L layers, E logical experts, P physical slots, G ranks, S = P // G slots per rank,
 T = P - E spare slots per layer.
 
-Every logical expert keeps its primary copy (its lowest slot in the placement in effect) where it
-is; only the ``T`` spare slots of a layer can change, so a rebalance moves at most ``T`` experts per
-layer. Replica counts follow the `default` policy's rule (each spare slot to the expert with the
-largest load per replica, so a very hot expert can get several). Node and group structure is not
+Every logical expert keeps one primary copy where it is; only the ``T`` spare slots of a layer can
+change, so a rebalance moves at most ``T`` experts per layer. The spare slots are the redundant
+copies of the placement in effect, chosen so that every rank has its share of them (as
+`Placement.initial` spreads its redundant slots): each expert with several copies keeps as primary
+the copy on the rank with the most spare candidates beyond its share. A layer whose new plan would
+have a heavier busiest rank than the placement in effect, on the given load, keeps that placement.
+Replica counts follow the `default` policy's rule (each spare slot to the expert with the largest
+load per replica, so a very hot expert can get several). Node and group structure is not
 used. Sync mode only: `EPLBConfig` rejects ``policy="topk"`` with ``use_async=True``.
 """
 
@@ -16,13 +20,14 @@ import numpy as np
 import torch
 
 from eplb.placement import Placement
-from eplb.policies import register_policy
+from eplb.policies import _register
 from eplb.policies.default import replicate
+from eplb.policies.local_search import _max_rank_load
 
 __all__ = ["topk_policy"]
 
 
-@register_policy("topk")
+@_register("topk", (), override=False, trusted=True)
 def topk_policy(
     load: torch.Tensor,
     *,
@@ -57,9 +62,8 @@ def topk_policy(
     layer_LP = np.broadcast_to(layer_L1, held_LP.shape)
     rank_LP = np.broadcast_to(slot_P // per_rank, held_LP.shape)
 
-    # Step 1: the primary copy of each expert is its lowest slot; the other T slots are spare.
-    spare_LP = np.ones((num_layers, num_physical), dtype=bool)
-    spare_LP[layer_L1, old.log2phy[:, :, 0].numpy()] = False
+    # Step 1: one primary copy per expert; the other T slots are spare, spread over the ranks.
+    spare_LP = _spare_slots(held_LP, old.logcnt.numpy(), old.log2phy.numpy(), num_ranks)
 
     # Step 2: replica counts by the default rule (largest load per replica first).
     _, count_LE = replicate(load_LE, num_physical)
@@ -113,4 +117,44 @@ def topk_policy(
         free_LP[rows, slot] = False
         rank_load_LG[rows, rank] += per_replica_LE[rows, expert]
         holds_LGE[rows, rank, expert] = True
-    return Placement.from_phy2log(torch.from_numpy(held_LP), num_logical)
+
+    # Step 6: never worse than the placement in effect on this load (beyond float rounding, so
+    # that equal plans do not flip with the summation order).
+    old_LP = old.phy2log.numpy()
+    worse_L = _max_rank_load(load_LE, held_LP, num_ranks) > _max_rank_load(load_LE, old_LP, num_ranks) * (1 + 1e-9)
+    held_LP[worse_L] = old_LP[worse_L]
+    return Placement._of_valid(held_LP, num_logical)
+
+
+def _spare_slots(
+    phy2log_LP: np.ndarray, logcnt_LE: np.ndarray, log2phy_LER: np.ndarray, num_ranks: int
+) -> np.ndarray:
+    """``[L, P]`` bool: the slots that may change (all copies of an expert but its primary).
+
+    Rank ``g``'s share of the ``T = P - E`` spare slots is ``T // G`` (+1 for the first ``T % G``
+    ranks). Every copy of a replicated expert starts as a spare candidate; expert by expert, the
+    primary is the copy on the rank with the most candidates beyond its share (ties: lowest slot).
+    """
+    num_layers, num_physical = phy2log_LP.shape
+    num_logical = logcnt_LE.shape[1]
+    per_rank = num_physical // num_ranks
+    num_spare = num_physical - num_logical
+    share_G = num_spare // num_ranks + (np.arange(num_ranks) < num_spare % num_ranks)
+    rank_P = np.arange(num_physical) // per_rank
+    layer_L = np.arange(num_layers)
+    spare_LP = np.take_along_axis(logcnt_LE, phy2log_LP, 1) > 1
+    excess_LG = spare_LP.reshape(num_layers, num_ranks, per_rank).sum(2) - share_G
+    single_LE = logcnt_LE == 1
+    # Experts with one copy: that copy is the primary.
+    spare_LP[layer_L[:, None].repeat(num_logical, 1)[single_LE], log2phy_LER[:, :, 0][single_LE]] = False
+    for e in np.nonzero((logcnt_LE > 1).any(0))[0]:
+        rows = np.nonzero(logcnt_LE[:, e] > 1)[0]
+        slots_XR = log2phy_LER[rows, e]
+        valid_XR = slots_XR >= 0
+        rank_XR = rank_P[np.where(valid_XR, slots_XR, 0)]
+        score_XR = np.where(valid_XR, excess_LG[rows[:, None], rank_XR], -np.iinfo(np.int64).max)
+        pick_X = score_XR.argmax(1)  # first maximum: the lowest slot on ties
+        slot_X = slots_XR[np.arange(rows.size), pick_X]
+        spare_LP[rows, slot_X] = False
+        excess_LG[rows, rank_P[slot_X]] -= 1
+    return spare_LP

@@ -3,8 +3,9 @@
 Skipped with fewer than 2 GPUs; the 4-rank cases need 4. Run on a multi-GPU host with
 ``python -m pytest -q tests/gpu/test_multi_gpu.py`` (docs/benchmarks.md, "Multi-GPU validation").
 
-- Transfers with CUDA tensors: ``torch_nccl`` (sync) and ``torch_gloo`` (sync and async executors)
-  leave every slot holding its expert's weights, with the fewest network transfers, in place.
+- Transfers with CUDA tensors: ``torch_nccl`` (sync), ``torch_gloo`` and ``torch_p2p`` (sync and
+  async executors) leave every slot holding its expert's weights, with the fewest network
+  transfers, in place.
 - `EPLBWrapper` with ``ep_group`` = the NCCL world (all-to-all dispatch over NCCL): outputs equal
   the unwrapped model's on the same GPU, before, during (async) and after rebalances, and every
   slot holds its expert's weights after each rebalance.
@@ -126,7 +127,8 @@ def _rebalance_fake_experts(rank: int, world_size: int, seed: int, communicator:
 
 
 @pytest.mark.parametrize(
-    "communicator, use_async", [("torch_nccl", False), ("torch_gloo", False), ("torch_gloo", True)]
+    "communicator, use_async",
+    [("torch_nccl", False), ("torch_gloo", False), ("torch_gloo", True), ("torch_p2p", False), ("torch_p2p", True)],
 )
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_every_slot_holds_its_expert_after_cuda_rebalance(world_size, communicator, use_async):
@@ -234,7 +236,12 @@ def _wrapped_equals_unwrapped(rank: int, world_size: int, communicator: str, use
 
 @pytest.mark.parametrize(
     "communicator, use_async, chosen",
-    [("torch_nccl", False, "torch_nccl"), ("torch_gloo", False, "torch_gloo"), ("auto", True, "torch_gloo")],
+    [
+        ("torch_nccl", False, "torch_nccl"),
+        ("torch_gloo", False, "torch_gloo"),
+        ("torch_gloo", True, "torch_gloo"),
+        ("auto", True, "torch_p2p"),  # one host, peer access: receivers pull over the copy engines
+    ],
 )
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_wrapped_outputs_equal_unwrapped_with_nccl_dispatch(world_size, communicator, use_async, chosen):

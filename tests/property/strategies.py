@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from eplb.placement import Placement
 
-__all__ = ["Shape", "shapes", "loads", "problems", "placements", "LOAD_KINDS"]
+__all__ = ["Shape", "shapes", "one_per_pack_shapes", "nodes_of_groups", "loads", "problems", "placements", "LOAD_KINDS"]
 
 LOAD_KINDS = ("continuous", "ties", "floats")
 """``continuous``: log-normal from a drawn seed (distinct values, no ties in practice);
@@ -71,6 +71,26 @@ def shapes(
 
 
 @st.composite
+def one_per_pack_shapes(draw, *, max_layers: int = 3) -> Shape:
+    """Shapes where a packing step puts exactly one item in each pack: one group per node
+    (hierarchical) and/or one slot per rank, the cases where DeepSeek's reference keeps items in
+    place instead of sorting them."""
+    num_nodes = draw(st.integers(1, 3))
+    num_ranks = num_nodes * draw(st.integers(1, 4))
+    one_slot_per_rank = draw(st.booleans())
+    group_size = draw(st.integers(1, 3))
+    num_groups = num_nodes if one_slot_per_rank is False or draw(st.booleans()) else 1
+    if one_slot_per_rank:
+        # P = G slots; E <= P and E a multiple of the groups.
+        num_logical = num_groups * draw(st.integers(1, max(num_ranks // num_groups, 1)))
+        num_physical = num_ranks
+    else:
+        num_logical = num_groups * group_size
+        num_physical = -(-num_logical // num_ranks) * num_ranks + num_ranks * draw(st.integers(0, 1))
+    return Shape(draw(st.integers(1, max_layers)), num_logical, num_physical, num_groups, num_nodes, num_ranks)
+
+
+@st.composite
 def loads(draw, shape: Shape, kind: str = "continuous") -> torch.Tensor:
     """A ``[L, E]`` float64 load of the given kind (see `LOAD_KINDS`)."""
     size = (shape.num_layers, shape.num_logical)
@@ -105,3 +125,16 @@ def placements(draw, shape: Shape) -> Placement:
         extra = rng.integers(0, shape.num_logical, shape.num_physical - shape.num_logical)
         rows.append(rng.permutation(np.concatenate([np.arange(shape.num_logical), extra])))
     return Placement.from_phy2log(torch.from_numpy(np.stack(rows)), shape.num_logical)
+
+
+def nodes_of_groups(placement: Placement, shape: Shape) -> list[dict[int, set[int]]]:
+    """Per layer, the nodes that hold a replica of each expert group (``{group: {node, ...}}``)."""
+    group_size = shape.num_logical // shape.num_groups
+    slots_per_node = shape.num_physical // shape.num_nodes
+    layers = []
+    for l in range(shape.num_layers):
+        nodes_of: dict[int, set[int]] = {}
+        for s, e in enumerate(placement.phy2log[l].tolist()):
+            nodes_of.setdefault(e // group_size, set()).add(s // slots_per_node)
+        layers.append(nodes_of)
+    return layers

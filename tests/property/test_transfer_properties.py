@@ -130,3 +130,20 @@ def test_group_size_must_divide_num_physical(G, P):
             plan_layer_transfer(row, row, rank=0, num_ranks=G)
     else:
         assert plan_layer_transfer(row, row, rank=0, num_ranks=G).moves_nothing
+
+
+@given(st.lists(layer_changes(), min_size=1, max_size=3))
+def test_simulator_transfer_count_matches_the_transfer_plan(layers):
+    # The simulator counts every layer at once; it must agree with the per-layer plan, summed.
+    import numpy as np
+
+    from eplb.simulate import count_transfers
+
+    G = layers[0][0]
+    layers = [(g, old, new) for g, old, new in layers if g == G and len(old) == len(layers[0][1])]
+    old_LP = np.array([old for _, old, _ in layers], dtype=np.int64)
+    new_LP = np.array([new for _, _, new in layers], dtype=np.int64)
+    plans = [plan_layer_transfer(torch.tensor(o), torch.tensor(n), rank=0, num_ranks=G) for o, n in zip(old_LP, new_LP)]
+    assert count_transfers(old_LP, new_LP, G) == (
+        sum(p.num_changed_slots for p in plans), sum(p.num_network_transfers for p in plans)
+    )

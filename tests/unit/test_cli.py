@@ -52,6 +52,32 @@ def test_simulate_compares_policies_on_a_synthetic_spec(capsys):
     assert [line.split()[0] for line in out.splitlines()[-2:]] == ["default", "topk"]
 
 
+def test_simulate_compares_migration_budgets_with_refine(capsys, tmp_path):
+    code, out, err = _run(capsys, "simulate", "example", "--interval", "100", "--window", "100",
+                          "--redundant", "8", "--migration-budget", "0.1", "--migration-budget", "1",
+                          "--refine", "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("default ")]
+    assert [r.split()[:2] for r in rows] == [["default", "budget=0.1"], ["default", "budget=1"]]
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [run["config"]["refine"] for run in data["runs"]] == [True, True]
+    moved = [run["summary"]["slots_moved"] for run in data["runs"]]
+    assert moved[0] < moved[1]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "x"])
+def test_simulate_rejects_a_budget_outside_0_1(capsys, value):
+    code, _, err = _run(capsys, "simulate", "example", "--migration-budget", value)
+    assert code == 2
+    assert "--migration-budget" in err and ("(0, 1]" in err or "fraction" in err)
+
+
+def test_simulate_rejects_an_option_the_policy_does_not_accept(capsys):
+    code, _, err = _run(capsys, "simulate", "example", "--policy", "topk", "--refine")
+    assert code == 1
+    assert "policy 'topk' does not accept the option refine=True" in err
+
+
 def test_simulate_notes_when_nothing_rebalances(capsys):
     code, out, _ = _run(capsys, "simulate", "example")
     assert code == 0

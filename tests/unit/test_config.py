@@ -23,6 +23,8 @@ DEFAULTS = {
     "communicator": "auto",
     "min_improvement": 0.0,
     "async_timeout_s": 300.0,
+    "migration_budget": None,
+    "refine": False,
 }
 
 
@@ -67,6 +69,8 @@ def test_is_frozen_and_rejects_unknown_fields():
         ("async_layers_per_step", 0, "greater than 0"),
         ("async_on_error", "ignore", "'log' or 'raise'"),
         ("max_transfer_bytes", 0, "greater than 0"),
+        ("migration_budget", 0.0, "greater than 0"),
+        ("migration_budget", 1.5, "less than or equal to 1"),
         ("communicator", "mpi", r"communicator 'mpi' is unknown; use one of auto, .*torch_gloo, torch_nccl"),
         ("policy", "nope", "policy 'nope' is not registered"),
     ],
@@ -131,6 +135,37 @@ def test_policies_of_the_entry_point_group_are_registered(monkeypatch):
         unregister_policy("from_entry_point")
 
 
+def test_an_entry_point_policy_declares_its_options_with_an_attribute(monkeypatch):
+    import importlib.metadata
+
+    import eplb.policies as registry
+
+    def with_budget(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None, migration_budget=None):
+        return registry.get_policy("default")(load, num_physical=num_physical, num_ranks=num_ranks, old=old,
+                                              migration_budget=migration_budget)
+
+    with_budget.eplb_options = ("migration_budget",)
+
+    class FakeEntryPoint:
+        name = "budget_from_entry_point"
+
+        def load(self):
+            return with_budget
+
+    def entry_points(group=None):
+        return [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert registry.policy_options("budget_from_entry_point") == {"migration_budget"}
+        assert EPLBConfig(policy="budget_from_entry_point", use_async=False, migration_budget=0.3)
+        with pytest.raises(ValidationError, match="does not accept the option refine=True"):
+            EPLBConfig(policy="budget_from_entry_point", use_async=False, refine=True)
+    finally:
+        unregister_policy("budget_from_entry_point")
+
+
 @given(
     window=st.integers(1, 10**6), interval=st.integers(1, 10**6), redundant=st.integers(0, 4096),
     gain=st.floats(0, 1, exclude_max=True), use_async=st.booleans(),
@@ -140,3 +175,39 @@ def test_valid_values_are_kept_exactly(window, interval, redundant, gain, use_as
                        min_improvement=gain, use_async=use_async)
     assert (config.window_size, config.step_interval, config.num_redundant_experts, config.min_improvement) == (
         window, interval, redundant, gain)
+
+
+def test_policy_options_reach_the_policy_only_when_set():
+    assert EPLBConfig().policy_options() == {}
+    config = EPLBConfig(migration_budget=0.25, refine=True)
+    assert config.policy_options() == {"migration_budget": 0.25, "refine": True}
+
+
+def test_an_option_the_policy_does_not_accept_is_rejected_with_the_fix():
+    with pytest.raises(ValidationError, match=r"policy 'topk' does not accept the option refine=True "
+                                              r"\(it accepts no options\); unset refine"):
+        EPLBConfig(policy="topk", use_async=False, refine=True)
+    with pytest.raises(ValidationError, match="does not accept the option migration_budget=0.5"):
+        EPLBConfig(policy="topk", use_async=False, migration_budget=0.5)
+
+
+def test_a_plugin_declares_the_options_it_accepts():
+    seen = {}
+
+    @eplb.register_policy("budget_aware", options=("migration_budget",), override=True)
+    def budget_aware(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None, migration_budget=None):
+        seen["budget"] = migration_budget
+        return eplb.get_policy("default")(load, num_physical=num_physical, num_ranks=num_ranks)
+
+    try:
+        config = EPLBConfig(policy="budget_aware", use_async=False, migration_budget=0.1)
+        eplb.get_policy("budget_aware")([[1.0, 2.0]], num_physical=2, num_ranks=1, **config.policy_options())
+        assert seen == {"budget": 0.1}
+        with pytest.raises(ValidationError, match="does not accept the option refine=True"):
+            EPLBConfig(policy="budget_aware", use_async=False, refine=True)
+        with pytest.raises(eplb.EPLBError, match="does not accept the option refine"):
+            eplb.get_policy("budget_aware")([[1.0, 2.0]], num_physical=2, num_ranks=1, refine=True)
+        with pytest.raises(eplb.EPLBError, match="declares unknown option"):
+            eplb.register_policy("typo", options=("budget",))
+    finally:
+        unregister_policy("budget_aware")

@@ -55,6 +55,22 @@ def test_plan_skips_below_min_improvement_and_keeps_the_proposal():
     assert "min_improvement 0.99" in decision.skip_reason and decision.gain < 0.99
 
 
+def test_plan_passes_the_policy_options_and_honours_the_budget():
+    old = Placement.initial(L, E, P, G)
+    options = PlanOptions(policy_options=EPLBConfig(migration_budget=0.25, refine=True).policy_options())
+    decision = plan(_skewed_load(), old, "default", Topology.offline(G), options)
+    expected = get_policy("default")(_skewed_load(), num_physical=P, num_ranks=G, old=old,
+                                     migration_budget=0.25, refine=True)
+    assert decision.new.equals(expected)
+    per_rank = P // G
+    for layer in range(L):
+        moved = sum(
+            int(e) not in old.phy2log[layer, (s // per_rank) * per_rank:(s // per_rank + 1) * per_rank].tolist()
+            for s, e in enumerate(decision.new.phy2log[layer].tolist())
+        )
+        assert moved <= 0.25 * P
+
+
 def test_plan_passes_policy_errors_through():
     with pytest.raises(EPLBError, match="unknown policy"):
         plan(_skewed_load(), Placement.initial(L, E, P, G), "nope", Topology.offline(G))

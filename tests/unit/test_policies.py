@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError
+from eplb.metrics import balancedness
 from eplb.placement import Placement
 from eplb.policies import available_policies, get_policy, register_policy, unregister_policy
 from eplb.policies.default import pack, relabel, replicate
@@ -91,24 +92,39 @@ def test_relabel_rejects_mismatched_placements():
 
 # ---------------------------------------------------------------------- topk
 def test_topk_sends_new_replicas_to_the_least_loaded_rank_without_that_expert():
-    # 3 ranks of 2 slots; primaries are slots 0, 1, 2; spare slots 3, 4, 5 hold unwanted copies.
+    # 3 ranks of 2 slots, 3 spare slots: one per rank. Expert 1 has copies on r0, r1, r2 and expert
+    # 2 on r1, r2; r1 and r2 have one spare candidate too many, so expert 1 keeps slot 3 (r1) and
+    # expert 2 slot 4 (r2) as primaries: spare slots 1, 2, 5.
     old = Placement.from_phy2log(torch.tensor([[0, 1, 2, 1, 2, 1]]), 3)
     load = torch.tensor([[6.0, 1.0, 2.0]])  # expert 0 gets 3 extra replicas (load 1.5 each)
     placement = get_policy("topk")(load, num_physical=6, num_ranks=3, old=old)
-    # Rank loads before: r0 = 1.5 + 1, r1 = 2, r2 = 0. 1st copy -> r2 (lightest); 2nd -> r1: r2 is
-    # lighter (1.5) but already holds expert 0; 3rd -> r2, the only rank with room left.
-    assert placement.phy2log.tolist() == [[0, 1, 2, 0, 0, 0]]
+    # Rank loads before: r0 = 1.5 (expert 0), r1 = 1, r2 = 2. 1st copy -> r1 (lightest without
+    # expert 0); 2nd -> r2: r0 is lighter but already holds expert 0; 3rd -> r0, the only rank
+    # with room left.
+    assert placement.phy2log.tolist() == [[0, 0, 0, 1, 2, 0]]
 
 
-def test_topk_avoids_a_lighter_rank_that_already_holds_the_expert():
-    # 2 ranks of 3 slots. Primaries: expert 2 in slot 0, 0 in slot 1, 1 in slot 3. Counts for the
-    # load: expert 1 x3 (1.67 each), expert 2 x2 (2.0 each); spare slot 4 keeps its expert 1.
+def test_topk_keeps_the_placement_in_effect_when_its_plan_would_be_worse():
+    # 2 ranks of 3 slots, 3 spare slots: r0's share is 2, r1's is 1. Expert 0 keeps slot 5 (r1 has
+    # the most candidates beyond its share), expert 1 slot 3: spare slots 1, 2, 4. The plan for this
+    # load (expert 1 x3, expert 2 x2) can only fill r0's free slots: r0 = 2 + 2 + 1.67 = 5.67,
+    # worse than the placement in effect (r0 = 4.67, r1 = 5.33), which therefore stays.
     old = Placement.from_phy2log(torch.tensor([[2, 0, 0, 1, 1, 0]]), 3)
     load = torch.tensor([[1.0, 5.0, 4.0]])
     placement = get_policy("topk")(load, num_physical=6, num_ranks=2, old=old)
-    # Rank loads: r0 = 2 + 1 = 3, r1 = 1.67 + 1.67 = 3.33. Expert 2 (hottest) skips the lighter r0,
-    # which holds it, for r1; expert 1 then takes r0's free slot.
-    assert placement.phy2log.tolist() == [[2, 0, 1, 1, 1, 2]]
+    assert placement.phy2log.tolist() == [[2, 0, 0, 1, 1, 0]]
+
+
+def test_topk_spreads_spare_slots_over_every_rank():
+    # One hot expert on Placement.initial (8 experts, 16 slots, 4 ranks): every rank can take a
+    # replica, so the hot expert's load is spread over all four ranks.
+    load = torch.ones(1, 8, dtype=torch.float64)
+    load[0, 3] = 20.0
+    old = Placement.initial(1, 8, 16, 4)
+    placement = get_policy("topk")(load, num_physical=16, num_ranks=4, old=old)
+    slots = placement.log2phy[0, 3][placement.log2phy[0, 3] >= 0]
+    assert set((slots // 4).tolist()) == {0, 1, 2, 3}
+    assert balancedness(load, placement, 4).aggregate >= 0.75
 
 
 def test_topk_keeps_spare_slots_that_already_hold_a_chosen_expert():

@@ -28,6 +28,8 @@ def test_seven_configs_draw_one_no_rebalance_map_and_seven_simulated_ones():
     line_ax = fig.axes[0]
     legend_box = line_ax.get_legend().get_window_extent()
     assert legend_box.x0 >= line_ax.get_window_extent().x1  # beside the curves, not over them
+    scatter_ax = fig.axes[1]
+    assert legend_box.x1 <= scatter_ax.get_window_extent().x0  # nor over the movement plot
     assert len(line_ax.get_legend().get_texts()) == 7
 
 

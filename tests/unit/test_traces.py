@@ -309,3 +309,29 @@ def test_bundled_example_trace_is_small_and_loads():
     trace = load_trace("example")
     assert (trace.steps, trace.num_layers, trace.num_logical) == (400, 4, 64)
     assert trace.metadata["source"].startswith("synthetic:hot_shift")
+
+
+@pytest.mark.parametrize("gen, kw", GENERATORS, ids=lambda g: getattr(g, "__name__", ""))
+def test_large_steps_keep_each_steps_total_exact(gen, kw):
+    # 4096 tokens x top-8 over 64 experts: 512 picks per expert on average, the Gaussian sampler.
+    trace = gen(300, 3, 64, tokens_per_step=4096, top_k=8, seed=3, **kw)
+    assert (trace.loads.sum(-1) == 4096 * 8).all()
+    assert (trace.loads >= 0).all()
+
+
+def test_gaussian_counts_have_the_multinomial_mean_and_covariance():
+    from eplb.traces import _sample_counts
+
+    rng = np.random.default_rng(0)
+    p_E = rng.lognormal(0.0, 1.0, 32)
+    p_E /= p_E.sum()
+    picks = 32 * 512
+    counts_XE = _sample_counts(rng, picks, np.broadcast_to(p_E, (20000, 32)).copy()).astype(np.float64)
+    assert (counts_XE.sum(1) == picks).all()
+    mean_E = picks * p_E
+    var_E = picks * p_E * (1 - p_E)
+    # Standard errors over 20,000 rows: mean ~ sqrt(var / 20000), variance ~ var * sqrt(2 / 20000).
+    assert np.abs(counts_XE.mean(0) - mean_E).max() < 5 * np.sqrt(var_E / 20000).max() + 0.5
+    assert np.allclose(counts_XE.var(0), var_E, rtol=0.06)
+    cov = np.cov(counts_XE[:, :2].T)[0, 1]
+    assert cov == pytest.approx(-picks * p_E[0] * p_E[1], abs=0.1 * np.sqrt(var_E[0] * var_E[1]))

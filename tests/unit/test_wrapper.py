@@ -10,6 +10,8 @@ import moe_models as mm
 import pytest
 import torch
 
+import eplb
+import eplb.policies
 from eplb import EPLBConfig, EPLBError, EPLBWrapper, Placement
 from eplb.moe import EPLBExperts, StackedExpertList, SwiGLUExperts
 from eplb.traces import Trace
@@ -74,6 +76,28 @@ def test_default_policy_gives_the_hot_expert_more_replicas():
     assert all(wrapper.placement.logcnt[layer, e] >= 2 for layer, e in enumerate(hot.tolist()))
     for layer in wrapper.eplb_layers:
         assert torch.equal(layer.placement_row(), wrapper.placement.phy2log[layer.layer_index])
+
+
+def test_policy_options_of_the_config_reach_the_policy():
+    seen = []
+
+    @eplb.register_policy("options_spy", options=("migration_budget", "refine"), override=True)
+    def options_spy(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None, **options):
+        seen.append(options)
+        return eplb.get_policy("default")(load, num_physical=num_physical, num_ranks=num_ranks, old=old,
+                                          **options)
+
+    try:
+        model = mm.build_reference_model()
+        reference = copy.deepcopy(model)
+        wrapper = EPLBWrapper(model, _config(policy="options_spy", migration_budget=0.5, refine=True))
+        with torch.no_grad():
+            wrapper(mm.hidden_batch(0))
+        wrapper.rebalance()
+        assert seen == [{"migration_budget": 0.5, "refine": True}]
+        _assert_same_outputs(wrapper, reference, seeds=(1,))
+    finally:
+        eplb.policies.unregister_policy("options_spy")
 
 
 # ------------------------------------------------------------------------------ steps
