@@ -304,10 +304,12 @@ class SimResult:
         rows = -(-len(maps) // cols)
         fig = Figure(figsize=(13, 3.6 + 2.6 * rows), layout="constrained")
         grid = fig.add_gridspec(1 + rows, cols, height_ratios=[1.4] + [1.0] * rows)
-        grid_top = grid[0, :].subgridspec(1, 2, width_ratios=[2.6, 1])
-        # Step 2: balancedness over time, the legend beside the curves (not over them).
+        grid_top = grid[0, :].subgridspec(1, 3, width_ratios=[2.6, 0.8, 1.2])
+        # Step 2: balancedness over time, the legend in its own column beside the curves.
         ax = fig.add_subplot(grid_top[0, 0])
-        scatter = fig.add_subplot(grid_top[0, 1])
+        legend_ax = fig.add_subplot(grid_top[0, 1])
+        legend_ax.axis("off")
+        scatter = fig.add_subplot(grid_top[0, 2])
         for run in self.runs:
             (line,) = ax.plot(np.arange(self.steps), run.balancedness, lw=0.8, label=run.name)
             for r in run.rebalances:
@@ -316,7 +318,7 @@ class SimResult:
         ax.set_xlabel("step")
         ax.set_ylabel("balancedness (mean / max rank load)")
         ax.set_ylim(0, 1.02)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
+        legend_ax.legend(*ax.get_legend_handles_labels(), loc="upper left", fontsize="small", borderaxespad=0)
         # Step 3: what each config pays in movement for the balance it gets.
         for run in self.runs:
             summary = run.summary()
