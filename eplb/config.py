@@ -6,11 +6,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["EPLBConfig", "AsyncErrorMode"]
+__all__ = ["EPLBConfig", "AsyncErrorMode", "DispatcherKind", "ReplicaChoice"]
 
 AsyncErrorMode = Literal["log", "raise"]
 """What an error in the async worker does: ``"log"`` aborts that rebalance and logs the traceback;
 ``"raise"`` raises `EPLBError` (with the worker's traceback) on the main thread at the next step."""
+
+DispatcherKind = Literal["auto", "all_to_all", "fixed_capacity"]
+"""How tokens reach the ranks owning their slots: ``"fixed_capacity"`` — fixed-size buffers of
+``max_tokens_per_rank`` rows per rank, no host sync (CUDA-graph capturable), also on one rank;
+``"all_to_all"`` — variable-size all-to-all, one host sync per layer, no size limit; ``"auto"`` —
+nothing on one rank, else ``fixed_capacity`` when ``max_tokens_per_rank`` is set, else ``all_to_all``."""
+
+ReplicaChoice = Literal["hash", "round_robin"]
+"""How a pair picks one of its expert's replicas: ``"hash"`` of the token index (equal shares on
+average) or ``"round_robin"`` over the expert's pairs of the batch (equal shares in every batch)."""
 
 
 class EPLBConfig(BaseModel):
@@ -96,6 +106,21 @@ class EPLBConfig(BaseModel):
     buffers; bigger exchanges are split, so a hot expert with many receivers cannot exhaust host
     memory. ``torch_nccl`` and ``torch_p2p`` buffer nothing per batch and move a layer at once."""
 
+    dispatcher: DispatcherKind = "auto"
+    """How tokens reach the ranks owning their slots (see `DispatcherKind`). ``"fixed_capacity"``
+    with one rank runs the expert-parallel code path on one GPU (to capture or test it); it
+    needs ``max_tokens_per_rank``."""
+
+    max_tokens_per_rank: int | None = Field(None, gt=0)
+    """The most tokens one rank passes to a MoE layer in one forward (batch x sequence), for the
+    fixed-capacity dispatcher. A forward with more raises `EPLBError` (never drops tokens).
+    Memory: ``3 * G * max_tokens_per_rank * D`` activations; compute: ``G *`` this many rows per
+    layer, of which the padding rows cost no GEMM with transformers experts."""
+
+    replica_choice: ReplicaChoice = "hash"
+    """How a pair picks a replica (see `ReplicaChoice`). ``"round_robin"`` evens the hot experts'
+    replicas in every batch at the cost of a sort per layer."""
+
     @classmethod
     def static(cls, **fields) -> EPLBConfig:
         """A config that never rebalances on its own (``step_interval=None``): the placement it
@@ -153,6 +178,11 @@ class EPLBConfig(BaseModel):
 
     @model_validator(mode="after")
     def _async_rules(self) -> EPLBConfig:
+        if self.dispatcher == "fixed_capacity" and self.max_tokens_per_rank is None:
+            raise ValueError(
+                "dispatcher='fixed_capacity' needs max_tokens_per_rank (the most tokens one rank passes to a "
+                "MoE layer in one forward); set it, or use dispatcher='auto'"
+            )
         if self.use_async and self.policy != "default":
             raise ValueError(
                 f"Async EPLB is only supported with the default policy (got policy={self.policy!r}); "

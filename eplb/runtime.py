@@ -34,6 +34,8 @@ class Topology:
         num_nodes: ``N``, hosts the ranks span (``G % N == 0``; hierarchical policies use it).
         control_group: a gloo group over the same ranks for the async executor's step-boundary
             agreement (never the forward pass's group); None until `build_runtime` creates it.
+        forward_group: the group as given, kept with one rank too: the fixed-capacity dispatcher
+            runs the expert-parallel forward over it (a group of one checks that code path).
     """
 
     group: dist.ProcessGroup | None = None
@@ -41,6 +43,7 @@ class Topology:
     num_ranks: int = 1
     num_nodes: int = 1
     control_group: dist.ProcessGroup | None = None
+    forward_group: dist.ProcessGroup | None = None
 
     @classmethod
     def from_group(cls, group: dist.ProcessGroup | None, num_nodes: int = 1) -> Topology:
@@ -55,7 +58,10 @@ class Topology:
                 "torch.distributed.init_process_group first (or pass ep_group=None for one process)"
             )
         num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-        return cls(group=group if num_ranks > 1 else None, rank=rank, num_ranks=num_ranks, num_nodes=num_nodes)
+        return cls(
+            group=group if num_ranks > 1 else None, rank=rank, num_ranks=num_ranks, num_nodes=num_nodes,
+            forward_group=group,
+        )
 
     @classmethod
     def offline(cls, num_ranks: int, num_nodes: int = 1) -> Topology:
@@ -69,7 +75,7 @@ class Runtime:
 
     topology: Topology
     tracker: LoadTracker
-    dispatcher: Dispatcher
+    dispatcher: Dispatcher | None
     communicator: Communicator
     executor: Executor
 
@@ -99,7 +105,9 @@ def build_runtime(
     """
     group = topology.group
     tracker = LoadTracker(num_layers, num_logical, config.window_size, device)
-    dispatcher = make_dispatcher(group)
+    dispatcher = make_dispatcher(
+        topology.forward_group, kind=config.dispatcher, max_tokens_per_rank=config.max_tokens_per_rank
+    )
     communicator = select_communicator(
         config.communicator, use_async=config.use_async, device=device, group=group,
         timeout_s=config.async_timeout_s,

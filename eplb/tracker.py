@@ -47,9 +47,9 @@ class LoadTracker:
 
     Buffers (all int64, allocated once, updated in place):
         current ``[L, C]`` — the step being recorded (plus the out-of-range and padding
-        columns); window ``[W, L, E]`` — a ring of completed steps; window sum ``[L, E]`` — kept
-        up to date by `step` so `window_load` costs one copy; ring position, steps recorded and
-        the enabled flag — device scalars.
+        columns); window ``[W, L, E]`` — a ring of completed steps (`window_load` sums it: one
+        reduction, off the hot path, so `step` stays four kernels); ring position, steps
+        recorded and the enabled flag — device scalars.
     """
 
     def __init__(
@@ -73,7 +73,6 @@ class LoadTracker:
         # padding and is never read.
         self._current_LC = torch.zeros(L, E + 2, **opts)
         self._window_WLE = torch.zeros(W, L, E, **opts)
-        self._sum_LE = torch.zeros(L, E, **opts)
         self._counters_2 = torch.zeros(2, **opts)  # [ring row the next step() writes, steps done]
         # The put_ source is this flag expanded to [T * K]: 1 counts, 0 records nothing. It costs
         # no kernel over a ones tensor and can be flipped without re-capturing a graph.
@@ -82,7 +81,6 @@ class LoadTracker:
         # Views of the buffers above, made once: each view costs a dispatcher call on the hot path.
         self._rows_C = list(self._current_LC.unbind(0))
         self._current_1LE = self._current_LC[:, :E].unsqueeze(0)
-        self._sum_1LE = self._sum_LE.unsqueeze(0)
         self._out_of_range_L = self._current_LC[:, E]
         self._pos_1 = self._counters_2[:1]
         self._steps = self._counters_2[1]
@@ -137,8 +135,6 @@ class LoadTracker:
 
         No host sync; safe to capture in a CUDA graph together with the `record` calls.
         """
-        oldest_1LE = self._window_WLE.index_select(0, self._pos_1)
-        self._sum_1LE.add_(self._current_1LE).sub_(oldest_1LE)
         self._window_WLE.index_copy_(0, self._pos_1, self._current_1LE)
         self._current_1LE.zero_()
         self._counters_2.add_(1)
@@ -158,7 +154,7 @@ class LoadTracker:
             the last ``min(steps_recorded, W)`` completed steps (the current step not included).
         """
         self._raise_on_out_of_range()
-        load_LE = self._sum_LE.clone()
+        load_LE = self._window_WLE.sum(0)
         return all_reduce_sum(load_LE, group) if group is not None else load_LE
 
     def last_step_load(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -190,7 +186,7 @@ class LoadTracker:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget everything recorded (in place, so captured graphs stay valid)."""
-        for buf in (self._current_LC, self._window_WLE, self._sum_LE, self._counters_2):
+        for buf in (self._current_LC, self._window_WLE, self._counters_2):
             buf.zero_()
 
     def state_dict(self) -> dict:
@@ -236,7 +232,6 @@ class LoadTracker:
         if not 0 <= position < W:
             raise EPLBError(f"LoadTracker state position ({position}) must be in [0, window_size={W})")
         self._window_WLE.copy_(window)
-        self._sum_LE.copy_(window.sum(0))
         self._current_LC.zero_()
         self._current_LC[:, :E].copy_(current)
         self._out_of_range_L[0] = int(state.get("out_of_range", 0))

@@ -150,6 +150,7 @@ class EPLBWrapper:
                 rank=rank,
                 dispatcher=dispatcher,
                 tracker=self.tracker,
+                replica_choice=config.replica_choice,
             )
             for i, spec in enumerate(specs)
         ]
@@ -451,9 +452,53 @@ class EPLBWrapper:
     def step(self) -> None:
         """Count one step by hand: record-window bookkeeping, async commits, and the rebalance
         trigger. Forwards count themselves; call this after each replay of a CUDA graph that
-        captured the model's forward (the capture itself counts no step)."""
+        captured the model's forward (the capture itself counts no step).
+
+        Commits (sync or async) copy weights and maps in place, so a graph captured once stays
+        valid across every rebalance, with any dispatcher that does not sync (one rank, or
+        ``dispatcher="fixed_capacity"``); see docs/guide/fast-forward.md for the recipe.
+        """
         self._check_open()
         self._on_step()
+
+    def set_valid_tokens(self, num_valid_tokens: torch.Tensor | int | None) -> None:
+        """Mark rows ``>= num_valid_tokens`` of every MoE layer's input as padding.
+
+        Args:
+            num_valid_tokens: None (every row is real; the default), an int ``>= 0``, or a 0-d
+                integer tensor on the experts' device. A tensor is read on the device at every
+                forward, so updating it in place (``n.fill_(k)``) between CUDA-graph replays
+                changes the padding without re-capturing; an int is fixed into a capture.
+
+        Padding rows are not recorded in the tracker, not dispatched, and their MoE output is
+        zero (the rest of the model still runs on them); real rows give exactly what they give
+        without padding. With transformers experts padding costs no expert GEMM.
+
+        Raises:
+            EPLBError: a negative int, a tensor that is not a one-element integer tensor on the
+                experts' device, or any other type.
+        """
+        self._check_open()
+        n = num_valid_tokens
+        if isinstance(n, torch.Tensor):
+            if n.numel() != 1 or n.dim() > 1 or n.dtype.is_floating_point or n.dtype == torch.bool:
+                raise EPLBError(
+                    f"num_valid_tokens must be a 0-d integer tensor, got shape {tuple(n.shape)} and dtype "
+                    f"{n.dtype}; use torch.tensor(k, device=...)"
+                )
+            if n.device != self.tracker.device:
+                raise EPLBError(
+                    f"num_valid_tokens is on {n.device} but the experts are on {self.tracker.device}; "
+                    "create it on the experts' device so graph replays read it there"
+                )
+            n = n.reshape(())
+        elif n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise EPLBError(
+                f"num_valid_tokens ({n!r}) must be None, an int >= 0 or a 0-d integer tensor on the "
+                "experts' device"
+            )
+        for layer in self._layers:
+            layer.valid_tokens = n
 
     def _forward_hook(self, module, args, output) -> None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

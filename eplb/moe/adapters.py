@@ -207,6 +207,7 @@ class StackedExpertList(nn.Module):
     """
 
     eplb_combine_order = "expert"
+    eplb_skips_out_of_range_ids = True  # forward visits ids [0, E) only
 
     def __init__(self, experts: nn.ModuleList):
         super().__init__()

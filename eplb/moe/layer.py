@@ -1,19 +1,33 @@
 """`EPLBExperts`: the EPLB expert layer, the one chokepoint every routed token passes.
 
 Legend: T tokens, K top-k, D hidden size, E logical experts, P physical slots, S = P // G slots
-on this rank, G ranks, N pairs computed on this rank, X = P - E + 1 (the widest possible
-replica count).
+on this rank, G ranks, N rows computed on this rank, X = P - E + 1 (the widest possible
+replica count), H replica-hash buckets.
 
-One forward: record the logical ids into the tracker → map each (token, logical expert) to one
-replica's physical slot → dispatch the pairs to the slots' owner ranks → run the experts with
-the slot weights → combine each pair's output back to its token → weight and sum in the same
-order as the replaced module, so the result matches it (bitwise when the matmuls are).
+One forward: mask padding rows (`EPLBExperts.valid_tokens`) → record the logical ids into the
+tracker → map each (token, logical expert) to one replica's physical slot → then one of three
+paths, none of which syncs with the host except the all-to-all fallback:
+
+* one rank, an experts module that sums in top-k order (transformers ``grouped_mm`` /
+  ``batched_mm``, eplb's `SwiGLUExperts`): the experts module gets ``x_TD``, the slot ids
+  ``[T, K]`` and the routing weights directly — the same call as unwrapped, with slots for
+  experts, so the result is the replaced module's (bitwise when its matmuls are);
+* a token dispatcher (`eplb.moe.dispatch.FixedCapacityDispatcher`): each token goes once to every
+  rank owning one of its slots, that rank's experts module weights and sums its pairs, and the
+  partial sums come back and are added in rank order;
+* a pair dispatcher (the all-to-all fallback, or one rank with an experts module that sums in
+  expert order): every pair is computed alone, comes back, and is weighted and summed here in
+  the replaced module's order.
+
+Router ids ``< 0`` (and rows masked by ``valid_tokens``) are padding: not recorded, not sent,
+and they contribute zero. They cost no expert compute where the experts module skips slot ids
+``>= S`` (see `EPLBExperts`), else they are computed on slot 0 with weight 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
@@ -29,9 +43,13 @@ from eplb.placement import Placement
 if TYPE_CHECKING:
     from eplb.tracker import LoadTracker
 
-__all__ = ["EPLBExperts", "PreparedCommit"]  # PreparedCommit: defined in eplb.moe.slot_layer
+__all__ = ["EPLBExperts", "PreparedCommit", "ReplicaChoice"]  # PreparedCommit: defined in eplb.moe.slot_layer
 
 _HASH_MASK = 0x7FFFFFFF  # keys stay < 2**31 so the 32-bit mixing below never overflows int64
+_BUCKETS = 512
+"""H: hash buckets of the replica choice. Bucket ``h`` uses replica ``h % logcnt``, so replicas of an
+expert with ``c`` copies get shares within ``c / H`` of each other."""
+ReplicaChoice = Literal["hash", "round_robin"]
 
 
 def _mix32(key: torch.Tensor) -> torch.Tensor:
@@ -60,8 +78,24 @@ class EPLBExperts(nn.Module):
         phy2log: ``[P]`` int — the initial placement row (logical expert of each slot).
         num_ranks: ``G``, ranks of the expert-parallel group.
         rank: this rank's index in the group.
-        dispatcher: moves pairs to slot owners; `LocalDispatcher` by default (one rank).
+        dispatcher: moves tokens to slot owners; None (one rank: the experts module is called
+            directly), a token dispatcher (`eplb.moe.dispatch.FixedCapacityDispatcher`) or a pair
+            dispatcher (`eplb.moe.dispatch.AllToAllDispatcher`).
         tracker: a `eplb.tracker.LoadTracker` to record logical ids into, or None.
+        replica_choice: how a pair picks one of its expert's replicas: ``"hash"`` (a hash of
+            the token index, salted per rank and layer: every replica gets an equal share on
+            average) or ``"round_robin"`` (the pairs of each expert in this batch take the
+            replicas in turn: equal shares, within one pair, in every batch; a few more kernels).
+
+    Padding: ``valid_tokens`` (None, an int, or a 0-d integer tensor on the layer's device that
+    may be updated in place between CUDA-graph replays) marks rows ``>= valid_tokens`` as padding;
+    `eplb.EPLBWrapper.set_valid_tokens` sets it on every layer. Padding rows and router ids
+    ``< 0`` are not recorded, not dispatched and contribute zero to the output. An experts module
+    that skips slot ids ``>= S`` computes nothing for them: a module declaring
+    ``eplb_skips_out_of_range_ids = True``, or transformers experts (probed once here, as they
+    are and marked ``_is_expert_parallel``; versions differ). Other modules compute them on slot 0
+    with weight 0, as does a module that skips only when marked, in a one-rank forward without
+    ``valid_tokens`` (marking costs it masking passes over every row).
 
     Attributes ``layer_index``, ``num_logical`` (E), ``num_physical`` (P), ``num_ranks`` (G),
     ``rank`` (r) and ``slots_per_rank`` (S) describe the layer.
@@ -93,6 +127,7 @@ class EPLBExperts(nn.Module):
         rank: int = 0,
         dispatcher: Dispatcher | None = None,
         tracker: LoadTracker | None = None,
+        replica_choice: ReplicaChoice = "hash",
     ):
         super().__init__()
         owned = direct_tensors(experts)
@@ -114,8 +149,12 @@ class EPLBExperts(nn.Module):
         self.num_ranks = num_ranks
         self.rank = rank
         self.slots_per_rank = S
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        if replica_choice not in ("hash", "round_robin"):
+            raise EPLBError(f"replica_choice ({replica_choice!r}) must be 'hash' or 'round_robin'")
+        self.dispatcher = dispatcher
         self.tracker = tracker
+        self.replica_choice = replica_choice
+        self.valid_tokens: torch.Tensor | int | None = None
         self._names = names
         device = owned[names[0]].device
         # Slot s of this rank holds logical expert own_S[s]: gather those rows into fresh storage.
@@ -131,12 +170,22 @@ class EPLBExperts(nn.Module):
         self.register_buffer(
             "logcnt", torch.empty(num_logical, dtype=torch.int64, device=device), persistent=False
         )
+        # Salt the replica hash per rank and layer: ranks with few tokens then use different replicas.
+        self._hash_salt = (rank * 0x9E3779B1 + self.layer_index * 0x632BE5AB) & _HASH_MASK
+        self._init_replica_choice(device)
         self._row_P = row_P.clone()  # host copy of the committed phy2log row, set by apply_commit
         self.apply_commit(self.prepare_commit(row_P), None)
         self.train(experts.training)
         self._hooked: set[int] = set()  # ids of slot parameters carrying _refuse_replica_grad
-        # Salt the replica hash per rank and layer: ranks with few tokens then use different replicas.
-        self._hash_salt = (rank * 0x9E3779B1 + self.layer_index * 0x632BE5AB) & _HASH_MASK
+        # Slot ids >= S mark pairs to skip (padding, another rank's pairs) where the module allows:
+        # always (`_skips_plain`), or once marked expert-parallel (`_skips_marked`).
+        self._was_expert_parallel = getattr(self.experts, "_is_expert_parallel", None)
+        self._skips_plain, self._skips_marked = self._probe_skipping()
+        self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
+        # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
+        # with weight 0 when the module cannot skip unmarked.
+        pad_slot = -1 if dispatcher is not None else (S if self._skips_plain else 0)
+        self._replica_HC[:, num_logical] = pad_slot
 
     # ------------------------------------------------------------------ SlotLayer (the executors' contract)
     def slot_tensors(self) -> dict[str, torch.Tensor]:
@@ -224,27 +273,80 @@ class EPLBExperts(nn.Module):
             self.phy2log.copy_(phy2log_P)
             self.replica_slots.copy_(replica_slots_flat.view(self.replica_slots.shape))
             self.logcnt.copy_(logcnt_E)
+            self._refresh_replica_table()
         self._row_P = prepared.row_P
 
     # ------------------------------------------------------------------ forward
+    def _init_replica_choice(self, device) -> None:
+        E = self.num_logical
+        # replica_HC[h, e]: global slot of expert e for hash bucket h; column E: what padding ids
+        # map to (indexing wraps an id of -1 to it).
+        self.register_buffer(
+            "_replica_HC", torch.full((_BUCKETS, E + 1), -1, dtype=torch.int64, device=device), persistent=False
+        )
+        self.register_buffer("_bucket_H1", torch.arange(_BUCKETS, device=device).unsqueeze(1), persistent=False)
+        self.register_buffer("_expert_1E", torch.arange(E, device=device).unsqueeze(0), persistent=False)
+        # round robin: each expert's first pair of a batch starts at a salted replica.
+        self.register_buffer(
+            "_rr_offset_E", _mix32((torch.arange(E, device=device) + self._hash_salt) & _HASH_MASK), persistent=False
+        )
+        self._bucket_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
+        self._positions_M = torch.arange(0, device=device)  # grows to the largest T * K
+
+    def _refresh_replica_table(self) -> None:
+        """Derive the hash table from ``replica_slots``/``logcnt`` (device ops, in place: graph-safe)."""
+        replica_HE = self._bucket_H1 % self.logcnt.unsqueeze(0)
+        self._replica_HC[:, : self.num_logical] = self.replica_slots[self._expert_1E, replica_HE]
+
+    def _grown(self, name: str, size: int, make) -> torch.Tensor:
+        """The first ``size`` rows of the cached tensor ``name``, remade larger by ``make(n)`` when
+        short. A tensor made during a CUDA-graph capture holds values only once replayed: not kept."""
+        cached = getattr(self, name)
+        if cached.shape[0] >= size:
+            return cached[:size]
+        fresh = make(max(size, 2 * cached.shape[0], 64))
+        if not (fresh.is_cuda and torch.cuda.is_current_stream_capturing()):
+            setattr(self, name, fresh)
+        return fresh[:size]
+
+    def _make_buckets(self, size: int) -> torch.Tensor:
+        """``[size, 1]`` int64: the hash bucket of token index ``t`` (salted per rank and layer)."""
+        key = (torch.arange(size, device=self.replica_slots.device) + self._hash_salt) & _HASH_MASK
+        return (_mix32(key) % _BUCKETS).unsqueeze(1)
+
     def choose_slots(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """``[T, K]`` logical ids -> ``[T, K]`` global physical slots, one replica per pair.
+        Padding ids (``-1``) give ``-1`` with a dispatcher; with one rank and no dispatcher they
+        give ``S`` (a slot id the experts module skips) or ``0`` (when it cannot skip).
 
-        Replica = hash(token index) mod replica count: deterministic, spread evenly over the
-        replicas, computed on the device from the buffers (no host sync).
+        ``"hash"``: replica = bucket(hash(token index)) mod replica count, read from a table
+        derived from the buffers at each commit (one indexing kernel). ``"round_robin"``: the pairs of each
+        expert, in (token, k) order, take its replicas in turn from a salted start (a stable
+        sort and a search). Both are deterministic and computed on the device (no host sync).
         """
-        ids_TK = topk_ids_TK.long()
-        T = ids_TK.shape[0]
-        key_T = (torch.arange(T, device=ids_TK.device) + self._hash_salt) & _HASH_MASK
-        replica_TK = _mix32(key_T).unsqueeze(1) % self.logcnt[ids_TK]
-        return self.replica_slots[ids_TK, replica_TK]
+        ids_TK = topk_ids_TK if topk_ids_TK.dtype == torch.int64 else topk_ids_TK.long()
+        T, K = ids_TK.shape
+        if self.replica_choice == "hash":
+            return self._replica_HC[self._grown("_bucket_T1", T, self._make_buckets), ids_TK]
+        M = T * K
+        positions_M = self._grown("_positions_M", M, lambda n: torch.arange(n, device=ids_TK.device))
+        ids_M = ids_TK.reshape(M)
+        # Step 1: rank of each pair among the pairs of its expert (padding forms its own group).
+        sorted_M, perm_M = torch.sort(ids_M, stable=True)
+        rank_sorted_M = positions_M - torch.searchsorted(sorted_M, sorted_M)
+        rank_M = torch.empty_like(rank_sorted_M).scatter_(0, perm_M, rank_sorted_M)
+        # Step 2: replica = (rank + salted start) mod replica count.
+        replica_TK = (rank_M.view(T, K) + self._rr_offset_E[ids_TK]) % self.logcnt[ids_TK]
+        slots_TK = self.replica_slots[ids_TK, replica_TK]
+        return torch.where(ids_TK >= 0, slots_TK, self._replica_HC[0, self.num_logical])
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index=None, top_k_weights=None, **kwargs
     ) -> torch.Tensor:
         """``hidden_states [T, D]``, ``top_k_index [T, K]`` (logical ids), ``top_k_weights [T, K]``
         -> ``[T, D]``, as the replaced experts module computes it. GPT-OSS's keyword names
-        ``router_indices`` / ``routing_weights`` are accepted too."""
+        ``router_indices`` / ``routing_weights`` are accepted too. Ids ``< 0`` and rows
+        ``>= valid_tokens`` are padding (see the class doc)."""
         if top_k_index is None:
             top_k_index = kwargs.pop("router_indices", None)
         if top_k_weights is None:
@@ -257,16 +359,102 @@ class EPLBExperts(nn.Module):
         x_TD, ids_TK, weights_TK = hidden_states, top_k_index, top_k_weights
         self._check_inputs(x_TD, ids_TK, weights_TK)
         self._check_grad(x_TD)
+        padded = self.valid_tokens is not None
+        if padded:
+            rows_T1 = self._grown("_row_ids_T1", x_TD.shape[0], lambda n: torch.arange(n, device=x_TD.device)[:, None])
+            ids_TK = torch.where(rows_T1 < self.valid_tokens, ids_TK, -1)
         if self.tracker is not None:
-            # Router ids are in [0, E) (choose_slots indexes the maps with them too): one kernel.
+            # Router ids are in [-1, E) (padding -> -1): one kernel.
             self.tracker.record(self.layer_index, ids_TK, trusted=True)
         slots_TK = self.choose_slots(ids_TK)
-        x_ND, local_slot_N, meta = self.dispatcher.dispatch(x_TD, slots_TK, self.slots_per_rank)
-        # Each pair alone with weight 1 (exact): weighting and summing happen in _combine.
+        dispatcher = self.dispatcher
+        if dispatcher is not None and dispatcher.token_level:
+            return self._forward_tokens(x_TD, slots_TK, weights_TK)
+        if dispatcher is None and self.combine_order() == "topk":
+            return self._forward_direct(x_TD, slots_TK, weights_TK, ids_TK, padded)
+        return self._forward_pairs(x_TD, slots_TK, weights_TK, ids_TK)
+
+    def _forward_direct(self, x_TD, slots_TK, weights_TK, ids_TK, padded: bool) -> torch.Tensor:
+        """One rank: the experts module gets the slot ids in place of the expert ids."""
+        if self._skips_plain:
+            # Padding ids already map to slot S, which the module skips: nothing else to do.
+            return self.experts(x_TD, slots_TK, weights_TK)
+        valid_TK = ids_TK >= 0
+        if padded and self._skips_marked:
+            # Padding -> slot S, skipped by the marked module (no GEMM rows), contributes zero.
+            self._mark_expert_parallel(True)
+            return self.experts(x_TD, torch.where(valid_TK, slots_TK, self.slots_per_rank), weights_TK)
+        # Without padding rows the module runs unmarked (marking may cost it masking passes);
+        # router ids < 0 are then computed on slot 0 with weight 0.
+        self._mark_expert_parallel(False)
+        return self.experts(x_TD, slots_TK, torch.where(valid_TK, weights_TK, 0))
+
+    def _forward_tokens(self, x_TD, slots_TK, weights_TK) -> torch.Tensor:
+        """A token dispatcher: this rank's experts module weights and sums its pairs of each row."""
+        skips = self._skips_plain or self._skips_marked
+        self._mark_expert_parallel(not self._skips_plain and self._skips_marked)
+        sentinel = self.slots_per_rank if skips else 0
+        x_ND, slots_NK, weights_NK, meta = self.dispatcher.dispatch_tokens(
+            x_TD, slots_TK, weights_TK, self.slots_per_rank, sentinel
+        )
+        y_ND = self.experts(x_ND, slots_NK, weights_NK)
+        return self.dispatcher.combine_tokens(y_ND, meta)
+
+    def _forward_pairs(self, x_TD, slots_TK, weights_TK, ids_TK) -> torch.Tensor:
+        """Every pair alone with weight 1 (exact), then weighted and summed in the module's order."""
+        self._mark_expert_parallel(False)
+        dispatcher = self.dispatcher if self.dispatcher is not None else _LOCAL
+        x_ND, local_slot_N, meta = dispatcher.dispatch(x_TD, slots_TK, self.slots_per_rank)
         ones_N1 = x_ND.new_ones((x_ND.shape[0], 1))
         y_ND = self.experts(x_ND, local_slot_N.unsqueeze(1), ones_N1)
-        y_TKD = self.dispatcher.combine(y_ND, meta)
+        y_TKD = dispatcher.combine(y_ND, meta)
+        weights_TK = torch.where(ids_TK >= 0, weights_TK, 0)
         return self._combine(y_TKD, weights_TK, ids_TK, x_TD.dtype)
+
+    def _probe_skipping(self) -> tuple[bool, bool]:
+        """``(plain, marked)``: whether the experts module skips slot ids ``>= S`` (they contribute
+        zero, whatever their weight) as it is, and once marked ``_is_expert_parallel = True``.
+
+        A module declaring ``eplb_skips_out_of_range_ids = True`` is trusted. A transformers
+        experts module (hidden size in ``module.config``) is probed: one tiny forward per mode at
+        wrap time, compared with the same pairs left out (transformers versions differ here).
+        Anything else, or weights on the meta device, counts as not skipping.
+        """
+        if getattr(self.experts, "eplb_skips_out_of_range_ids", False):
+            return True, True
+        weight = next(iter(self.slot_tensors().values()))
+        hidden = getattr(getattr(self.experts, "config", None), "hidden_size", None)
+        if weight.device.type == "meta" or not isinstance(hidden, int):
+            return False, False
+        gen = torch.Generator().manual_seed(0)
+        x_TD = torch.randn(2, hidden, generator=gen).to(weight.device, weight.dtype)
+        S = self.slots_per_rank
+        ids_TK = torch.tensor([[0, S], [S, S]], device=weight.device)
+        w_TK = torch.tensor([[0.5, 0.25], [0.5, 0.25]], device=weight.device, dtype=weight.dtype)
+        results = []
+        for marked in (False, True):
+            if marked and self._was_expert_parallel is None:
+                results.append(False)
+                continue
+            try:
+                with torch.no_grad():
+                    self._mark_expert_parallel(marked)
+                    both = self.experts(x_TD, ids_TK, w_TK)
+                    alone = self.experts(x_TD[:1], ids_TK[:1, :1], w_TK[:1, :1])
+                results.append(
+                    bool(torch.isfinite(both).all())
+                    and bool((both[1] == 0).all())
+                    and torch.allclose(both[:1].float(), alone.float(), rtol=1e-2, atol=1e-3)
+                )
+            except (RuntimeError, IndexError, ValueError):
+                results.append(False)
+            finally:
+                self._mark_expert_parallel(False)
+        return results[0], results[1]
+
+    def _mark_expert_parallel(self, value: bool) -> None:
+        if self._was_expert_parallel is not None:
+            self.experts._is_expert_parallel = value
 
     def combine_order(self) -> str:
         """How the replaced module sums a token's ``K`` weighted outputs:
@@ -357,7 +545,10 @@ class EPLBExperts(nn.Module):
 
     def logical_module(self, group: dist.ProcessGroup | None = None) -> nn.Module:
         """The replaced module again (a copy holding the primary copy of every expert, ``E`` of them)."""
-        return replace_expert_tensors(self.experts, self.logical_tensors(group))
+        module = replace_expert_tensors(self.experts, self.logical_tensors(group))
+        if self._was_expert_parallel is not None:
+            module._is_expert_parallel = self._was_expert_parallel
+        return module
 
     def extra_repr(self) -> str:
         return (
@@ -365,3 +556,5 @@ class EPLBExperts(nn.Module):
             f"num_physical={self.num_physical}, num_ranks={self.num_ranks}, rank={self.rank}"
         )
 
+
+_LOCAL = LocalDispatcher()

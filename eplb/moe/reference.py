@@ -25,11 +25,15 @@ class SwiGLUExperts(nn.Module):
         down_proj: ``[E, D, I]``.
 
     ``forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D]``: each
-    pair's output is weighted and the ``K`` outputs of a token are summed in top-k order.
+    pair's output is weighted and the ``K`` outputs of a token are summed in top-k order. Pairs
+    with an id ``>= E`` are skipped (they contribute zero): expert-parallel padding.
     """
 
     eplb_combine_order = "topk"
     """How `forward` sums a token's ``K`` weighted outputs; the EPLB layer repeats it exactly."""
+
+    eplb_skips_out_of_range_ids = True
+    """Ids ``>= E`` cost nothing and contribute zero, so the EPLB layer may use them for padding."""
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, *, device=None, dtype=None
@@ -50,10 +54,11 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         T, K = top_k_index.shape
-        ids_M = top_k_index.reshape(-1)
+        E = self.num_experts
+        ids_M = top_k_index.reshape(-1).clamp(max=E)  # ids >= E: one bin of skipped pairs, sorted last
         # Group the pairs by expert so each expert runs one matmul; one host sync for the counts.
         order_M = torch.argsort(ids_M, stable=True)
-        counts = torch.bincount(ids_M, minlength=self.num_experts).tolist()
+        counts = torch.bincount(ids_M, minlength=E + 1)[:E].tolist()
         x_MD = hidden_states.index_select(0, torch.div(order_M, K, rounding_mode="floor"))
         outs, start = [], 0
         for expert, n in enumerate(counts):
@@ -61,8 +66,9 @@ class SwiGLUExperts(nn.Module):
                 gate, up = F.linear(x_MD[start : start + n], self.gate_up_proj[expert]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
             start += n
-        y_MD = torch.cat(outs) if outs else x_MD.new_zeros((0, self.down_proj.shape[1]))
-        y_TKD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD).view(T, K, y_MD.shape[-1])
+        D = self.down_proj.shape[1]
+        y_MD = torch.cat(outs) if outs else x_MD.new_zeros((0, D))
+        y_TKD = x_MD.new_zeros((T * K, D)).index_copy_(0, order_M[:start], y_MD).view(T, K, D)
         return (y_TKD * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,43 @@
+"""benchmarks/ep_step.py runs at a tiny size on the CPU over gloo: one process, and two ranks
+under torchrun (every row, so the multi-GPU run only has to launch it)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {"unwrapped", "wrapped", "ep", "ep_eplb", "ep_eplb_rr"}
+
+
+def _run(prefix, tmp_path, *extra):
+    out = tmp_path / "rows.json"
+    result = subprocess.run(
+        [*prefix, str(ROOT / "benchmarks" / "ep_step.py"), "--tiny", "--json", str(out), *extra],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| model | tokens |" in result.stdout
+    return json.loads(out.read_text())
+
+
+def test_ep_step_runs_tiny_on_one_process(tmp_path):
+    report = _run([sys.executable], tmp_path)
+    assert report["ranks"] == 1
+    rows = report["rows"]
+    assert {r["row"] for r in rows} == ROWS and {r["model"] for r in rows} == {"stack", "qwen3"}
+    assert all(r["median_ms"] > 0 and r["cpu_ms"] > 0 for r in rows)
+    assert all(0 < r["balancedness"] <= 1 for r in rows if r["row"].startswith("ep"))
+
+
+@pytest.mark.distributed
+def test_ep_step_runs_tiny_on_two_gloo_ranks(tmp_path):
+    report = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"], tmp_path,
+                  "--model", "stack")
+    assert report["ranks"] == 2
+    rows = report["rows"]
+    assert {r["row"] for r in rows} == ROWS - {"wrapped"}  # wrapping without EP is a one-rank row
+    eplb = [r for r in rows if r["row"] == "ep_eplb"]
+    assert eplb and all(r["predicted_speedup"] > 0 and r["realised_speedup"] > 0 for r in eplb)
