@@ -161,7 +161,7 @@ def time_steps(step, iters: int, device, group) -> tuple[list[float], list[float
         walls.append(time.perf_counter() - t0)
         hosts.append(t1 - t0)
     if group is not None:
-        w = torch.tensor(walls, dtype=torch.float64)
+        w = torch.tensor(walls, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
         dist.all_reduce(w, op=dist.ReduceOp.MAX, group=group)
         walls = w.tolist()
     return walls, hosts
