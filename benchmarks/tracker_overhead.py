@@ -5,7 +5,8 @@ Legend: T tokens, K top-k, E experts, D hidden size, I expert intermediate size,
 For each T it times, median over many runs:
   record (eager)  back-to-back ``tracker.record(0, topk_ids_TK)`` calls, launch cost included;
   record (graph)  the same calls captured in one CUDA graph: what the GPU itself spends;
-  step            ``tracker.step()`` for a whole model (``--layers`` layers, ``--window`` steps);
+  step            ``tracker.step()`` for a whole model (``--layers`` layers, ``--window`` steps),
+                  and the empty `eplb.atomic.critical_section` it runs in;
   moe             one MoE layer forward: router, top-k, sort by expert, stacked SwiGLU experts
                   through ``torch._grouped_mm`` (a per-expert loop where that is missing), combine;
   moe + record    the same forward with ``record`` inside it, as the EPLB layer runs it; its
@@ -30,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from eplb.atomic import critical_section
 from eplb.tracker import LoadTracker
 
 
@@ -203,6 +205,13 @@ def main() -> None:
         f"\nstep() for L={args.layers}, E={args.experts}, W={args.window}: {t_step:.1f} us eager"
         f"{in_graph} (once per forward pass)"
     )
+
+    def empty_section():
+        with critical_section():
+            pass
+
+    t_section = statistics.median(time_cpu(empty_section, runs, 100))
+    print(f"of which the critical section that makes it atomic under Ctrl-C: {t_section:.2f} us (host only)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = ["EPLBConfig", "AsyncErrorMode", "DispatcherKind", "ReplicaChoice"]
 
+MAX_REDUNDANT_EXPERTS = 1023
+"""Upper bound of ``num_redundant_experts`` (vLLM's bound: at most 1024 replicas of an expert)."""
+MIN_ASYNC_TIMEOUT_S = 0.1
+"""Lower bound of ``async_timeout_s``, in seconds."""
+
 AsyncErrorMode = Literal["log", "raise"]
 """What an error in the async worker does: ``"log"`` aborts that rebalance and logs the traceback;
 ``"raise"`` raises `EPLBError` (with the worker's traceback) on the main thread at the next step."""
@@ -47,9 +52,10 @@ class EPLBConfig(BaseModel):
     never rebalances on its own (a static placement: see `EPLBConfig.static`); an explicit
     ``wrapper.rebalance()`` still does."""
 
-    num_redundant_experts: int = Field(0, ge=0)
+    num_redundant_experts: int = Field(0, ge=0, le=MAX_REDUNDANT_EXPERTS)
     """Extra physical slots per MoE layer (global count over all ranks), so ``P = E + this``.
-    ``P`` must be a multiple of the number of ranks. Each slot costs one expert's weights."""
+    ``P`` must be a multiple of the number of ranks. Each slot costs one expert's weights.
+    At most 1023, the bound vLLM sets (an expert then has at most 1024 replicas)."""
 
     log_balancedness: bool = False
     """Log balancedness through ``logging.getLogger("eplb")`` on rank 0. Costs one all-reduce
@@ -87,9 +93,11 @@ class EPLBConfig(BaseModel):
     """Skip a rebalance whose predicted balancedness gain (new - old, on the window's load) is
     below this. 0 rebalances every time."""
 
-    async_timeout_s: float = Field(300.0, gt=0)
+    async_timeout_s: float = Field(300.0, ge=MIN_ASYNC_TIMEOUT_S, allow_inf_nan=False)
     """An async rebalance whose next layer is not ready on every rank within this many seconds
-    is aborted on all ranks; committed layers keep the new placement, the others the old one."""
+    is aborted on all ranks; committed layers keep the new placement, the others the old one.
+    Finite and at least 0.1 s (shorter would abort rebalances over ordinary scheduling jitter);
+    with several ranks, allow a few seconds."""
 
     async_layers_per_step: int = Field(1, gt=0)
     """Ready layers the async executor commits at one step boundary. Each commit copies one

@@ -7,6 +7,7 @@ S = P // G slots per rank.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from dataclasses import dataclass
 
@@ -118,9 +119,19 @@ class Placement:
         Returns:
             A `Placement` with ``phy2log: [num_layers, num_physical]``.
         """
+        for name, value, low in (
+            ("num_layers", num_layers, 0),
+            ("num_logical", num_logical, 1),
+            ("num_physical", num_physical, 1),
+            ("num_ranks", num_ranks, 1),
+        ):
+            if not _is_int(value) or value < low:
+                rule = ">= 0" if low == 0 else "> 0"
+                raise EPLBError(f"Placement.initial: {name} ({value!r}) must be {rule} (an int)")
+        num_layers, num_logical, num_physical, num_ranks = map(
+            operator.index, (num_layers, num_logical, num_physical, num_ranks)
+        )
         _check_sizes(num_logical, num_physical, num_ranks)
-        if num_layers < 0:
-            raise EPLBError(f"num_layers ({num_layers}) must be >= 0")
         per_rank = num_physical // num_ranks
         num_redundant = num_physical - num_logical
         redundant_per_rank = [num_redundant // num_ranks + (g < num_redundant % num_ranks) for g in range(num_ranks)]
@@ -172,15 +183,34 @@ class Placement:
         return range(rank * per_rank, (rank + 1) * per_rank)
 
     def layer(self, index: int) -> Placement:
-        """The placement of one layer, as a one-layer `Placement`."""
+        """The placement of layer ``index`` (in ``[-L, L)``), as a one-layer `Placement`."""
+        index = self._layer_index(index)
         return Placement.from_phy2log(self.phy2log[index : index + 1], self.num_logical)
 
     def replace_layer(self, index: int, other: Placement) -> Placement:
         """A copy with layer ``index`` taken from the one-layer (or same-sized) ``other``."""
+        index = self._layer_index(index)
+        if other.num_logical != self.num_logical or other.num_physical != self.num_physical or (
+            other.num_layers not in (1, self.num_layers)
+        ):
+            raise EPLBError(
+                f"replace_layer: the other placement is {other!r}; expected one layer (or {self.num_layers}) "
+                f"with E={self.num_logical} and P={self.num_physical}"
+            )
         row = other.phy2log[0] if other.num_layers == 1 else other.phy2log[index]
         phy2log = self.phy2log.clone()
         phy2log[index] = row
         return Placement.from_phy2log(phy2log, self.num_logical)
+
+    def _layer_index(self, index: int) -> int:
+        L = self.num_layers
+        if not _is_int(index) or not -L <= index < L:
+            raise EPLBError(f"layer index ({index!r}) must be an int in [-{L}, {L}) for a placement of {L} layers")
+        return operator.index(index) % L
+
+    def clone(self) -> Placement:
+        """A copy whose tensors share no storage with this placement's."""
+        return Placement(phy2log=self.phy2log.clone(), log2phy=self.log2phy.clone(), logcnt=self.logcnt.clone())
 
     def equals(self, other: Placement) -> bool:
         """True when both describe the same slot contents."""
@@ -258,12 +288,32 @@ class Placement:
             raise EPLBError(
                 f"{source} has placement format version {data.get('version')!r}; this eplb reads version {_VERSION}"
             )
-        try:
-            phy2log = torch.tensor(data["phy2log"], dtype=torch.int64)
-            num_logical = int(data["num_logical"])
-            expect = (int(data["num_layers"]), int(data["num_physical"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EPLBError(f"{source} is malformed ({exc}); save placements with Placement.save") from None
+        for key in ("num_layers", "num_logical", "num_physical"):
+            if not _is_int(data.get(key)) or data[key] < 0:
+                raise EPLBError(
+                    f"{source} is malformed: {key!r} ({data.get(key)!r}) must be an int >= 0; "
+                    "save placements with Placement.save"
+                )
+        rows = data.get("phy2log")
+        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+            raise EPLBError(
+                f"{source} is malformed: 'phy2log' must be a list of rows of expert ids, one row per layer"
+            )
+        num_logical = data["num_logical"]
+        for l, row in enumerate(rows):
+            for s, value in enumerate(row):
+                # A float id would be silently truncated by a tensor conversion.
+                if not _is_int(value):
+                    raise EPLBError(f"{source} is malformed: phy2log[{l}][{s}] ({value!r}) must be an int expert id")
+                if not 0 <= value < num_logical:
+                    raise EPLBError(
+                        f"{source}: phy2log holds expert id {value} (layer {l}, slot {s}), outside "
+                        f"[0, num_logical={num_logical})"
+                    )
+        expect = (data["num_layers"], data["num_physical"])
+        if len({len(row) for row in rows}) > 1:
+            raise EPLBError(f"{source}: phy2log rows have different lengths; every layer has num_physical slots")
+        phy2log = torch.tensor(rows, dtype=torch.int64) if rows else torch.empty(0, expect[1], dtype=torch.int64)
         if phy2log.dim() != 2 or tuple(phy2log.shape) != expect:
             raise EPLBError(
                 f"{source}: phy2log has shape {tuple(phy2log.shape)} but the header says "
@@ -278,18 +328,51 @@ class Placement:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Placement:
-        """Read a placement written by `save`; validated."""
+        """Read a placement written by `save`; validated.
+
+        Raises `EPLBError` (one line, naming the file) for a missing or unreadable path, a folder,
+        a file that is not UTF-8 JSON, NaN or infinite values, JSON nested too deeply, and every
+        check of `from_dict`.
+        """
+        name = f"placement file {str(path)!r}"
         try:
-            with open(path) as f:
-                data = json.load(f)
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
-            raise EPLBError(f"placement file {str(path)!r} does not exist") from None
+            raise EPLBError(f"{name} does not exist") from None
+        except IsADirectoryError:
+            raise EPLBError(f"{name} is a directory; pass the .json file written by Placement.save") from None
+        except OSError as exc:
+            raise EPLBError(f"{name} cannot be read ({type(exc).__name__}: {exc.strerror or exc})") from None
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise EPLBError(f"{name} is not a text (JSON) file; pass the file written by Placement.save") from None
         except json.JSONDecodeError as exc:
-            raise EPLBError(f"placement file {str(path)!r} is not valid JSON ({exc})") from None
-        return cls.from_dict(data, source=f"placement file {str(path)!r}")
+            raise EPLBError(f"{name} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise EPLBError(f"{name} holds JSON nested too deeply; it is not a placement") from None
+        except ValueError as exc:  # NaN / Infinity (from _reject_constant)
+            raise EPLBError(f"{name}: {exc}") from None
+        return cls.from_dict(data, source=name)
 
     def __repr__(self) -> str:
         return f"Placement(L={self.num_layers}, E={self.num_logical}, P={self.num_physical})"
+
+
+def _is_int(value) -> bool:
+    """An integer (Python, numpy or 0-d integer tensor), not a bool and not a float."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not an expert id or a size; placements hold integers only")
 
 
 def _redundant_fixes(num_logical: int, num_redundant: int, num_ranks: int) -> list[int]:

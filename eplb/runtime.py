@@ -20,7 +20,7 @@ from eplb.executor import AsyncExecutor, Executor, SyncExecutor
 from eplb.moe.dispatch import Dispatcher, make_dispatcher
 from eplb.tracker import LoadTracker
 
-__all__ = ["Topology", "Runtime", "build_runtime"]
+__all__ = ["Topology", "Runtime", "build_runtime", "build_executor"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,9 +33,12 @@ class Topology:
         num_ranks: ``G``.
         num_nodes: ``N``, hosts the ranks span (``G % N == 0``; hierarchical policies use it).
         control_group: a gloo group over the same ranks for the async executor's step-boundary
-            agreement (never the forward pass's group); None until `build_runtime` creates it.
+            agreement (never an NCCL forward group); None until `build_runtime` creates it. Its
+            timeout is ``async_timeout_s``.
         forward_group: the group as given, kept with one rank too: the fixed-capacity dispatcher
-            runs the expert-parallel forward over it (a group of one checks that code path).
+            runs the expert-parallel forward over it (a group of one checks that code path). With
+            a gloo EP group of several ranks the forward runs on the control group instead (see
+            `Runtime.collective_group`).
     """
 
     group: dist.ProcessGroup | None = None
@@ -78,6 +81,12 @@ class Runtime:
     dispatcher: Dispatcher | None
     communicator: Communicator
     executor: Executor
+    collective_group: dist.ProcessGroup | None = None
+    """The group of eplb's main-thread collectives (the forward's dispatch/combine all-to-all,
+    the load all-reduces): with a gloo EP group, the control group, whose timeout is
+    ``async_timeout_s``, so a dead or frozen peer makes them raise within it instead of after the
+    EP group's own timeout (30 minutes by torch's default); with an NCCL EP group, the EP group
+    itself (NCCL's timeout and watchdog apply). None for one process."""
 
 
 def build_runtime(
@@ -105,9 +114,27 @@ def build_runtime(
     """
     group = topology.group
     tracker = LoadTracker(num_layers, num_logical, config.window_size, device)
+    gloo = group is not None and "gloo" in str(dist.get_backend(group)).lower()
+    if group is not None and topology.control_group is None and (config.use_async or gloo):
+        topology = dataclasses.replace(
+            topology, control_group=dedicated_group(group, "gloo", config.async_timeout_s)
+        )
+    # On a gloo EP group the forward's collectives share the control group: the main thread issues
+    # both, in the same order on every rank, and the group's timeout is async_timeout_s.
+    collective_group = topology.control_group if gloo else group
     dispatcher = make_dispatcher(
-        topology.forward_group, kind=config.dispatcher, max_tokens_per_rank=config.max_tokens_per_rank
+        collective_group if gloo else topology.forward_group,
+        kind=config.dispatcher, max_tokens_per_rank=config.max_tokens_per_rank,
     )
+    communicator, executor = build_executor(topology, config, device)
+    return Runtime(topology=topology, tracker=tracker, dispatcher=dispatcher, communicator=communicator,
+                   executor=executor, collective_group=collective_group)
+
+
+def build_executor(topology: Topology, config: EPLBConfig, device: torch.device) -> tuple[Communicator, Executor]:
+    """The communicator and executor ``config`` asks for on ``topology`` (whose control group
+    `build_runtime` created when async with several ranks). Collective: it creates groups."""
+    group = topology.group
     communicator = select_communicator(
         config.communicator, use_async=config.use_async, device=device, group=group,
         timeout_s=config.async_timeout_s,
@@ -118,11 +145,6 @@ def build_runtime(
             max_transfer_bytes=config.max_transfer_bytes,
         )
     else:
-        if group is not None and topology.control_group is None:
-            # Readiness agreement runs on its own gloo group: never on the forward pass's group.
-            topology = dataclasses.replace(
-                topology, control_group=dedicated_group(group, "gloo", config.async_timeout_s)
-            )
         executor = AsyncExecutor(
             rank=topology.rank,
             num_ranks=topology.num_ranks,
@@ -133,5 +155,4 @@ def build_runtime(
             on_error=config.async_on_error,
             control_group=topology.control_group,
         )
-    return Runtime(topology=topology, tracker=tracker, dispatcher=dispatcher, communicator=communicator,
-                   executor=executor)
+    return communicator, executor

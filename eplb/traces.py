@@ -166,6 +166,16 @@ class Trace:
 
 def _check_loads(loads: Any, what: str) -> torch.Tensor:
     """Validate ``[T, L, E]`` loads; returns a contiguous CPU tensor (int32/int64/float32/float64)."""
+    if isinstance(loads, torch.Tensor) and loads.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        loads = loads.detach().cpu().numpy()
+    if isinstance(loads, np.ndarray) and loads.dtype.kind == "u":
+        # Unsigned counts convert to int64: one >= 2**63 would wrap to a negative count.
+        if loads.size and int(loads.max()) >= 2**63:
+            raise EPLBError(
+                f"{what} hold a count of {int(loads.max())}, beyond int64 (2**63 - 1); loads are token "
+                "counts and cannot be that large"
+            )
+        loads = loads.astype(np.int64)
     if isinstance(loads, np.ndarray):
         loads = torch.from_numpy(np.ascontiguousarray(loads))
     elif not isinstance(loads, torch.Tensor):
@@ -225,8 +235,10 @@ def _read_npz(path: Path) -> tuple[np.ndarray, dict]:
             loads = npz["load"]
     except EPLBError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise EPLBError(f"{name!r} is not a readable eplb trace (.npz): {exc}") from None
+    except Exception as exc:  # a damaged archive fails in zipfile, zlib, numpy's header parser...
+        raise EPLBError(
+            f"{name!r} is not a readable eplb trace (.npz), it is damaged ({type(exc).__name__}: {exc})"
+        ) from None
     try:
         header = json.loads(header_text)
     except json.JSONDecodeError as exc:
@@ -510,16 +522,39 @@ class LoadRecorder:
         target = Path(path)
         if target.is_dir():
             raise EPLBError(f"cannot record to {str(target)!r}: it is a directory; pass a file path such as run.npz")
-        self._writer = TraceWriter(target, self.metadata, chunk_steps=chunk_steps) if self.rank == 0 else None
+        try:
+            self._writer = TraceWriter(target, self.metadata, chunk_steps=chunk_steps) if self.rank == 0 else None
+        except OSError as exc:
+            raise EPLBError(f"cannot write the trace {str(target)!r} ({exc})") from None
         self._path = target
 
-    def on_step(self, tracker) -> None:
-        """Record ``tracker``'s last completed step (no-op when not recording or disabled)."""
-        if self._path is None or not tracker.enabled:
-            return
-        load_LE = tracker.last_step_load(group=self.group)
+    def wants(self, tracker) -> bool:
+        """True when the step ``tracker`` just completed is to be recorded (recording, and the
+        tracker enabled): the caller then all-reduces its load and passes it to `append`."""
+        return self._path is not None and tracker.enabled
+
+    def append(self, load_LE) -> None:
+        """Record one step's ``[L, E]`` load, already summed over the group (rank 0 writes)."""
         if self._writer is not None:
             self._writer.append(load_LE)
+
+    def on_step(self, tracker) -> None:
+        """Record ``tracker``'s last completed step, summed over ``group`` (no-op when not
+        recording or disabled): `wants` + `append`."""
+        if self.wants(tracker):
+            self.append(tracker.last_step_load(group=self.group))
+
+    def discard(self) -> None:
+        """Abandon a recording with no step recorded yet (a wrap that failed after `start`):
+        removes its chunk folder and writes nothing."""
+        writer, self._path, self._writer = self._writer, None, None
+        if writer is not None and writer.steps == 0:
+            writer.finish()
+
+    def idle_copy(self) -> LoadRecorder:
+        """A recorder with the same metadata and rank, not recording (for a copied wrapper: a
+        file has one writer)."""
+        return LoadRecorder(self.metadata, rank=self.rank, group=None)
 
     def stop(self) -> Trace | None:
         """End the recording and write the file. Returns the recorded `Trace` on rank 0; None on

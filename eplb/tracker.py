@@ -23,13 +23,31 @@ import operator
 import torch
 import torch.distributed as dist
 
+from eplb.atomic import critical_section
 from eplb.comm.collectives import all_reduce_sum
 from eplb.errors import EPLBError
 
-__all__ = ["LoadTracker"]
+__all__ = ["LoadTracker", "check_window_size"]
 
 _FORMAT = "eplb.load_tracker"
 _VERSION = 1
+MAX_WINDOW_COUNTERS = 2**28
+"""Largest ``window_size * L * E`` a tracker allocates: 2 GiB of int64 counters per rank."""
+
+
+def check_window_size(window_size: int, num_layers: int, num_logical: int) -> None:
+    """Raise `EPLBError` when the window ring ``[W, L, E]`` int64 would exceed `MAX_WINDOW_COUNTERS`.
+
+    The wrapper calls this before the ranks agree at wrap time, so every rank raises together.
+    """
+    counters = window_size * num_layers * num_logical
+    if counters > MAX_WINDOW_COUNTERS:
+        largest = max(MAX_WINDOW_COUNTERS // max(num_layers * num_logical, 1), 1)
+        raise EPLBError(
+            f"window_size ({window_size}) * num_layers ({num_layers}) * num_logical ({num_logical}) = "
+            f"{counters} load counters ({counters * 8 / 2**30:.1f} GiB of int64) exceeds the bound of "
+            f"{MAX_WINDOW_COUNTERS} ({MAX_WINDOW_COUNTERS * 8 // 2**30} GiB); set window_size to at most {largest}"
+        )
 
 
 class LoadTracker:
@@ -62,6 +80,7 @@ class LoadTracker:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise EPLBError(f"{name} ({value!r}) must be an int >= {low}")
+        check_window_size(window_size, num_layers, num_logical)
         self.num_layers = num_layers
         self.num_logical = num_logical
         self.window_size = window_size
@@ -133,12 +152,15 @@ class LoadTracker:
     def step(self) -> None:
         """Close the current step: it becomes the newest step of the window, the oldest drops out.
 
-        No host sync; safe to capture in a CUDA graph together with the `record` calls.
+        No host sync; safe to capture in a CUDA graph together with the `record` calls. Atomic
+        under ``KeyboardInterrupt`` (see `eplb.atomic`): the ring, its sum and the counters
+        move together or not at all.
         """
-        self._window_WLE.index_copy_(0, self._pos_1, self._current_1LE)
-        self._current_1LE.zero_()
-        self._counters_2.add_(1)
-        self._pos_1.remainder_(self.window_size)
+        with critical_section():
+            self._window_WLE.index_copy_(0, self._pos_1, self._current_1LE)
+            self._current_1LE.zero_()
+            self._counters_2.add_(1)
+            self._pos_1.remainder_(self.window_size)
 
     # ------------------------------------------------------------------ reading
     def window_load(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -180,14 +202,17 @@ class LoadTracker:
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
-        self._enabled_host = bool(value)
-        self._enabled.fill_(int(self._enabled_host))
+        value = bool(value)
+        with critical_section():
+            self._enabled_host = value
+            self._enabled.fill_(int(value))
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget everything recorded (in place, so captured graphs stay valid)."""
-        for buf in (self._current_LC, self._window_WLE, self._counters_2):
-            buf.zero_()
+        with critical_section():
+            for buf in (self._current_LC, self._window_WLE, self._counters_2):
+                buf.zero_()
 
     def state_dict(self) -> dict:
         """A checkpointable copy (CPU tensors): sizes, the window ring, the current step, counters."""
@@ -206,7 +231,19 @@ class LoadTracker:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict` into this tracker's buffers (in place; sizes must match)."""
+        """Restore a `state_dict` into this tracker's buffers (in place; sizes must match).
+
+        Everything is validated first (`EPLBError`, nothing changed), then applied at once.
+        """
+        self.apply_staged_state(self.stage_state_dict(state))
+
+    def stage_state_dict(self, state: dict) -> dict:
+        """The first half of `load_state_dict`: validate ``state`` completely, change nothing.
+
+        Returns the values `apply_staged_state` writes. Raises `EPLBError` naming the first
+        wrong field: format, version, sizes, tensor shapes or dtypes (int64, no casts), negative
+        counts, the ring position or the counters.
+        """
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise EPLBError(f"state is not a LoadTracker state_dict (expected \"format\": \"{_FORMAT}\")")
         if state.get("version") != _VERSION:
@@ -221,23 +258,36 @@ class LoadTracker:
                 f"tracker has {ours}; build the tracker with the sizes of the checkpoint"
             )
         L, E, W = ours
-        window = torch.as_tensor(state["window"])
-        current = torch.as_tensor(state["current"])
-        if tuple(window.shape) != (W, L, E) or tuple(current.shape) != (L, E):
-            raise EPLBError(
-                f"LoadTracker state tensors have shapes window {tuple(window.shape)}, current "
-                f"{tuple(current.shape)}; expected {(W, L, E)} and {(L, E)}"
-            )
-        position = int(state["position"])
-        if not 0 <= position < W:
-            raise EPLBError(f"LoadTracker state position ({position}) must be in [0, window_size={W})")
-        self._window_WLE.copy_(window)
-        self._current_LC.zero_()
-        self._current_LC[:, :E].copy_(current)
-        self._out_of_range_L[0] = int(state.get("out_of_range", 0))
-        self._pos_1.fill_(position)
-        self._steps.fill_(int(state["steps_recorded"]))
-        self.enabled = bool(state.get("enabled", True))
+        window = _state_counts(state, "window", (W, L, E))
+        current = _state_counts(state, "current", (L, E))
+        position = _state_int(state, "position", 0, W - 1)
+        steps = _state_int(state, "steps_recorded", 0, None)
+        out_of_range = _state_int({"out_of_range": 0, **state}, "out_of_range", 0, None)
+        enabled = state.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise EPLBError(f"LoadTracker state field 'enabled' ({enabled!r}) must be a bool")
+        return {
+            "window": window.to(self.device),
+            "current": current.to(self.device),
+            "position": position,
+            "steps": steps,
+            "out_of_range": out_of_range,
+            "enabled": enabled,
+        }
+
+    def apply_staged_state(self, staged: dict) -> None:
+        """The second half of `load_state_dict`: write a `stage_state_dict` result (cannot fail
+        on a staged value; atomic under ``KeyboardInterrupt``, see `eplb.atomic`)."""
+        E = self.num_logical
+        with critical_section():
+            self._window_WLE.copy_(staged["window"])
+            self._current_LC.zero_()
+            self._current_LC[:, :E].copy_(staged["current"])
+            self._out_of_range_L[0] = staged["out_of_range"]
+            self._pos_1.fill_(staged["position"])
+            self._steps.fill_(staged["steps"])
+            self._enabled_host = staged["enabled"]
+            self._enabled.fill_(int(staged["enabled"]))
 
     def __repr__(self) -> str:
         return (
@@ -324,6 +374,29 @@ class LoadTracker:
                 "record logical expert ids in [0, num_logical) (negative ids mark padding); "
                 "call reset() to clear this error"
             )
+
+
+def _state_counts(state: dict, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise EPLBError(f"LoadTracker state field {key!r} must be an int64 tensor, got {got}")
+    if tuple(value.shape) != shape:
+        raise EPLBError(
+            f"LoadTracker state tensor shapes do not match: {key!r} is {tuple(value.shape)}; expected {shape}"
+        )
+    value = value.detach().cpu()
+    if value.numel() and int(value.min()) < 0:
+        raise EPLBError(f"LoadTracker state field {key!r} holds a negative count ({int(value.min())})")
+    return value
+
+
+def _state_int(state: dict, key: str, low: int, high: int | None) -> int:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise EPLBError(f"LoadTracker state field {key!r} ({value!r}) must be an int {bound}")
+    return value
 
 
 def _normalise_device(device: str | torch.device) -> torch.device:

@@ -22,18 +22,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eplb.atomic import critical_section
 from eplb.config import EPLBConfig
-from eplb.errors import EPLBError
+from eplb.errors import EPLBError, peer_failure
 from eplb.executor import RebalanceReport, StepOutcome
 from eplb.executor.staging import placement_of
 from eplb.metrics import BalancednessLogger, balancedness, stats_of
 from eplb.moe import EPLBExperts, find_moe_layers
 from eplb.moe.adapters import direct_tensors
+from eplb.moe.layer import not_copyable_message
 from eplb.placement import Placement, _redundant_fixes
 from eplb.planner import Decision, PlanOptions, plan, skip_empty_window
 from eplb.policies import check_policy_inputs, get_policy
-from eplb.runtime import Topology, build_runtime
+from eplb.runtime import Runtime, Topology, build_executor, build_runtime
 from eplb.traces import LoadRecorder, Trace
+from eplb.tracker import check_window_size
 
 __all__ = ["EPLBWrapper"]
 
@@ -93,9 +96,11 @@ class EPLBWrapper:
             raise EPLBError(f"config must be an eplb.EPLBConfig, got {type(config).__name__}")
         topology = Topology.from_group(ep_group, num_nodes)
         num_ranks, rank = topology.num_ranks, topology.rank
-        # Step 1: find the layers and check every size, without touching the model. With several
-        # ranks, an error on one rank is shared so that no rank hangs in the agreement check.
-        error = None
+        # Step 1: find the layers and check everything that can fail, without touching the model.
+        # With several ranks, an error on one rank is shared so that every rank raises together
+        # and none hangs in the agreement check or, later, in its first forward.
+        error: Exception | None = None
+        recorder = None
         try:
             specs = find_moe_layers(model)
             num_layers, num_logical = len(specs), specs[0].num_experts
@@ -106,8 +111,16 @@ class EPLBWrapper:
                 initial_placement, num_layers, num_logical, num_physical, num_ranks
             )
             device = _expert_device(specs)
-        except EPLBError as exc:
-            error = str(exc)
+            check_window_size(config.window_size, num_layers, num_logical)
+            recorder = LoadRecorder(
+                {"num_layers": num_layers, "num_logical": num_logical, "model": type(model).__name__,
+                 "source": "EPLBWrapper"},
+                rank=rank,
+            )
+            if record_trace is not None:
+                recorder.start(record_trace)
+        except Exception as exc:
+            error = exc
         if num_ranks > 1:
             summary = (
                 None
@@ -122,9 +135,16 @@ class EPLBWrapper:
                     "placement": placement.phy2log.tolist(),
                 }
             )
-            _check_ranks_agree(error, summary, ep_group, num_ranks, rank)
-        elif error:
-            raise EPLBError(error) from None
+            try:
+                _check_ranks_agree(_error_text(error), summary, ep_group, num_ranks, rank)
+            except BaseException:
+                if recorder is not None:
+                    recorder.discard()
+                if error is not None:
+                    raise error from None
+                raise
+        if error is not None:
+            raise error from None
 
         # Step 2: build the new parts (copies; the model is still untouched). Creating the
         # runtime's communicator and groups is collective.
@@ -138,6 +158,9 @@ class EPLBWrapper:
         self._num_layers, self._num_logical, self._num_physical = num_layers, num_logical, num_physical
         self._placement = placement
         self.tracker = runtime.tracker
+        # eplb's main-thread collectives (the forward's all-to-all, load all-reduces) run on a group
+        # whose timeout is async_timeout_s where the backend allows it (see build_runtime).
+        self._collective_group = runtime.collective_group
         dispatcher = runtime.dispatcher
         self._specs = specs
         self._layers = [
@@ -156,13 +179,8 @@ class EPLBWrapper:
         ]
         self._executor = runtime.executor
         self._executor.stop_with(self)
-        self._recorder = LoadRecorder(
-            {"num_layers": num_layers, "num_logical": num_logical, "model": type(model).__name__,
-             "source": "EPLBWrapper"},
-            rank=rank, group=self._ep_group,
-        )
-        if record_trace is not None:
-            self._recorder.start(record_trace)
+        recorder.group = self._collective_group
+        self._recorder = recorder
         self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
         self._steps = 0
         self._num_rebalances = 0
@@ -197,6 +215,31 @@ class EPLBWrapper:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ copying
+    def __getstate__(self) -> dict:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the wrapper (or of the wrapped
+        model, whose forward hook holds the wrapper) keep: the model, config, placement, tracker
+        and counters. The executor (worker thread, streams) and the trace writer are not data:
+        the copy gets a fresh executor with no rebalance in flight, starting from the committed
+        placement, and records no trace (a file has one writer).
+
+        Raises `EPLBError` with several ranks (see `EPLBExperts.__getstate__`)."""
+        if self._num_ranks > 1:
+            raise EPLBError(not_copyable_message(self._num_ranks))
+        state = dict(self.__dict__)
+        state.update(_runtime=None, _executor=None, _recorder=self._recorder.idle_copy(),
+                     _public_placement=(None, None))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        communicator, executor = build_executor(self._topology, self.eplb_config, self.tracker.device)
+        dispatcher = self._layers[0].dispatcher
+        self._runtime = Runtime(topology=self._topology, tracker=self.tracker, dispatcher=dispatcher,
+                                communicator=communicator, executor=executor)
+        self._executor = executor
+        self._executor.stop_with(self)
+
     def __repr__(self) -> str:
         return (
             f"EPLBWrapper({type(self.module).__name__}, L={self._num_layers}, E={self._num_logical}, "
@@ -206,8 +249,15 @@ class EPLBWrapper:
     # ------------------------------------------------------------------ state
     @property
     def placement(self) -> Placement:
-        """The committed `Placement` of every MoE layer, in model order."""
-        return self._placement
+        """The committed `Placement` of every MoE layer, in model order.
+
+        A copy the wrapper never reads back: editing its tensors changes nothing here. The same
+        copy is returned until the placement changes."""
+        internal, public = self.__dict__.get("_public_placement", (None, None))
+        if internal is not self._placement:
+            public = self._placement.clone()
+            self.__dict__["_public_placement"] = (self._placement, public)
+        return public
 
     @property
     def eplb_layers(self) -> list:
@@ -242,7 +292,7 @@ class EPLBWrapper:
         """
         ranks = self._num_ranks if num_ranks is None else _preview_ranks(num_ranks, self._num_physical,
                                                                           self._num_logical)
-        group = self._ep_group if reduce else None
+        group = self._collective_group if reduce else None
         load_LE = self.tracker.window_load(group=group)
         b = balancedness(load_LE, self._placement, ranks)
         out = stats_of(b, step=self._steps, steps_to_next_rebalance=self._steps_to_next_rebalance())
@@ -280,7 +330,13 @@ class EPLBWrapper:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict` (same model, config and ranks): placement, slot weights, tracker."""
+        """Restore a `state_dict` (same model, config and ranks): placement, slot weights, tracker.
+
+        Everything is validated first (format, sizes, the placement, every slot tensor's name,
+        shape and dtype — no casts — and the tracker state); a bad state raises `EPLBError` and
+        changes nothing. Then all of it is applied at once (atomic under ``KeyboardInterrupt``,
+        see `eplb.atomic`).
+        """
         self._check_open()
         if self.async_in_flight:
             raise EPLBError("an async rebalance is in flight; call synchronize() before load_state_dict()")
@@ -295,26 +351,31 @@ class EPLBWrapper:
                 f"state was saved by rank {state.get('rank')} of {state.get('num_ranks')} ranks; this "
                 f"wrapper is rank {self._rank} of {self._num_ranks} (each rank loads its own state)"
             )
-        placement = Placement.from_dict(state["placement"], source="EPLBWrapper state placement")
+        # Step 1: validate and stage everything.
+        placement = Placement.from_dict(state.get("placement"), source="EPLBWrapper state placement")
         _check_placement_shape(placement, self._num_layers, self._num_logical, self._num_physical)
         placement.validate(self._num_ranks)
-        slots = state["slots"]
-        if len(slots) != len(self._layers):
-            raise EPLBError(f"state has slots of {len(slots)} layers; the model has {len(self._layers)}")
-        for layer, saved in zip(self._layers, slots):
-            current = layer.slot_tensors()
-            if set(saved) != set(current) or any(saved[n].shape != current[n].shape for n in current):
-                raise EPLBError(
-                    f"layer {layer.layer_index}: saved slot tensors "
-                    f"{ {n: tuple(t.shape) for n, t in saved.items()} } do not match this model's "
-                    f"{ {n: tuple(t.shape) for n, t in current.items()} }"
-                )
-        self.tracker.load_state_dict(state["tracker"])
+        tracker_state = self.tracker.stage_state_dict(state.get("tracker"))
+        steps = state.get("steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise EPLBError(f"EPLBWrapper state field 'steps' ({steps!r}) must be an int >= 0")
+        slots = state.get("slots")
+        if not isinstance(slots, (list, tuple)) or len(slots) != len(self._layers):
+            got = f"{len(slots)} layers" if isinstance(slots, (list, tuple)) else type(slots).__name__
+            raise EPLBError(f"state has slots of {got}; the model has {len(self._layers)} MoE layers")
         all_slots = torch.arange(self._num_physical // self._num_ranks)
+        commits = []
         for layer, saved in zip(self._layers, slots):
-            layer.commit(placement.phy2log[layer.layer_index], slots=all_slots, staged=saved)
-        self._placement = placement
-        self._steps = int(state.get("steps", 0))
+            _check_saved_slots(layer, saved)
+            row = placement.phy2log[layer.layer_index]
+            commits.append((layer, layer.prepare_commit(row, slots=all_slots, staged=saved), saved))
+        # Step 2: apply, all at once.
+        with critical_section():
+            self.tracker.apply_staged_state(tracker_state)
+            for layer, prepared, saved in commits:
+                layer.apply_commit(prepared, saved)
+            self._placement = placement
+            self._steps = steps
 
     # ------------------------------------------------------------------ recording
     def start_recording(self, path: str | os.PathLike, *, chunk_steps: int = 256) -> None:
@@ -392,7 +453,9 @@ class EPLBWrapper:
         return plan(load_LE, old, self.eplb_config.policy, self._topology, options)
 
     def _start_rebalance(self) -> RebalanceReport | None:
-        load_LE = self.tracker.window_load(group=self._ep_group).to("cpu", torch.float64)
+        load_LE = self._collective(
+            "the load all-reduce of a rebalance", self.tracker.window_load, self._collective_group
+        ).to("cpu", torch.float64)
         old = self._placement
         empty = skip_empty_window(load_LE)
         if empty is not None:
@@ -403,14 +466,17 @@ class EPLBWrapper:
         else:
             self._executor.begin(self._layers, old, lambda: self._decide_or_fail(load_LE, old))
         if self.eplb_config.use_async:
+            if not self._executor.in_flight:  # every rank skipped it at once (a rank was busy)
+                self._last_report = self._executor.last_report
             return None
         try:
             outcome = self._executor.drain()  # sync: begin + drain
+            with critical_section():
+                self._apply(outcome)
         except BaseException:
             # Committed layers hold the new rows, the others the old: record what is really there.
             self._placement = self._committed_placement()
             raise
-        self._apply(outcome)
         return outcome.report
 
     def _count(self, report: RebalanceReport) -> None:
@@ -433,6 +499,15 @@ class EPLBWrapper:
             if self._rank == 0:
                 logger.error("rebalance aborted: %s", message, exc_info=exc)
             return Decision(new=None, skip_reason=f"aborted: {message}")
+
+    def _collective(self, operation: str, fn, *args):
+        """``fn(*args)``, a collective; a backend failure becomes `eplb.errors.peer_failure`."""
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            if self._num_ranks == 1:
+                raise
+            raise peer_failure(f"rank {self._rank}: {operation}", step=self._steps, rank=None, cause=exc) from exc
 
     def _committed_placement(self) -> Placement:
         """The placement the layers hold now, read back from the layers."""
@@ -506,15 +581,25 @@ class EPLBWrapper:
         self._on_step()
 
     def _on_step(self) -> None:
-        self.tracker.step()
-        self._steps += 1
-        self._recorder.on_step(self.tracker)
+        with critical_section():
+            self.tracker.step()
+            self._steps += 1
+        if self._recorder.wants(self.tracker):
+            # Every rank joins the all-reduce; rank 0 writes.
+            self._recorder.append(self._collective(
+                "the trace's load all-reduce", self.tracker.last_step_load, self._collective_group
+            ))
         if self._balancedness_logger is not None:
             self._balancedness_logger(
-                self._steps, self.tracker, self._placement, self._ep_group, self._steps_to_next_rebalance()
+                self._steps, self.tracker, self._placement, self._collective_group, self._steps_to_next_rebalance()
             )
         if self.async_in_flight:
-            self._apply(self._executor.on_step())
+            try:
+                self._apply(self._executor.on_step())
+            except BaseException:
+                # An interrupt between a commit and _apply must not leave a stale placement here.
+                self._placement = self._committed_placement()
+                raise
         interval = self.eplb_config.step_interval
         if interval is not None and self._steps % interval == 0:  # None: a static placement
             if self.async_in_flight:
@@ -545,7 +630,11 @@ class EPLBWrapper:
             raise EPLBError("this EPLBWrapper was already unwrapped")
         if not self._closed:
             self.synchronize()
-        restored = [layer.logical_module(self._ep_group) for layer in self._layers]
+        # On eplb's timeout-bounded group where there is one (gloo); a failure names the operation.
+        restored = [
+            self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
+            for layer in self._layers
+        ]
         self.close()
         for spec, module in zip(self._specs, restored):
             if spec.block_forward is not None:
@@ -632,7 +721,7 @@ def _initial_placement(initial, num_layers, num_logical, num_physical, num_ranks
             f"got {type(initial).__name__}"
         )
     _check_placement_shape(initial, num_layers, num_logical, num_physical)
-    return initial.validate(num_ranks)
+    return initial.validate(num_ranks).clone()  # the caller keeps its object; the wrapper owns this one
 
 
 def _expert_device(specs) -> torch.device:
@@ -665,6 +754,29 @@ def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int) -> None
                 f"ranks disagree at wrap time: rank 0 and rank {r} differ in {', '.join(differ)} "
                 f"(rank 0 vs rank {r}: {shown}); every rank must wrap the same model with the same config, "
                 "num_groups, num_nodes and initial placement"
+            )
+
+
+def _error_text(error: Exception | None) -> str | None:
+    if error is None:
+        return None
+    return str(error) if isinstance(error, EPLBError) else f"{type(error).__name__}: {error}"
+
+
+def _check_saved_slots(layer, saved) -> None:
+    """Raise `EPLBError` unless ``saved`` holds exactly ``layer``'s slot tensors, same shapes and dtypes."""
+    current = layer.slot_tensors()
+    where = f"EPLBWrapper state, layer {layer.layer_index}"
+    if not isinstance(saved, dict) or set(saved) != set(current):
+        names = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise EPLBError(f"{where}: saved slot tensors {names} do not match this model's {sorted(current)}")
+    for name, dst in current.items():
+        src = saved[name]
+        if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+            got = f"{tuple(src.shape)} {src.dtype}" if isinstance(src, torch.Tensor) else type(src).__name__
+            raise EPLBError(
+                f"{where}: slot tensor {name!r} is {got}; this model's is {tuple(dst.shape)} {dst.dtype} "
+                "(states load without casts: save and load with the same model and dtype)"
             )
 
 

@@ -26,12 +26,15 @@ class Flags:
         timed_out: 1 when the worker owes work past the timeout (MAX).
         ready: layers staged and ready (MIN: ready on every rank).
         planned: 1 once the plan is known (MIN: planned on every rank).
+        busy_rank: 1 + a rank that cannot begin a rebalance (its previous worker is still busy),
+            0 when none (MAX): every rank then skips that rebalance together.
     """
 
     failed_rank: int = 0
     timed_out: int = 0
     ready: int = 0
     planned: int = 0
+    busy_rank: int = 0
 
 
 class Agreement:
@@ -48,9 +51,9 @@ class Agreement:
         try:
             out = agree(
                 self.control_group,
-                at_least={"failed_rank": mine.failed_rank, "timed_out": mine.timed_out},
+                at_least={"failed_rank": mine.failed_rank, "timed_out": mine.timed_out, "busy_rank": mine.busy_rank},
                 at_most={"ready": mine.ready, "planned": mine.planned},
             )
         except Exception as exc:  # a peer died or hung: gloo gives up after the group timeout
-            raise PeerLost(f"{type(exc).__name__}: {exc}") from None
+            raise PeerLost(f"{type(exc).__name__}: {exc}") from exc
         return Flags(**out)

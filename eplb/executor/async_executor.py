@@ -16,8 +16,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from eplb.atomic import critical_section
 from eplb.comm.base import Communicator
-from eplb.errors import EPLBError
+from eplb.errors import EPLBError, peer_failure
 from eplb.executor.agreement import Agreement, Flags, PeerLost
 from eplb.executor.report import RebalanceReport, StepOutcome, Tally
 from eplb.executor.staging import (
@@ -60,8 +61,12 @@ class _Job:
         self.start_event: torch.cuda.Event | None = None
 
     def stop(self) -> None:
-        """Tell the worker to stop (it leaves at its next check; a transfer in progress ends first)."""
-        with self.cond:
+        """Tell the worker to stop (it leaves at its next check; a transfer in progress ends first).
+
+        The main thread takes the job's lock only inside a critical section: a Ctrl-C between
+        acquiring a lock and the ``with`` block that releases it would leave the worker waiting
+        on that lock forever."""
+        with critical_section(), self.cond:
             self.abort = True
             self.cond.notify_all()
 
@@ -134,7 +139,8 @@ class AsyncExecutor:
         # The in-flight job and the latest worker, for the exit hooks (they must not hold a reference
         # to self). The job is dropped once finished or aborted: it holds the staging buffers.
         self._live: dict = {}
-        weakref.finalize(self, _stop_worker, self._live)
+        # At exit, wait until the worker left its torch calls: a transfer ends within timeout_s.
+        weakref.finalize(self, _stop_worker, self._live, timeout_s + 1.0)
         self._stream: torch.cuda.Stream | None = None
         self._committed = 0
         self._last_progress = 0.0
@@ -157,15 +163,24 @@ class AsyncExecutor:
         """
         if self._job is not None:
             raise EPLBError("a rebalance is already in flight; call synchronize() first")
-        if self._thread is not None and self._thread.is_alive():
-            # An aborted rebalance's worker may still wait on a transfer; its communicator calls
-            # time out within timeout_s. Never let two workers talk on one communicator.
-            self._thread.join(self.timeout_s)
-            if self._thread.is_alive():
-                raise EPLBError(
-                    f"the previous rebalance's worker is still blocked after async_timeout_s "
-                    f"({self.timeout_s} s); a rank is probably gone"
-                )
+        # An aborted rebalance's worker may still wait on a transfer (its communicator calls time
+        # out within timeout_s), and two workers must never talk on one communicator. A rank whose
+        # worker is still busy says so through the control group and every rank skips this
+        # rebalance at the same step (never one rank alone, which would desynchronise the ranks).
+        busy = self._thread is not None and (self._thread.join(0.05) or self._thread.is_alive())
+        try:
+            flags = self._agree(Flags(busy_rank=self.rank + 1 if busy else 0))
+        except PeerLost as exc:
+            raise self._peer_lost("the agreement that begins a rebalance", exc) from exc.__cause__
+        if flags.busy_rank:
+            reason = (
+                f"the previous rebalance's worker on rank {flags.busy_rank - 1} is still busy (an aborted "
+                f"transfer waits out async_timeout_s, {self.timeout_s} s); every rank skips this rebalance"
+            )
+            self.last_report = RebalanceReport.skip(reason)
+            if self.rank == 0:
+                logger.warning("eplb: %s", reason)
+            return
         job = _Job(layers, old, decide, self.num_buffers)
         device = _device_of(layers)
         if device.type == "cuda":
@@ -174,15 +189,16 @@ class AsyncExecutor:
             # Transfers read the slots: order them after everything already queued on the main stream.
             job.start_event = torch.cuda.Event()
             job.start_event.record(torch.cuda.current_stream(device))
-        self._job = job
-        self._committed = 0
-        self._last_progress = time.monotonic()
-        self.steps_in_flight = 0
-        self._thread = threading.Thread(
-            target=self._work, args=(job,), name="eplb-async-rebalance", daemon=True
-        )
-        self._thread.start()
-        self._live.update(job=job, thread=self._thread)
+        thread = threading.Thread(target=self._work, args=(job,), name="eplb-async-rebalance", daemon=True)
+        # Atomic under Ctrl-C: never a job "in flight" without its worker.
+        with critical_section():
+            self._job = job
+            self._committed = 0
+            self._last_progress = time.monotonic()
+            self.steps_in_flight = 0
+            self._thread = thread
+            self._live.update(job=job, thread=thread)
+            thread.start()
 
     def on_step(self) -> StepOutcome:
         """Commit what every rank has ready; finish or abort the rebalance when due. Call once per step."""
@@ -218,11 +234,14 @@ class AsyncExecutor:
             self._thread = None
 
     # ------------------------------------------------------------------ internals (main thread)
+    def _peer_lost(self, operation: str, exc: PeerLost) -> EPLBError:
+        return peer_failure(f"rank {self.rank}: {operation}", step=None, rank=None, cause=exc.__cause__ or exc)
+
     def _advance(self) -> StepOutcome:
         job = self._job
         if job is None:
             return StepOutcome()
-        with job.cond:
+        with critical_section(), job.cond:
             ready, planned = len(job.staged), job.planned
             failed = job.error is not None
         # The clock runs only while this rank's worker owes the next piece of work (the plan, or
@@ -235,7 +254,7 @@ class AsyncExecutor:
         try:
             flags = self._agree(mine)
         except PeerLost as exc:
-            return self._abort(job, peer_lost=str(exc))
+            return self._abort(job, peer_lost=exc)
         if flags.failed_rank:
             return self._abort(job, failed_rank=flags.failed_rank - 1)
         if flags.timed_out:
@@ -243,14 +262,15 @@ class AsyncExecutor:
         if flags.planned and not job.go:
             # Every rank planned without error: the workers may start exchanging weights. Before
             # this, a rank whose planning failed would leave its peers blocked in a transfer.
-            with job.cond:
+            with critical_section(), job.cond:
                 job.go = True
                 job.cond.notify_all()
             self._last_progress = time.monotonic()  # the worker's time for the first layer starts now
         committed: list[int] = []
         while self._committed < flags.ready and len(committed) < self.layers_per_step:
-            committed.append(commit_staged(job.staged[self._committed], job.pool))
-            self._committed += 1
+            with critical_section():  # a layer committed is a layer counted (never committed twice)
+                committed.append(commit_staged(job.staged[self._committed], job.pool))
+                self._committed += 1
         if committed:
             self._last_progress = time.monotonic()
         if flags.planned and job.new is None:
@@ -298,15 +318,15 @@ class AsyncExecutor:
                            report=report, decision=decision)
 
     def _abort(self, job: _Job, *, failed_rank: int | None = None, timed_out: bool = False,
-               peer_lost: str = "") -> StepOutcome:
+               peer_lost: PeerLost | None = None) -> StepOutcome:
         """The one abort path: stop the worker, drop the job, report (or raise) why."""
         self._drop_job()
-        if peer_lost:
+        if peer_lost is not None:
             raise EPLBError(
                 f"async rebalance aborted on rank {self.rank}: the other ranks did not answer within "
                 f"async_timeout_s ({self.timeout_s} s) ({peer_lost}); a rank has probably "
                 "died. Committed layers keep the new placement, the others the old one"
-            ) from None
+            ) from peer_lost.__cause__
         if timed_out:
             reason = (
                 f"a layer was not ready on every rank within async_timeout_s ({self.timeout_s} s); "
@@ -375,9 +395,10 @@ class AsyncExecutor:
         execute_layer_transfer(plan, slot_tensors, staging, self.communicator, self.max_transfer_bytes)
 
 
-def _stop_worker(live: dict, join_s: float = 2.0) -> None:
-    """At interpreter exit (or when the executor is collected): abort the job and give the worker
-    a moment to leave its torch calls, so the process never dies inside one at shutdown."""
+def _stop_worker(live: dict, join_s: float) -> None:
+    """At interpreter exit (or when the executor is collected): abort the job and wait up to
+    ``join_s`` for the worker to leave its torch calls. A daemon thread still inside one when the
+    interpreter finalises is killed inside C++ ("terminate called without an active exception")."""
     job, thread = live.get("job"), live.get("thread")
     if job is not None:
         job.stop()

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eplb.atomic import critical_section
 from eplb.comm.collectives import all_gather_rows
-from eplb.errors import EPLBError
+from eplb.errors import EPLBError, peer_failure
 from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
 from eplb.moe.slot_layer import PreparedCommit
@@ -248,6 +249,14 @@ class EPLBExperts(nn.Module):
                 raise EPLBError(
                     f"staged tensors {sorted(staged)} must be exactly the slot tensors {sorted(current)}"
                 )
+            for name, dst in current.items():
+                src = staged[name]
+                # Device may differ (a CPU state loaded into device slots): copy_ moves it.
+                if (src.shape, src.dtype) != (dst.shape, dst.dtype):
+                    raise EPLBError(
+                        f"layer {self.layer_index}: staged {name!r} is {tuple(src.shape)} {src.dtype}; "
+                        f"the slots are {tuple(dst.shape)} {dst.dtype}"
+                    )
         replica_slots_EX = torch.full(tuple(self.replica_slots.shape), -1, dtype=torch.int64)
         replica_slots_EX[:, : placement.log2phy.shape[2]] = placement.log2phy[0]
         # One packed int64 vector: phy2log, replica_slots, logcnt; one copy to the device.
@@ -259,11 +268,14 @@ class EPLBExperts(nn.Module):
                               packed=packed)
 
     def apply_commit(self, prepared: PreparedCommit, staged: dict[str, torch.Tensor] | None) -> None:
-        """Apply a `prepare_commit` result on the current stream: device copies only (no sync)."""
+        """Apply a `prepare_commit` result on the current stream: device copies only (no sync).
+
+        Atomic under ``KeyboardInterrupt`` (`eplb.atomic.critical_section`): the slot weights
+        and the maps change together."""
         phy2log_P, replica_slots_flat, logcnt_E = torch.split(
             prepared.packed, [self.num_physical, self.replica_slots.numel(), self.num_logical]
         )
-        with torch.no_grad():
+        with torch.no_grad(), critical_section():
             if prepared.slot_list:
                 for name, dst in self.slot_tensors().items():
                     src = staged[name]
@@ -274,7 +286,15 @@ class EPLBExperts(nn.Module):
             self.replica_slots.copy_(replica_slots_flat.view(self.replica_slots.shape))
             self.logcnt.copy_(logcnt_E)
             self._refresh_replica_table()
-        self._row_P = prepared.row_P
+            self._row_P = prepared.row_P
+
+    def __getstate__(self) -> dict:
+        """Copying or pickling (``copy.deepcopy``, ``pickle``, ``torch.save``) works with one rank.
+        With several ranks it raises `EPLBError`: a rank holds only its own slots and the
+        dispatcher holds the process group, so the copy could compute nothing alone."""
+        if self.num_ranks > 1:
+            raise EPLBError(not_copyable_message(self.num_ranks))
+        return super().__getstate__()
 
     # ------------------------------------------------------------------ forward
     def _init_replica_choice(self, device) -> None:
@@ -394,20 +414,23 @@ class EPLBExperts(nn.Module):
         skips = self._skips_plain or self._skips_marked
         self._mark_expert_parallel(not self._skips_plain and self._skips_marked)
         sentinel = self.slots_per_rank if skips else 0
-        x_ND, slots_NK, weights_NK, meta = self.dispatcher.dispatch_tokens(
-            x_TD, slots_TK, weights_TK, self.slots_per_rank, sentinel
+        x_ND, slots_NK, weights_NK, meta = self._collective(
+            "dispatch all-to-all", self.dispatcher.dispatch_tokens, x_TD, slots_TK, weights_TK,
+            self.slots_per_rank, sentinel,
         )
         y_ND = self.experts(x_ND, slots_NK, weights_NK)
-        return self.dispatcher.combine_tokens(y_ND, meta)
+        return self._collective("combine all-to-all", self.dispatcher.combine_tokens, y_ND, meta)
 
     def _forward_pairs(self, x_TD, slots_TK, weights_TK, ids_TK) -> torch.Tensor:
         """Every pair alone with weight 1 (exact), then weighted and summed in the module's order."""
         self._mark_expert_parallel(False)
         dispatcher = self.dispatcher if self.dispatcher is not None else _LOCAL
-        x_ND, local_slot_N, meta = dispatcher.dispatch(x_TD, slots_TK, self.slots_per_rank)
+        x_ND, local_slot_N, meta = self._collective(
+            "dispatch all-to-all", dispatcher.dispatch, x_TD, slots_TK, self.slots_per_rank
+        )
         ones_N1 = x_ND.new_ones((x_ND.shape[0], 1))
         y_ND = self.experts(x_ND, local_slot_N.unsqueeze(1), ones_N1)
-        y_TKD = dispatcher.combine(y_ND, meta)
+        y_TKD = self._collective("combine all-to-all", dispatcher.combine, y_ND, meta)
         weights_TK = torch.where(ids_TK >= 0, weights_TK, 0)
         return self._combine(y_TKD, weights_TK, ids_TK, x_TD.dtype)
 
@@ -455,6 +478,24 @@ class EPLBExperts(nn.Module):
     def _mark_expert_parallel(self, value: bool) -> None:
         if self._was_expert_parallel is not None:
             self.experts._is_expert_parallel = value
+
+    def _collective(self, half: str, fn, *args):
+        """``fn(*args)``, a dispatcher collective; with several ranks a backend failure (a peer
+        died or froze: gloo/NCCL raise RuntimeError, EPLBError is a ValueError and passes) becomes
+        `eplb.errors.peer_failure` naming the step and the layer."""
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            if self.num_ranks == 1:
+                raise
+            step = None
+            if self.tracker is not None:
+                try:
+                    step = self.tracker.steps_recorded + 1  # the step this forward records
+                except Exception:  # a broken device: the step is not worth a second error
+                    step = None
+            operation = f"rank {self.rank}: the forward's {half} of MoE layer {self.layer_index}"
+            raise peer_failure(operation, step=step, rank=None, cause=exc) from exc
 
     def combine_order(self) -> str:
         """How the replaced module sums a token's ``K`` weighted outputs:
@@ -555,6 +596,16 @@ class EPLBExperts(nn.Module):
             f"layer_index={self.layer_index}, num_logical={self.num_logical}, "
             f"num_physical={self.num_physical}, num_ranks={self.num_ranks}, rank={self.rank}"
         )
+
+
+def not_copyable_message(num_ranks: int) -> str:
+    """Why a model wrapped over several ranks cannot be copied or pickled, and what to do."""
+    return (
+        f"a model wrapped by eplb over {num_ranks} expert-parallel ranks cannot be copied or pickled: each "
+        "rank holds only its own expert slots and the wrapper holds process groups; call wrapper.unwrap() "
+        "on every rank (it gathers every expert back into the original modules), then copy or save the "
+        "model it returns (and wrap the copy again to keep balancing)"
+    )
 
 
 _LOCAL = LocalDispatcher()

@@ -65,7 +65,11 @@ def test_is_frozen_and_rejects_unknown_fields():
         ("log_balancedness_interval", 0, "greater than 0"),
         ("min_improvement", 1.0, "less than 1"),
         ("min_improvement", -0.1, "greater than or equal to 0"),
-        ("async_timeout_s", 0, "greater than 0"),
+        ("async_timeout_s", 0, "greater than or equal to 0.1"),
+        ("async_timeout_s", 1e-9, "greater than or equal to 0.1"),
+        ("async_timeout_s", float("inf"), "finite number"),
+        ("async_timeout_s", float("nan"), "finite number"),
+        ("num_redundant_experts", 2**40, "less than or equal to 1023"),
         ("async_layers_per_step", 0, "greater than 0"),
         ("async_on_error", "ignore", "'log' or 'raise'"),
         ("max_transfer_bytes", 0, "greater than 0"),
@@ -167,7 +171,7 @@ def test_an_entry_point_policy_declares_its_options_with_an_attribute(monkeypatc
 
 
 @given(
-    window=st.integers(1, 10**6), interval=st.integers(1, 10**6), redundant=st.integers(0, 4096),
+    window=st.integers(1, 10**6), interval=st.integers(1, 10**6), redundant=st.integers(0, 1023),
     gain=st.floats(0, 1, exclude_max=True), use_async=st.booleans(),
 )
 def test_valid_values_are_kept_exactly(window, interval, redundant, gain, use_async):

@@ -1,0 +1,202 @@
+"""Faults with several gloo ranks: wrap-time failures that every rank raises together, and copies
+of a model wrapped over several ranks refused with a clear `EPLBError`."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import moe_models as mm
+import pytest
+import torch
+import torch.distributed as dist
+from harness import spawn_ranks
+
+from eplb import EPLBConfig, EPLBError, EPLBWrapper
+
+pytestmark = pytest.mark.distributed
+
+
+def _config(**kw) -> EPLBConfig:
+    return EPLBConfig(**{"num_redundant_experts": 4, "step_interval": 10_000, "async_timeout_s": 5.0, **kw})
+
+
+def _wrap_with_leftover_chunks(rank, world_size, folder):
+    path = os.path.join(folder, "run.npz")
+    if rank == 0:
+        os.makedirs(path + ".chunks", exist_ok=True)  # an interrupted recording left this
+    dist.barrier()
+    try:
+        EPLBWrapper(mm.build_reference_model(), _config(), ep_group=dist.group.WORLD, record_trace=path)
+    except EPLBError as exc:
+        return str(exc)
+    return "wrapped"
+
+
+def test_a_wrap_time_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    results = spawn_ranks(_wrap_with_leftover_chunks, 2, str(tmp_path), timeout=60)
+    assert all(r.ok for r in results), [r.error for r in results]
+    own, peer = results[0].value, results[1].value
+    assert "already exists (an interrupted recording?)" in own
+    assert peer.startswith("rank 0 failed:") and "already exists" in peer
+
+
+def _copy_refused(rank, world_size):
+    wrapper = EPLBWrapper(mm.build_reference_model(), _config(), ep_group=dist.group.WORLD)
+    messages = []
+    for how in (copy.deepcopy, pickle.dumps):
+        for obj in (wrapper.module, wrapper):
+            try:
+                how(obj)
+            except EPLBError as exc:
+                messages.append(str(exc))
+    wrapper.close()
+    return messages
+
+
+def test_copying_a_model_wrapped_over_several_ranks_is_refused_with_the_way_out():
+    results = spawn_ranks(_copy_refused, 2, timeout=60)
+    assert all(r.ok for r in results), [r.error for r in results]
+    for r in results:
+        assert len(r.value) == 4
+        assert all("over 2 expert-parallel ranks cannot be copied" in m and "unwrap()" in m for m in r.value)
+
+
+# ------------------------------------------------------------------------------ dead, frozen, slow peers
+TIMEOUT_S = 2.0  # async_timeout_s of these tests: small, so the suite stays fast
+MARGIN_S = 3.0  # what a loaded CI machine may add to it
+
+
+def _wrapped_pair(rank, **kw):
+    reference = mm.build_reference_model()
+    config = _config(async_timeout_s=TIMEOUT_S, **kw)
+    wrapper = EPLBWrapper(copy.deepcopy(reference), config, ep_group=dist.group.WORLD)
+    return wrapper, reference
+
+
+def _forward(wrapper, reference, seed, rank):
+    x = mm.hidden_batch(seed * 10 + rank, batch=1, length=6)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), reference(x))
+
+
+def _time_the_failure(fn) -> dict:
+    start = time.monotonic()
+    try:
+        fn()
+    except EPLBError as exc:
+        return {
+            "seconds": time.monotonic() - start, "message": str(exc),
+            "cause": type(exc.__cause__).__name__ if exc.__cause__ is not None else None,
+        }
+    return {"seconds": time.monotonic() - start, "message": None, "cause": None}
+
+
+def _peer_gone_in_the_forward(rank, world_size, how):
+    mid_rebalance = how.endswith("mid-rebalance")
+    token_dispatch = {"dispatcher": "fixed_capacity", "max_tokens_per_rank": 8} if "fixed" in how else {}
+    wrapper, reference = _wrapped_pair(rank, use_async=mid_rebalance, **token_dispatch)
+    _forward(wrapper, reference, 0, rank)
+    if mid_rebalance:
+        wrapper.rebalance()  # async: the workers plan, then move weights after the next step
+    _forward(wrapper, reference, 1, rank)
+    pids: list = [None, None]
+    dist.all_gather_object(pids, os.getpid())
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL if how.startswith("killed") else signal.SIGSTOP)
+        # (frozen) resumed by rank 0: its own forward now fails as well, within the timeout
+        return _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+    failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+    if how.startswith("frozen"):
+        os.kill(pids[1], signal.SIGCONT)
+    return failure
+
+
+@pytest.mark.parametrize(
+    "how", ["killed", "frozen", "killed mid-rebalance", "frozen mid-rebalance", "killed, fixed-capacity dispatch"]
+)
+def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_timeout(how):
+    results = spawn_ranks(_peer_gone_in_the_forward, 2, how, timeout=90, grace_s=None)
+    survivor = results[0]
+    assert survivor.ok, survivor.error
+    failure = survivor.value
+    assert failure["message"] is not None, "the forward did not fail"
+    assert failure["seconds"] < TIMEOUT_S + MARGIN_S, failure
+    assert "step 3" in failure["message"] and "all-to-all" in failure["message"], failure["message"]
+    assert failure["cause"] is not None
+    if how.startswith("frozen"):
+        assert results[1].ok, results[1].error
+        assert results[1].value["message"] is not None and "step 3" in results[1].value["message"]
+
+
+def _slow_peer(rank, world_size):
+    """Rank 1 plans for 3 timeouts; the abort, the next trigger and a later rebalance are collective."""
+    wrapper, reference = _wrapped_pair(rank, policy="default", async_on_error="log")
+    events = []
+    if rank == 1:
+        plan = wrapper._plan
+
+        def slow_plan(*args, **kwargs):
+            if not events or events[-1] != "slept":
+                time.sleep(3 * TIMEOUT_S)
+                events.append("slept")
+            return plan(*args, **kwargs)
+
+        wrapper._plan = slow_plan
+    seed = 0
+
+    def steps_until_done(limit_s):
+        nonlocal seed
+        start = time.monotonic()
+        while wrapper.async_in_flight and time.monotonic() - start < limit_s:
+            _forward(wrapper, reference, seed, rank)
+            seed += 1
+            time.sleep(0.05)
+        return wrapper.steps
+
+    _forward(wrapper, reference, seed, rank)
+    wrapper.rebalance()  # rank 1's worker now sleeps past the timeout
+    first_abort_step = steps_until_done(4 * TIMEOUT_S)
+    first = wrapper.stats()["last_rebalance_reason"]
+    wrapper.rebalance()  # rank 1's worker may still be asleep: both skip or abort together
+    second_end_step = steps_until_done(4 * TIMEOUT_S)
+    second = wrapper.stats()["last_rebalance_reason"]
+    time.sleep(3 * TIMEOUT_S)  # the slow worker is done by now
+    wrapper.rebalance()
+    wrapper.synchronize()
+    third = wrapper.stats()
+    _forward(wrapper, reference, 999, rank)
+    wrapper.close()
+    return {
+        "first_abort_step": first_abort_step, "first": first, "second_end_step": second_end_step,
+        "second": second, "third_skipped": third["last_rebalance_skipped"],
+        "third_reason": third["last_rebalance_reason"],
+    }
+
+
+def test_a_slow_peer_aborts_collectively_and_later_rebalances_work():
+    results = spawn_ranks(_slow_peer, 2, timeout=120, grace_s=20)
+    assert all(r.ok for r in results), [r.error for r in results]
+    a, b = (r.value for r in results)
+    assert "async_timeout_s" in a["first"] and "async_timeout_s" in b["first"], (a, b)
+    assert a["first_abort_step"] == b["first_abort_step"]
+    assert a["second_end_step"] == b["second_end_step"], (a, b)
+    assert "rank 1 is still busy" in a["second"] and "rank 1 is still busy" in b["second"], (a, b)
+    assert not a["third_skipped"] and not b["third_skipped"], (a, b)
+
+
+def test_interpreter_exit_with_a_rebalance_in_flight_never_aborts_the_process():
+    """20 pairs of ranks leave with an async rebalance in flight (worker planning, moving weights
+    or waiting to commit): every process exits with status 0, never "terminate called ..."."""
+    script = Path(__file__).with_name("exit_in_flight.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, str(script), "20"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0 and "bad 0" in done.stdout, done.stdout + done.stderr[-3000:]
