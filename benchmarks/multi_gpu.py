@@ -29,26 +29,39 @@ Target >= 0.80.
 
 Part ``async``. Decode-like steps of an `EPLBWrapper` around a residual stack of `eplb.moe.MoE`
 layers (``--layers``, ``--experts``, ``--hidden``, ``--inter``, ``--topk``; routing skewed towards a
-few experts per layer, so the default policy moves weights), ``ep_group`` = all ranks: the
-forward dispatches tokens with NCCL all-to-all. ``--tokens`` tokens per rank per step; size it so
-that a step takes about 10-20 ms (the "none" row reports it). Three modes, each on a fresh copy
-of the same model, ``--steps`` steps, the rebalance at step ``--rebalance-at``:
+few experts per layer, so the default policy moves weights), ``ep_group`` = all ranks, with the
+forward users should run: ``--dispatcher fixed_capacity`` (``max_tokens_per_rank`` = ``--tokens``,
+no host sync; ``all_to_all`` for the fallback) and ``--experts-impl dense`` (every expert on every
+row, batched: no host sync either, so a step can be captured; ``loop`` is `eplb.moe.SwiGLUExperts`,
+one host sync per layer). ``--tokens`` tokens per rank per step. Rows, each on a fresh copy of the
+same model, ``--steps`` steps, the rebalance at step ``--rebalance-at``, in this order:
 
 - ``none``: no rebalance;
 - ``sync``: `EPLBWrapper.rebalance` with ``use_async=False`` (``--sync-communicator``, ``auto``
   = torch_nccl): the triggering step blocks for the whole transfer;
 - ``async``: ``use_async=True``, ``communicator="auto"``: ``torch_p2p`` on one host with peer
   access (receivers pull over the copy engines), while the forwards keep dispatching over NCCL;
+  ``async_layers_per_step`` = ``--async-layers-per-step`` (default None: every layer ready on
+  every rank);
 - ``async:NAME`` for each other name in ``--async-communicators`` (default ``torch_gloo``: staged
-  through pinned host memory), for comparison.
+  through pinned host memory), for comparison;
+- ``none+graph`` and ``async+graph`` (unless ``--no-graph``): the wrapped forward captured once in a
+  CUDA graph after a warm-up on a side stream, then each step copies its input into the static
+  buffer, replays and calls ``wrapper.step()`` (docs/guide/fast-forward.md);
+- ``none#again`` (unless ``--no-repeat-none``): the baseline once more, last, so a drift of the
+  machine over the run is told apart from a cost of the rows in between.
 
 Per-step latency (wall time of the step, slowest rank) p50 / p99 / max over the steps after
-``--warmup``; the async run continues until the rebalance is committed (no hang: every wait has
-``--timeout``). Outputs are compared with the unwrapped model on the same GPU every
-``--check-every`` steps and at every step whose in-flight state changes; every slot is checked
-against its expert's weights after the rebalance. Also reported: on which GPUs each rank's
-process holds a CUDA context (expected: only its own). Targets: async p50 <= 1.05x and p99 <= 1.10x
-the no-rebalance step; async rebalance seconds <= 1.5x the sync rebalance's ("x sync").
+``--warmup``, against the ``none`` row of the same kind (eager or graph); p50 separately for the
+steps before the rebalance, while it is in flight, and after it committed (a slowdown of a whole
+row is told apart from the in-flight cost); process CPU time per step (all threads: a thread that
+spins shows here); OS threads before and after each row. The async run continues until the
+rebalance is committed (no hang: every wait has ``--timeout``). Outputs are compared with the
+unwrapped model on the same GPU every ``--check-every`` steps and at every step whose in-flight
+state changes; every slot is checked against its expert's weights after the rebalance. Also
+reported: on which GPUs each rank's process holds a CUDA context (expected: only its own).
+Targets: async p50 <= 1.05x and p99 <= 1.10x the no-rebalance step (graph rows too); async
+rebalance seconds <= 1.5x the sync rebalance's ("x sync").
 
 Rank 0 prints the tables; ``--json`` writes every number. The script exits non-zero when a check
 fails.
@@ -64,6 +77,7 @@ import logging
 import os
 import statistics
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -120,7 +134,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steps the async run may continue past --steps before it counts as hung",
     )
     load.add_argument("--sync-communicator", default="auto", help="communicator of the sync mode")
-    load.add_argument("--async-layers-per-step", type=int, default=1)
+    load.add_argument(
+        "--async-layers-per-step", type=int, default=None,
+        help="EPLBConfig.async_layers_per_step (default: None, every layer ready on every rank)",
+    )
+    load.add_argument(
+        "--dispatcher", choices=["fixed_capacity", "all_to_all"], default="fixed_capacity",
+        help="fixed_capacity (max_tokens_per_rank = --tokens; no host sync) or the all-to-all fallback",
+    )
+    load.add_argument(
+        "--experts-impl", choices=["dense", "loop"], default="dense",
+        help="dense: every expert on every row, batched (no host sync, capturable); loop: eplb.moe.SwiGLUExperts "
+        "(one matmul per expert, one host sync per layer)",
+    )
+    load.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    load.add_argument("--no-repeat-none", action="store_true", help="skip the last 'none' row (drift check)")
     load.add_argument(
         "--async-communicators", default="auto,torch_gloo",
         help="comma-separated communicators of the async modes (auto = torch_p2p on one host with peer access)",
@@ -135,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.async_communicators = [c.strip() for c in args.async_communicators.split(",") if c.strip()]
     if args.rebalance_at <= args.warmup or args.rebalance_at >= args.steps:
         ap.error(f"--rebalance-at ({args.rebalance_at}) must be in (--warmup, --steps)")
+    if not args.no_graph and (args.dispatcher != "fixed_capacity" or args.experts_impl != "dense"):
+        ap.error("the CUDA-graph rows need --dispatcher fixed_capacity and --experts-impl dense (or --no-graph)")
     return args
 
 
@@ -348,6 +378,29 @@ def print_bandwidth(bw: dict) -> bool:
 
 
 # --------------------------------------------------------------------------- async under load
+def dense_swiglu_experts():
+    """`eplb.moe.SwiGLUExperts` computed without a host sync: every expert on every row (batched
+    matmuls), then each pair picks its expert's row. Same maths and top-k summation order as the
+    loop (GEMM rounding aside), so the EPLB layer treats it alike; costs ``X / K`` times the FLOPs
+    of the pairs (``X`` experts or slots), which at decode sizes is a few ms per step."""
+    import torch.nn.functional as F
+
+    from eplb.moe import SwiGLUExperts
+
+    class DenseSwiGLUExperts(SwiGLUExperts):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            X = self.gate_up_proj.shape[0]  # experts, or this rank's slots once wrapped
+            T = hidden_states.shape[0]
+            gate_XTI, up_XTI = torch.matmul(hidden_states, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+            y_XTD = torch.matmul(F.silu(gate_XTI) * up_XTI, self.down_proj.transpose(1, 2))
+            skipped_TK = top_k_index >= X  # expert-parallel padding: contributes zero
+            y_TKD = y_XTD[top_k_index.clamp(max=X - 1), torch.arange(T, device=y_XTD.device).unsqueeze(1)]
+            w_TK = torch.where(skipped_TK, 0.0, top_k_weights)
+            return (y_TKD * w_TK.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+
+    return DenseSwiGLUExperts
+
+
 class MoEStack(nn.Module):
     """``x + moe_l(x)`` over ``L`` `eplb.moe.MoE` layers; input and output ``[T, D]``."""
 
@@ -359,6 +412,12 @@ class MoEStack(nn.Module):
             MoE(args.hidden, args.inter, args.experts, args.topk, device=device, dtype=dtype)
             for _ in range(args.layers)
         )
+        if args.experts_impl == "dense":
+            dense = dense_swiglu_experts()
+            for block in self.blocks:
+                experts = dense(args.experts, args.hidden, args.inter, device=device, dtype=dtype)
+                experts.load_state_dict(block.experts.state_dict())
+                block.experts = experts
 
     def forward(self, x):
         for block in self.blocks:
@@ -391,20 +450,61 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device (CUDA; the CPU smoke test runs the same code on gloo)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.2f}"
+
+
+def _threads() -> int:
+    """OS threads of this process (Python's and the libraries' own: NCCL, gloo, CUDA)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _capture_step(wrapper, static_x: torch.Tensor, device: torch.device):
+    """Capture ``wrapper(static_x)`` in a CUDA graph after a warm-up on a side stream (it
+    allocates the dispatcher's buffers; those forwards count as steps), as
+    docs/guide/fast-forward.md does. Returns (replay, the static output)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            wrapper(static_x)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = wrapper(static_x)  # a capture counts no step
+    _sync(device)
+    return graph.replay, static_out
+
+
 def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: int, world: int,
              device: torch.device) -> dict:
+    """One row. ``mode``: ``none``, ``sync``, ``async`` or ``async:COMMUNICATOR``, with a ``+graph``
+    suffix for the CUDA-graph variant (capture once, then replay + ``wrapper.step()`` per step)."""
     from eplb import EPLBConfig, EPLBWrapper
     from eplb.moe import find_moe_layers
 
+    kind, graph = mode.split("#")[0].removesuffix("+graph"), mode.endswith("+graph")
+    use_async = kind.startswith("async")
     config = EPLBConfig(
         num_redundant_experts=args.redundant_per_rank * world,
         window_size=args.rebalance_at,
         step_interval=10**9,  # rebalances only when called below
-        use_async=mode.startswith("async"),
-        communicator=mode.partition(":")[2] or "auto" if mode.startswith("async") else args.sync_communicator,
+        use_async=use_async,
+        communicator=(kind.partition(":")[2] or "auto") if use_async else args.sync_communicator,
         async_timeout_s=args.timeout,
         async_layers_per_step=args.async_layers_per_step,
         async_on_error="raise",
+        dispatcher=args.dispatcher,
+        max_tokens_per_rank=args.tokens if args.dispatcher == "fixed_capacity" else None,
     )
     records = _Records()
     logger = logging.getLogger("eplb")
@@ -417,20 +517,41 @@ def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: in
     # Relative to the MoE layers' contribution; bf16 residual adds round differently once a GEMM differs.
     tol = 1e-3 if args.dtype == "float32" else 1e-1
     contexts_before = contexts()
-    times, worst_err, in_flight_steps, step = [], 0.0, 0, 0
+    threads_before = _threads()
+    static_x = pool[0].clone()
+    replay, static_out = _capture_step(wrapper, static_x, device) if graph else (None, None)
+    # phase of each step: 0 before the rebalance, 1 in flight (or the sync rebalance's step), 2 after
+    times, cpu, phases, worst_err, in_flight_steps, step = [], [], [], 0.0, 0, 0
+    plan_s = None
     with torch.no_grad():
         while step < args.steps or wrapper.async_in_flight:  # in-flight state is agreed by all ranks
             if step >= args.steps + args.max_extra_steps:  # the same step on every rank: none is left waiting
                 raise RuntimeError(f"{mode}: the async rebalance is still in flight after {step} steps")
             x = pool[step % len(pool)]
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            if mode != "none" and step == args.rebalance_at:
+            if kind != "none" and step == args.rebalance_at:
+                # The planner alone on this window (untimed step part): the sync report excludes
+                # planning, the async one includes it (the worker plans first).
+                load_LE = wrapper.tracker.window_load(group=dist.group.WORLD).to("cpu", torch.float64)
+                t0 = time.perf_counter()
+                wrapper._plan(load_LE, wrapper.placement)
+                plan_s = time.perf_counter() - t0
+            _sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            if kind != "none" and step == args.rebalance_at:
                 wrapper.rebalance()
             was_in_flight = wrapper.async_in_flight
-            out = wrapper(x)
-            torch.cuda.synchronize(device)
+            if graph:
+                static_x.copy_(x)
+                replay()
+                wrapper.step()
+                out = static_out
+            else:
+                out = wrapper(x)
+            _sync(device)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+            phases.append(0 if step < args.rebalance_at or kind == "none" else
+                          1 if was_in_flight or (kind == "sync" and step == args.rebalance_at) else 2)
             in_flight_steps += was_in_flight
             due = step % args.check_every == 0 or step == args.rebalance_at
             if due or was_in_flight != wrapper.async_in_flight:
@@ -439,6 +560,7 @@ def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: in
                 err = (out.float() - ref.float()).abs().max() / (ref.float() - x.float()).abs().max()
                 worst_err = max(worst_err, float(err))
             step += 1
+    threads_after = _threads()
     stats = wrapper.stats()
     slots_ok = all(
         torch.equal(t, logical[layer.layer_index][n][
@@ -451,24 +573,36 @@ def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: in
     logger.setLevel(level)
     chosen = [m.split()[1] for m in records.messages if m.startswith("communicator:")]
     local = {
-        "times": times, "worst_err": worst_err, "slots_ok": slots_ok,
-        "contexts": (contexts_before, contexts_after),
+        "times": times, "cpu": cpu, "worst_err": worst_err, "slots_ok": slots_ok,
+        "contexts": (contexts_before, contexts_after), "threads": (threads_before, threads_after),
+        "plan_s": plan_s,
     }
     everyone: list = [None] * world
     dist.all_gather_object(everyone, local)
-    del wrapper
+    del wrapper, replay, static_out
     gc.collect()
     torch.cuda.empty_cache()
     per_step = [max(r["times"][i] for r in everyone) for i in range(len(times))]  # slowest rank
+    cpu_step = [max(r["cpu"][i] for r in everyone) for i in range(len(times))]
+
+    def p50(phase: int, values=per_step) -> float | None:
+        picked = [v for i, (v, ph) in enumerate(zip(values, phases)) if i >= args.warmup and ph == phase]
+        return statistics.median(picked) * 1e3 if picked else None
+
     warm = sorted(per_step[args.warmup :])
     return {
         "mode": mode,
-        "communicator": "-" if mode == "none" else (chosen[0] if chosen else config.communicator),
+        "graph": graph,
+        "communicator": "-" if kind == "none" else (chosen[0] if chosen else config.communicator),
         "p50_ms": statistics.median(warm) * 1e3,
         "p99_ms": warm[int(0.99 * (len(warm) - 1))] * 1e3,
         "max_ms": warm[-1] * 1e3,
+        "p50_before_ms": p50(0), "p50_in_flight_ms": p50(1), "p50_after_ms": p50(2),
+        "cpu_p50_before_ms": p50(0, cpu_step), "cpu_p50_in_flight_ms": p50(1, cpu_step),
+        "cpu_p50_after_ms": p50(2, cpu_step),
         "steps": len(per_step),
         "steps_in_flight": in_flight_steps,
+        "plan_s": max((r["plan_s"] for r in everyone), default=None) if plan_s is not None else None,
         "rebalance_s": stats["last_rebalance_seconds"],
         "bytes_moved": stats["last_rebalance_bytes_moved"],
         "skipped": stats["last_rebalance_skipped"],
@@ -477,8 +611,21 @@ def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: in
         "tolerance": tol,
         "slots_ok": all(r["slots_ok"] for r in everyone),
         "contexts": [r["contexts"] for r in everyone],
+        "threads": [r["threads"] for r in everyone],
         "per_step_ms": [t * 1e3 for t in per_step],
+        "cpu_per_step_ms": [t * 1e3 for t in cpu_step],
+        "phases": phases,
     }
+
+
+def async_modes(args) -> list[str]:
+    """The rows, in run order: the no-rebalance baseline first and (drift check) again last."""
+    modes = ["none", "sync", *(f"async:{c}" if c != "auto" else "async" for c in args.async_communicators)]
+    if not args.no_graph:
+        modes += ["none+graph", "async+graph"]
+    if not args.no_repeat_none:
+        modes.append("none#again")
+    return modes
 
 
 def run_async(args, rank: int, world: int, device: torch.device) -> list[dict]:
@@ -491,33 +638,39 @@ def run_async(args, rank: int, world: int, device: torch.device) -> list[dict]:
         (0.5 * torch.randn(args.tokens, args.hidden, generator=gen, device=device) + direction_D.to(device))
         .to(dtype) for _ in range(16)
     ]
-    modes = ["none", "sync", *(f"async:{c}" if c != "auto" else "async" for c in args.async_communicators)]
-    return [run_mode(mode, base, pool, args, rank, world, device) for mode in modes]
+    return [run_mode(mode, base, pool, args, rank, world, device) for mode in async_modes(args)]
 
 
 def print_async(results: list[dict], args, world: int) -> bool:
-    base = results[0]
     expert_mib = 3 * args.hidden * args.inter * (4 if args.dtype == "float32" else 2) / 2**20
     print(
         f"\n== async under load: {world} GPUs, {args.layers} layers x {args.experts} experts "
         f"(+{args.redundant_per_rank * world} redundant), hidden {args.hidden}, inter {args.inter}, "
         f"{args.dtype} ({expert_mib:.1f} MiB per expert), {args.tokens} tokens per rank top-{args.topk}, "
-        f"NCCL all-to-all dispatch; rebalance at step {args.rebalance_at}"
+        f"dispatcher {args.dispatcher}, experts {args.experts_impl}; rebalance at step {args.rebalance_at}"
     )
     print(
-        f"{'mode':<17}{'comm':>12}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50 x':>8}{'p99 x':>8}"
-        f"{'rebal s':>9}{'x sync':>8}{'GB moved':>10}{'in flight':>11}{'max err':>10}"
+        f"{'mode':<17}{'comm':>11}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'p50 x':>7}{'p99 x':>7}"
+        f"{'before':>8}{'flight':>8}{'after':>8}{'cpu ms':>8}"
+        f"{'rebal s':>9}{'x sync':>7}{'plan s':>8}{'GB':>6}{'flight':>7}{'max err':>9}"
     )
     ok = True
     sync_s = next((r["rebalance_s"] for r in results if r["mode"] == "sync"), None)
+    # Each row against the no-rebalance row of its own kind (eager or graph).
+    bases = {False: next(r for r in results if r["mode"] == "none")}
+    bases[True] = next((r for r in results if r["mode"] == "none+graph"), bases[False])
     for r in results:
-        reb = "-" if r["mode"] == "none" else f"{r['rebalance_s']:.3f}"
-        vs_sync = "-" if r["mode"] == "none" or not sync_s else f"{r['rebalance_s'] / sync_s:.2f}"
-        moved = "-" if r["mode"] == "none" else f"{r['bytes_moved'] / 1e9:.2f}"
+        base = bases[r["graph"]]
+        none = r["mode"].startswith("none")
+        reb = "-" if none else f"{r['rebalance_s']:.3f}"
+        vs_sync = "-" if none or not sync_s else f"{r['rebalance_s'] / sync_s:.2f}"
+        moved = "-" if none else f"{r['bytes_moved'] / 1e9:.2f}"
+        cpu = r["cpu_p50_in_flight_ms"] if r["cpu_p50_in_flight_ms"] is not None else r["cpu_p50_before_ms"]
         print(
-            f"{r['mode']:<17}{r['communicator']:>12}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}"
-            f"{r['p50_ms'] / base['p50_ms']:>8.3f}{r['p99_ms'] / base['p99_ms']:>8.3f}{reb:>9}{vs_sync:>8}"
-            f"{moved:>10}{r['steps_in_flight']:>11}{r['max_err']:>10.1e}"
+            f"{r['mode']:<17}{r['communicator']:>11}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['max_ms']:>8.2f}"
+            f"{r['p50_ms'] / base['p50_ms']:>7.3f}{r['p99_ms'] / base['p99_ms']:>7.3f}"
+            f"{_fmt(r['p50_before_ms']):>8}{_fmt(r['p50_in_flight_ms']):>8}{_fmt(r['p50_after_ms']):>8}{_fmt(cpu):>8}"
+            f"{reb:>9}{vs_sync:>7}{_fmt(r['plan_s']):>8}{moved:>6}{r['steps_in_flight']:>7}{r['max_err']:>9.1e}"
         )
         if r["max_err"] > r["tolerance"]:
             print(f"FAILED: {r['mode']}: outputs differ from the unwrapped model (error {r['max_err']:.2e})")
@@ -525,14 +678,23 @@ def print_async(results: list[dict], args, world: int) -> bool:
         if not r["slots_ok"]:
             print(f"FAILED: {r['mode']}: a slot does not hold its expert's weights after the rebalance")
             ok = False
-        if r["mode"] != "none" and (r["skipped"] or not r["bytes_moved"]):
+        if not none and (r["skipped"] or not r["bytes_moved"]):
             print(f"FAILED: {r['mode']}: the rebalance moved nothing ({r['reason'] or 'no bytes moved'})")
             ok = False
+    print(
+        "p50/p99 x: against the 'none' row of the same kind (eager or graph). before / flight / after: p50 ms of "
+        "the steps before the rebalance, while it is in flight (sync: its step), after it committed; cpu ms: "
+        "process CPU time per step (all threads; in flight where there is one). plan s: the planner alone on the "
+        "rebalance's window (slowest rank); sync's rebal s excludes it, async's includes it."
+    )
     print("targets: async p50 x <= 1.05, p99 x <= 1.10 (per step, slowest rank); async rebalance <= 1.5 x sync")
     for r in results:
         strays = [(g, after) for g, (_, after) in enumerate(r["contexts"]) if after not in ([], [g])]
         if strays:
             print(f"note: {r['mode']}: ranks hold CUDA contexts beyond their own GPU: {strays} (rank, GPUs)")
+        grown = [(g, before, after) for g, (before, after) in enumerate(r["threads"]) if after > before]
+        if grown:
+            print(f"note: {r['mode']}: OS threads grew during the row (rank, before, after): {grown}")
     return ok
 
 

@@ -21,6 +21,8 @@ _EXPORTS = {
     "balancedness": "eplb.metrics",
     "predicted_gain": "eplb.metrics",
     "EPLBWrapper": "eplb.wrapper",
+    "meta_parameters": "eplb.checkpoint",
+    "LoadReport": "eplb.checkpoint",
     "register_adapter": "eplb.moe",
     "register_communicator": "eplb.comm",
     "available_communicators": "eplb.comm",

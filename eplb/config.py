@@ -99,9 +99,13 @@ class EPLBConfig(BaseModel):
     Finite and at least 0.1 s (shorter would abort rebalances over ordinary scheduling jitter);
     with several ranks, allow a few seconds."""
 
-    async_layers_per_step: int = Field(1, gt=0)
-    """Ready layers the async executor commits at one step boundary. Each commit copies one
-    layer's slots on the main stream, so larger values finish sooner but make that step slower."""
+    async_layers_per_step: int | None = Field(None, gt=0)
+    """Most layers the async executor commits at one step boundary; None (the default) commits
+    every layer that every rank has ready. A commit is device-to-device copies of one layer's
+    changed slots and maps on the main stream (no host sync), and at most ``num_buffers`` (2)
+    staged layers wait at once, so a step commits at most two layers anyway: the rebalance ends
+    about when its transfers do. Set 1 to spread the copies over more steps (the gentlest
+    per-step cost, at the price of a rebalance lasting at least as many steps as it has layers)."""
 
     async_on_error: AsyncErrorMode = "log"
     """An exception in the async worker, or in the policy in sync mode: ``"log"`` aborts the

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ __all__ = [
     "LayerTransferPlan",
     "plan_layer_transfer",
     "execute_layer_transfer",
+    "slot_runs",
     "bytes_per_expert",
 ]
 
@@ -228,6 +229,35 @@ def bytes_per_expert(slot_tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(math.prod(t.shape[1:]) * t.element_size() for t in slot_tensors.values())
 
 
+def slot_runs(batch: Sequence[NetworkTransfer], rank: int) -> list[tuple[int, int, int, int, int]]:
+    """The transfers of ``batch`` that ``rank`` sends or receives, as runs of consecutive slots.
+
+    Transfers between one (sender, receiver) pair whose source slots and destination slots both
+    follow on from the previous transfer of that pair (in batch order) merge into one run, so a
+    run moves ``count`` rows of each slot tensor as one contiguous view: fewer, larger messages
+    (one per tensor and peer when a rank's slots move together). The runs depend only on the
+    batch, so a sender and its receiver form the same runs in the same order (the matching rule
+    of `eplb.comm.Communicator`).
+
+    Returns:
+        ``(src_rank, src_slot, dst_rank, dst_slot, count)`` per run, slots global, in the order
+        of each run's first transfer.
+    """
+    runs: list[list[int]] = []
+    last: dict[tuple[int, int], list[int]] = {}  # (src, dst) -> its latest run
+    for t in batch:
+        if rank not in (t.src_rank, t.dst_rank):
+            continue
+        run = last.get((t.src_rank, t.dst_rank))
+        if run is not None and t.src_slot == run[1] + run[4] and t.dst_slot == run[3] + run[4]:
+            run[4] += 1
+            continue
+        run = [t.src_rank, t.src_slot, t.dst_rank, t.dst_slot, 1]
+        last[(t.src_rank, t.dst_rank)] = run
+        runs.append(run)
+    return [tuple(r) for r in runs]
+
+
 def execute_layer_transfer(
     plan: LayerTransferPlan,
     slot_tensors: Mapping[str, torch.Tensor],
@@ -264,12 +294,14 @@ def execute_layer_transfer(
         max_transfer_bytes = sys.maxsize  # nothing is buffered per batch: one exchange per layer
     for batch in plan.batches(bytes_per_expert(slot_tensors), max_transfer_bytes):
         queued = False
-        for t in batch:
-            if t.src_rank == plan.rank:
-                communicator.add_send([slot_tensors[n][t.src_slot - base] for n in names], t.dst_rank)
+        for src_rank, src_slot, dst_rank, dst_slot, count in slot_runs(batch, plan.rank):
+            if src_rank == plan.rank:
+                a = src_slot - base
+                communicator.add_send([slot_tensors[n][a : a + count] for n in names], dst_rank)
                 queued = True
-            if t.dst_rank == plan.rank:
-                communicator.add_recv([staging[n][t.dst_slot - base] for n in names], t.src_rank)
+            if dst_rank == plan.rank:
+                a = dst_slot - base
+                communicator.add_recv([staging[n][a : a + count] for n in names], src_rank)
                 queued = True
         if queued:
             communicator.execute()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from eplb.atomic import critical_section
+from eplb.checkpoint import LoadReport, LogicalLoader, resolve_device
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError, peer_failure
 from eplb.executor import RebalanceReport, StepOutcome
@@ -66,6 +67,11 @@ class EPLBWrapper:
         record_trace: path of a ``.npz`` trace that records the load of every step (summed over
             the ranks, written by rank 0), as ``start_recording(record_trace)`` right after wrapping;
             finished by `close`, `stop_recording`, or at interpreter exit.
+        device: for a model whose parameters are on the ``meta`` device (see
+            `eplb.meta_parameters`): the device of this rank. Its non-expert tensors are
+            materialised there (empty) and only its ``S`` slots per layer are allocated; fill
+            them with `load_logical_state_dict` before the first forward (which raises
+            `EPLBError` until then). Leave it None for a model that holds real weights.
 
     Use::
 
@@ -89,6 +95,7 @@ class EPLBWrapper:
         num_groups: int | None = None,
         initial_placement: Placement | str | os.PathLike | None = None,
         record_trace: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
     ):
         self.__dict__["module"] = model  # first, so __getattr__ never recurses on a half-built wrapper
         config = EPLBConfig() if config is None else config
@@ -110,7 +117,9 @@ class EPLBWrapper:
             placement = _initial_placement(
                 initial_placement, num_layers, num_logical, num_physical, num_ranks
             )
-            device = _expert_device(specs)
+            found_device = _expert_device(specs)
+            device = resolve_device(device, found_device, model, specs)
+            loader = LogicalLoader(model, specs)
             check_window_size(config.window_size, num_layers, num_logical)
             recorder = LoadRecorder(
                 {"num_layers": num_layers, "num_logical": num_logical, "model": type(model).__name__,
@@ -173,6 +182,7 @@ class EPLBWrapper:
                 rank=rank,
                 dispatcher=dispatcher,
                 tracker=self.tracker,
+                device=device,
                 replica_choice=config.replica_choice,
             )
             for i, spec in enumerate(specs)
@@ -196,6 +206,11 @@ class EPLBWrapper:
             if spec.block_forward is not None:
                 spec.parent.forward = spec.block_forward
         self._hook = model.register_forward_hook(self._forward_hook)
+        self._install_loader(loader, device, experts_on_meta=found_device.type == "meta")
+        for spec in specs:
+            # unwrap needs only where each layer sits: release the replaced modules (all E experts),
+            # so that a rank holds its S slots per layer and nothing more.
+            spec.original = spec.experts = None
 
     # ------------------------------------------------------------------ calling the model
     def __call__(self, *args, **kwargs):
@@ -341,7 +356,10 @@ class EPLBWrapper:
         if self.async_in_flight:
             raise EPLBError("an async rebalance is in flight; call synchronize() before load_state_dict()")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise EPLBError(f'state is not an EPLBWrapper state_dict (expected "format": "{_FORMAT}")')
+            raise EPLBError(
+                f'state is not an EPLBWrapper state_dict (expected "format": "{_FORMAT}"); to load the '
+                "unwrapped model's weights use wrapper.load_logical_state_dict(state)"
+            )
         if state.get("version") != _VERSION:
             raise EPLBError(
                 f"EPLBWrapper state has version {state.get('version')!r}; this eplb reads {_VERSION}"
@@ -395,6 +413,73 @@ class EPLBWrapper:
     def recording(self) -> bool:
         """True while a trace is being recorded."""
         return self._recorder.recording
+
+    # ------------------------------------------------------------------ logical weights
+    def load_logical_state_dict(
+        self, source: dict | str | os.PathLike, strict: bool = True
+    ) -> LoadReport:
+        """Load the unwrapped model's weights: dense tensors are copied, each logical expert's rows
+        go into every slot of this rank that holds it (see docs/guide/checkpoints.md).
+
+        Args:
+            source: a state dict with the unwrapped model's keys (``[E, ...]`` stacked expert
+                tensors, or one key per expert for ``ModuleList`` experts), a ``.safetensors`` file,
+                or a folder of them (``model.safetensors.index.json`` when present). Safetensors are
+                read lazily: this rank reads the dense tensors and only the expert rows its slots hold.
+            strict: require exactly the model's keys (tied tensors need one of their names);
+                with False, missing and unexpected keys are ignored. Shapes and dtypes must match
+                either way.
+
+        Returns:
+            A `eplb.checkpoint.LoadReport` (rows and bytes read, slots written, what happened to an
+            in-flight async rebalance).
+
+        Raises:
+            EPLBError: a key, shape or dtype does not fit (all checked before anything is written:
+                nothing changed), or the source cannot be read.
+
+        Collective only while an async rebalance is in flight: it is driven to completion first
+        (``synchronize``; the report says ``in_flight="waited"``), so every rank must then call it.
+        Peak extra memory: one per-expert tensor's rows of one layer.
+        """
+        self._check_open()
+        report = self._loader.load(
+            source, strict=strict, layers=self._layers, rank=self._rank, before_write=self._settle_for_load
+        )
+        if self._unloaded_hook is not None and not self._loader.unloaded:
+            self._unloaded_hook.remove()
+            self._unloaded_hook = None
+        return report
+
+    def _install_loader(self, loader: LogicalLoader, device: torch.device, *, experts_on_meta: bool) -> None:
+        self._loader = loader
+        self._unloaded_hook = None
+        # The meta tensors, if any (experts or not); a model built on meta moves to device whole.
+        loader.materialize(self.module, device, move_real=experts_on_meta)
+        if experts_on_meta:
+            loader.track_experts_unloaded()
+        if loader.unloaded:
+            self._unloaded_hook = self.module.register_forward_pre_hook(self._refuse_unloaded)
+        self._state_hook = self.module.register_load_state_dict_pre_hook(self._check_model_state_dict)
+
+    def _refuse_unloaded(self, module, args) -> None:
+        missing = self._loader.unloaded
+        if missing:
+            raise EPLBError(
+                f"the model was wrapped on the meta device and {len(missing)} of its tensors hold no weights yet "
+                f"(e.g. {missing[:3]}); call wrapper.load_logical_state_dict(checkpoint) before the first forward"
+            )
+
+    def _check_model_state_dict(self, module, state_dict, *args) -> None:
+        self._loader.check_model_state_dict(state_dict, set(module.state_dict().keys()))
+
+    def _settle_for_load(self) -> str:
+        if not self.async_in_flight:
+            return "none"
+        if self._rank == 0:
+            logger.info("load_logical_state_dict waits for the in-flight async rebalance to finish")
+        self.synchronize()
+        return "waited"
 
     # ------------------------------------------------------------------ rebalancing
     def rebalance(self) -> RebalanceReport | None:
@@ -636,6 +721,9 @@ class EPLBWrapper:
             for layer in self._layers
         ]
         self.close()
+        self._state_hook.remove()
+        if self._unloaded_hook is not None:
+            self._unloaded_hook.remove()
         for spec, module in zip(self._specs, restored):
             if spec.block_forward is not None:
                 module = module.to_module_list()

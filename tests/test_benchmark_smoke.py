@@ -1,5 +1,6 @@
 """benchmarks/ep_step.py runs at a tiny size on the CPU over gloo: one process, and two ranks
-under torchrun (every row, so the multi-GPU run only has to launch it)."""
+under torchrun (every row, so the multi-GPU run only has to launch it); benchmarks/load_checkpoint.py
+runs at a tiny size."""
 
 import json
 import subprocess
@@ -41,3 +42,19 @@ def test_ep_step_runs_tiny_on_two_gloo_ranks(tmp_path):
     assert {r["row"] for r in rows} == ROWS - {"wrapped"}  # wrapping without EP is a one-rank row
     eplb = [r for r in rows if r["row"] == "ep_eplb"]
     assert eplb and all(r["predicted_speedup"] > 0 and r["realised_speedup"] > 0 for r in eplb)
+
+
+def test_load_checkpoint_runs_tiny(tmp_path):
+    """benchmarks/load_checkpoint.py at a tiny size: rank 0 of G reads S/E of the experts."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "load_checkpoint.py"), "--layers", "2", "--experts", "16",
+         "--hidden", "64", "--inter", "32", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "G" not in line]
+    # G, S, rows read: 2 layers x 2 tensors x S distinct experts (one redundant slot per rank).
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
+        (g, (16 + g) // g, 2 * 2 * min((16 + g) // g, 16)) for g in (1, 2, 4, 8, 16)
+    ]

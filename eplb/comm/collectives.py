@@ -40,11 +40,14 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 
 def all_gather_rows(t_S: torch.Tensor, group: dist.ProcessGroup, num_ranks: int) -> torch.Tensor:
-    """``[S, ...]`` from every rank -> ``[G * S, ...]`` in rank order, on ``t_S``'s device."""
-    src = t_S.cpu() if stages_through_host(t_S, group) and t_S.device.type != "cpu" else t_S.contiguous()
+    """``[S, ...]`` from every rank -> ``[G * S, ...]`` in rank order, on ``t_S``'s device. Staged
+    through the host, the rows travel as bytes (gloo lacks dtypes such as float8)."""
+    host = stages_through_host(t_S, group)
+    src = t_S.detach().to("cpu").contiguous().view(torch.uint8) if host else t_S.contiguous()
     parts = [torch.empty_like(src) for _ in range(num_ranks)]
     dist.all_gather(parts, src, group=group)
-    return torch.cat(parts).to(t_S.device)
+    out = torch.cat(parts)
+    return (out.view(t_S.dtype) if host else out).to(t_S.device)
 
 
 def agree(group: dist.ProcessGroup, *, at_most: dict[str, int], at_least: dict[str, int]) -> dict[str, int]:

@@ -1,5 +1,5 @@
-"""`AsyncExecutor`: plan and move on a background thread (and a side CUDA stream); commit one
-layer at a time at step boundaries.
+"""`AsyncExecutor`: plan and move on a background thread (and a side CUDA stream); commit ready
+layers (each in one commit) at step boundaries.
 
 Legend: L layers, P physical slots, G ranks, S = P // G slots on this rank.
 """
@@ -26,6 +26,7 @@ from eplb.executor.staging import (
     StagingPool,
     changed_layers,
     commit_staged,
+    device_of,
     placement_of,
     stage_layer,
 )
@@ -72,7 +73,7 @@ class _Job:
 
 
 class AsyncExecutor:
-    """Rebalance in the background; commit one layer at a time at step boundaries.
+    """Rebalance in the background; commit the layers every rank has ready at step boundaries.
 
     Follows `eplb.executor.Executor`. Flow of one rebalance (see docs/concepts/sync-vs-async.md):
 
@@ -83,7 +84,7 @@ class AsyncExecutor:
        stream when the weights are on CUDA — prepared commit, event) and marks it ready.
     3. `on_step` (main thread, once per step, on every rank) agrees on a few integers over a
        dedicated gloo group (`eplb.executor.agreement`): layers ready on every rank (MIN), error
-       and timeout flags (MAX). It commits up to ``layers_per_step`` layers ready everywhere: the
+       and timeout flags (MAX). It commits the layers ready everywhere (at most ``layers_per_step``; None: all): the
        main stream waits on the layer's event (the host does not), then the layer applies its
        prepared commit in place. The staging buffer goes back to the worker, ordered by an event.
 
@@ -109,7 +110,7 @@ class AsyncExecutor:
         communicator: Communicator,
         max_transfer_bytes: int,
         timeout_s: float,
-        layers_per_step: int = 1,
+        layers_per_step: int | None = None,
         on_error: str = "log",
         control_group: dist.ProcessGroup | None = None,
         num_buffers: int = 2,
@@ -117,7 +118,7 @@ class AsyncExecutor:
     ):
         if num_ranks > 1 and control_group is None:
             raise EPLBError("AsyncExecutor with several ranks needs a gloo control_group")
-        if layers_per_step <= 0 or num_buffers <= 0 or timeout_s <= 0:
+        if (layers_per_step is not None and layers_per_step <= 0) or num_buffers <= 0 or timeout_s <= 0:
             raise EPLBError(
                 f"layers_per_step ({layers_per_step}), num_buffers ({num_buffers}) and timeout_s "
                 f"({timeout_s}) must be > 0"
@@ -128,7 +129,8 @@ class AsyncExecutor:
         self.communicator = communicator
         self.max_transfer_bytes = max_transfer_bytes
         self.timeout_s = timeout_s
-        self.layers_per_step = layers_per_step
+        # None: every layer ready on every rank (commits are device copies; the pool bounds them).
+        self.layers_per_step = layers_per_step if layers_per_step is not None else float("inf")
         self.on_error = on_error
         self.control_group = control_group
         self.num_buffers = num_buffers
@@ -179,10 +181,10 @@ class AsyncExecutor:
             )
             self.last_report = RebalanceReport.skip(reason)
             if self.rank == 0:
-                logger.warning("eplb: %s", reason)
+                logger.warning("%s", reason)
             return
         job = _Job(layers, old, decide, self.num_buffers)
-        device = _device_of(layers)
+        device = device_of(layers)
         if device.type == "cuda":
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device)
@@ -405,9 +407,3 @@ def _stop_worker(live: dict, join_s: float) -> None:
     if thread is not None and thread is not threading.current_thread():
         thread.join(join_s)
 
-
-def _device_of(layers: list) -> torch.device:
-    for layer in layers:
-        for t in layer.slot_tensors().values():
-            return t.device
-    return torch.device("cpu")

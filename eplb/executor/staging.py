@@ -25,7 +25,7 @@ from eplb.placement import Placement
 from eplb.transfer import LayerTransferPlan, plan_layer_transfer
 
 __all__ = ["StagingBuffer", "StagingPool", "StagedLayer", "changed_layers", "stage_layer", "commit_staged",
-           "placement_of"]
+           "placement_of", "device_of"]
 
 Transfer = Callable[[SlotLayer, LayerTransferPlan, dict, dict], None]
 """``transfer(layer, plan, slot_tensors, staging)``: fill ``staging`` with the new contents of the
@@ -218,6 +218,14 @@ def commit_staged(staged: StagedLayer, pool: StagingPool) -> int:
         staged.prepared.record_stream(main)
     pool.give_back(staged.buffer)
     return staged.layer.layer_index
+
+
+def device_of(layers: list) -> torch.device:
+    """The device of the first slot tensor of ``layers`` (the CPU when there is none)."""
+    for layer in layers:
+        for t in layer.slot_tensors().values():
+            return t.device
+    return torch.device("cpu")
 
 
 def placement_of(layers: list, old: Placement) -> Placement:

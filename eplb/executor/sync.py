@@ -11,7 +11,7 @@ import torch
 from eplb.comm.base import Communicator
 from eplb.errors import EPLBError
 from eplb.executor.report import RebalanceReport, StepOutcome, Tally
-from eplb.executor.staging import StagingPool, changed_layers, commit_staged, placement_of, stage_layer
+from eplb.executor.staging import StagingPool, changed_layers, commit_staged, device_of, placement_of, stage_layer
 from eplb.placement import Placement
 from eplb.planner import Decision
 from eplb.transfer import execute_layer_transfer
@@ -31,7 +31,9 @@ class SyncExecutor:
         max_transfer_bytes: per-rank bound of one exchange batch.
 
     Follows `eplb.executor.Executor`: `begin` only records the work, `drain` does it (`on_step`
-    drains work begun and not drained). Every rank of the group must call them with the same
+    drains work begun and not drained). On CUDA the transfers run on a side stream and the
+    commits on the current stream, so layer i+1 moves while layer i is committed; staging holds
+    at most two layers at once. Every rank of the group must call them with the same
     placements and layers in the same order. A layer is committed (weights and maps together)
     only once its weights are all in staging; if a transfer fails, the layers not yet committed
     keep their old placement and the error propagates (``layer.placement_row()`` tells which
@@ -52,6 +54,7 @@ class SyncExecutor:
         self.max_transfer_bytes = max_transfer_bytes
         self.last_report: RebalanceReport | None = None
         self._pending: tuple | None = None
+        self._stream: torch.cuda.Stream | None = None  # the transfers' side stream (CUDA), made once
 
     @property
     def in_flight(self) -> bool:
@@ -88,19 +91,33 @@ class SyncExecutor:
             return StepOutcome(report=report, decision=decision)
         start = time.perf_counter()
         new = decision.new
-        pool = StagingPool()  # one buffer per distinct layer shape, reused across layers, freed at the end
+        # At most two buffers per distinct layer shape (the layer moving and the one committing),
+        # reused across layers, freed at the end.
+        pool = StagingPool()
         tally = Tally()
         committed: list[int] = []
-        device = None
         changed = changed_layers(layers, old, new, self.num_ranks)
+        device = device_of(changed)
+        stream = start_event = None
+        if device.type == "cuda":
+            # Transfers on a side stream, commits on the current one: layer i+1 moves while layer i
+            # is copied into its slots. The side stream first waits for the work queued so far.
+            if self._stream is None or self._stream.device != device:
+                self._stream = torch.cuda.Stream(device)
+            stream = self._stream
+            start_event = torch.cuda.Event()
+            start_event.record(torch.cuda.current_stream(device))
+        waiting = None  # staged, not yet committed
         for layer in changed:
             staged = stage_layer(layer, old, new, rank=self.rank, num_ranks=self.num_ranks,
-                                 transfer=self._communicate, pool=pool)
-            committed.append(commit_staged(staged, pool))
-            slot_tensors = layer.slot_tensors()
-            device = next(iter(slot_tensors.values())).device if slot_tensors else device
-            tally.add(staged.plan, slot_tensors)
-        if device is not None and device.type == "cuda":
+                                 transfer=self._communicate, pool=pool, stream=stream, start_event=start_event)
+            tally.add(staged.plan, layer.slot_tensors())
+            if waiting is not None:
+                committed.append(commit_staged(waiting, pool))
+            waiting = staged
+        if waiting is not None:
+            committed.append(commit_staged(waiting, pool))
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
         report = tally.report(time.perf_counter() - start)
         self.last_report = report

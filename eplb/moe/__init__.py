@@ -7,6 +7,7 @@ modules are MoE layers. Adapters match by structure, never by class name.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from eplb.errors import EPLBError
@@ -18,6 +19,7 @@ from eplb.moe.adapters import (
     StackedExpertsAdapter,
 )
 from eplb.moe.layer import EPLBExperts
+from eplb.moe.probe import verify_expert_tensors
 from eplb.moe.reference import MoE, SwiGLUExperts
 from eplb.moe.slot_layer import PreparedCommit, SlotLayer
 
@@ -72,15 +74,19 @@ def registered_adapters() -> list[MoEAdapter]:
 def find_moe_layers(model: nn.Module) -> list[MoELayerSpec]:
     """The MoE layers of ``model`` in module order, each claimed by the first adapter that matches.
 
-    Does not modify the model. Raises `EPLBError` when the model is already wrapped, when an
-    adapter reports an inconsistent layer, when the layers disagree on the number of experts,
-    or when no MoE layer is found (the message lists the module types seen).
+    Does not modify the model. Each layer's per-expert tensors are proven on a tiny probe
+    (`eplb.moe.probe.verify_expert_tensors`; once per distinct module type and tensor layout):
+    a shared tensor that merely has ``E`` rows is dropped from ``spec.expert_tensors``. Raises
+    `EPLBError` when the model is already wrapped, when an adapter reports an inconsistent layer,
+    when a layer reads per-expert data eplb cannot move, when the layers disagree on the number
+    of experts, or when no MoE layer is found (the message lists the module types seen).
     """
     if not isinstance(model, nn.Module):
         raise EPLBError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     asked = registered_adapters()
     specs: list[MoELayerSpec] = []
     seen_types: dict[str, None] = {}
+    verified: dict[tuple, tuple[str, ...]] = {}
 
     def visit(module: nn.Module, name: str, parent: nn.Module | None, attr: str) -> None:
         if isinstance(module, EPLBExperts):
@@ -90,6 +96,13 @@ def find_moe_layers(model: nn.Module) -> list[MoELayerSpec]:
             spec = adapter.match(module, name=name, parent=parent, attr=attr)
             if spec is not None:
                 spec.check()
+                key = _layout_key(spec)
+                if key not in verified:
+                    where = f"adapter {spec.adapter.name!r} on {spec.name!r}"
+                    verified[key] = verify_expert_tensors(
+                        spec.experts, tuple(spec.expert_tensors), spec.num_experts, where=where
+                    )
+                spec.expert_tensors = verified[key]
                 specs.append(spec)
                 return
         for child_attr, child in module.named_children():
@@ -113,3 +126,15 @@ def find_moe_layers(model: nn.Module) -> list[MoELayerSpec]:
             "wrapped layer (register an adapter that matches only the layers to balance)"
         )
     return specs
+
+
+def _layout_key(spec: MoELayerSpec) -> tuple:
+    """What decides a probe's outcome: the experts class, its candidate tensors, and the name,
+    shape and dtype of every tensor it holds (registered anywhere below it, or plain attributes)."""
+    experts = spec.experts
+    registered = [*experts.named_parameters(), *experts.named_buffers()]
+    tensors = [(n, tuple(t.shape), t.dtype) for n, t in registered]
+    plain = [
+        (n, tuple(v.shape), v.dtype) for n, v in sorted(vars(experts).items()) if isinstance(v, torch.Tensor)
+    ]
+    return (type(experts), tuple(spec.expert_tensors), spec.num_experts, tuple(tensors), tuple(plain))

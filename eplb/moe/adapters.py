@@ -383,6 +383,10 @@ class ModuleListAdapter(MoEAdapter):
         return None
 
     def _check_reproduces(self, block: nn.Module, stacked: nn.Module, name: str) -> None:
+        if any(t.device.type == "meta" for t in block.parameters()):
+            # A meta block has no values to compare: check a CPU copy holding random ones.
+            block = materialized_copy(block, torch.Generator().manual_seed(0))
+            stacked = StackedExpertList(getattr(block, self.experts_attr))
         modes = {m: m.training for m in block.modules()}
         try:
             block.eval()
@@ -417,6 +421,40 @@ class _BlockForward:
 
 
 # ------------------------------------------------------------------------------------ helpers
+def materialized_copy(module: nn.Module, gen: torch.Generator) -> nn.Module:
+    """A CPU deep copy of ``module`` whose tensors on the meta device (parameters, buffers and
+    plain tensor attributes, of every submodule) hold random values drawn from ``gen``; for checks
+    that must run a module built on the meta device."""
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        for sub in out.modules():
+            for table in (sub._parameters, sub._buffers):
+                for key, t in table.items():
+                    if t is not None and t.device.type == "meta":
+                        value = random_like(torch.empty_like(t, device="cpu"), gen)
+                        table[key] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(
+                            t, nn.Parameter
+                        ) else value
+            for key, value in list(vars(sub).items()):
+                if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                    sub.__dict__[key] = random_like(torch.empty_like(value, device="cpu"), gen)
+    return out
+
+
+def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A tensor of ``t``'s shape, dtype and device with random values: normal with std
+    ``1/sqrt(last dim)`` (0.5 for vectors) for floating dtypes (float8 included), small
+    non-negative integers otherwise."""
+    if t.dtype.is_floating_point:
+        std = t.shape[-1] ** -0.5 if t.dim() >= 2 and t.shape[-1] > 0 else 0.5
+        values = torch.randn(t.shape, generator=gen) * std
+    elif t.dtype == torch.bool:
+        values = torch.randint(0, 2, t.shape, generator=gen)
+    else:
+        values = torch.randint(0, 8, t.shape, generator=gen)
+    return values.to(dtype=t.dtype, device=t.device)
+
+
 def direct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> tensor of the parameters and buffers owned by ``module`` itself (not its children)."""
     return dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))

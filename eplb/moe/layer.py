@@ -83,6 +83,8 @@ class EPLBExperts(nn.Module):
             directly), a token dispatcher (`eplb.moe.dispatch.FixedCapacityDispatcher`) or a pair
             dispatcher (`eplb.moe.dispatch.AllToAllDispatcher`).
         tracker: a `eplb.tracker.LoadTracker` to record logical ids into, or None.
+        device: where the slots live when ``experts`` is on the ``meta`` device (then the
+            slots are allocated empty there, to be filled by a checkpoint load); ignored otherwise.
         replica_choice: how a pair picks one of its expert's replicas: ``"hash"`` (a hash of
             the token index, salted per rank and layer: every replica gets an equal share on
             average) or ``"round_robin"`` (the pairs of each expert in this batch take the
@@ -128,6 +130,7 @@ class EPLBExperts(nn.Module):
         rank: int = 0,
         dispatcher: Dispatcher | None = None,
         tracker: LoadTracker | None = None,
+        device: torch.device | str | None = None,
         replica_choice: ReplicaChoice = "hash",
     ):
         super().__init__()
@@ -157,10 +160,20 @@ class EPLBExperts(nn.Module):
         self.replica_choice = replica_choice
         self.valid_tokens: torch.Tensor | int | None = None
         self._names = names
-        device = owned[names[0]].device
         # Slot s of this rank holds logical expert own_S[s]: gather those rows into fresh storage.
         own_S = row_P[rank * S : (rank + 1) * S]
-        slots = {n: owned[n].detach().index_select(0, own_S.to(owned[n].device)) for n in names}
+        self._empty_slots = owned[names[0]].device.type == "meta"  # to be filled by a checkpoint load
+        if self._empty_slots:
+            if device is None or torch.device(device).type == "meta":
+                raise EPLBError(
+                    f"MoE layer {layer_index}: the experts are on the meta device; pass device= (where this "
+                    "rank's slots are allocated)"
+                )
+            device = torch.device(device)
+            slots = {n: torch.empty((S, *owned[n].shape[1:]), dtype=owned[n].dtype, device=device) for n in names}
+        else:
+            device = owned[names[0]].device
+            slots = {n: owned[n].detach().index_select(0, own_S.to(owned[n].device)) for n in names}
         self.experts = replace_expert_tensors(experts, slots)
         self.register_buffer("phy2log", row_P.to(device, copy=True), persistent=False)
         self.register_buffer(
@@ -441,13 +454,14 @@ class EPLBExperts(nn.Module):
         A module declaring ``eplb_skips_out_of_range_ids = True`` is trusted. A transformers
         experts module (hidden size in ``module.config``) is probed: one tiny forward per mode at
         wrap time, compared with the same pairs left out (transformers versions differ here).
-        Anything else, or weights on the meta device, counts as not skipping.
+        Anything else, or slots with no weights yet (experts on the meta device), counts as not
+        skipping.
         """
         if getattr(self.experts, "eplb_skips_out_of_range_ids", False):
             return True, True
         weight = next(iter(self.slot_tensors().values()))
         hidden = getattr(getattr(self.experts, "config", None), "hidden_size", None)
-        if weight.device.type == "meta" or not isinstance(hidden, int):
+        if weight.device.type == "meta" or self._empty_slots or not isinstance(hidden, int):
             return False, False
         gen = torch.Generator().manual_seed(0)
         x_TD = torch.randn(2, hidden, generator=gen).to(weight.device, weight.dtype)

@@ -33,7 +33,7 @@ sys.path[:0] = [p for p in (str(_TESTS_DIR / "distributed"), str(_TESTS_DIR)) if
 
 import moe_models as mm  # noqa: E402
 from harness import run_ranks, spawn_ranks  # noqa: E402
-from test_p2p import _Recorder  # noqa: E402
+from test_p2p_ranks import _Recorder  # noqa: E402
 from test_transfer import SHAPES, FakeExperts, L, P, expected, random_placement  # noqa: E402
 
 from eplb import EPLBConfig, EPLBWrapper  # noqa: E402

@@ -147,3 +147,32 @@ def test_simulator_transfer_count_matches_the_transfer_plan(layers):
     assert count_transfers(old_LP, new_LP, G) == (
         sum(p.num_changed_slots for p in plans), sum(p.num_network_transfers for p in plans)
     )
+
+
+@given(layer_changes(), st.integers(1, 4))
+def test_slot_runs_cover_each_transfer_once_and_match_between_sender_and_receiver(change, per_batch):
+    """Merged runs move exactly the batch's transfers, slot for slot, and a sender and its
+    receiver see the same runs of their pair in the same order (the matching rule)."""
+    from eplb.transfer import slot_runs
+
+    G, old, new = change
+    plan = plans_of(G, old, new)[0]
+    for batch in plan.batches(expert_bytes=1, max_transfer_bytes=per_batch):
+        for rank in range(G):
+            runs = slot_runs(batch, rank)
+            expanded = [(s, a + i, d, b + i) for s, a, d, b, n in runs for i in range(n)]
+            mine = [(t.src_rank, t.src_slot, t.dst_rank, t.dst_slot) for t in batch if rank in (t.src_rank, t.dst_rank)]
+            assert sorted(expanded) == sorted(mine)
+            for src, dst in {(s, d) for s, _, d, _, _ in runs}:
+                pair = [r for r in runs if (r[0], r[2]) == (src, dst)]
+                other = dst if src == rank else src
+                assert pair == [r for r in slot_runs(batch, other) if (r[0], r[2]) == (src, dst)]
+
+
+def test_slot_runs_merge_consecutive_slots_of_one_pair():
+    from eplb.transfer import NetworkTransfer, slot_runs
+
+    batch = [NetworkTransfer(e, 0, e, 1, 4 + e) for e in range(3)] + [NetworkTransfer(9, 1, 6, 0, 0)]
+    assert slot_runs(batch, 0) == [(0, 0, 1, 4, 3), (1, 6, 0, 0, 1)]
+    gap = [NetworkTransfer(0, 0, 0, 1, 4), NetworkTransfer(1, 0, 1, 1, 6)]  # destinations not consecutive
+    assert slot_runs(gap, 1) == [(0, 0, 1, 4, 1), (0, 1, 1, 6, 1)]

@@ -164,3 +164,13 @@ def test_communicators_that_stage_nothing_move_a_layer_in_one_exchange(stages, e
     comm = _Counting(stages)
     execute_layer_transfer(plan, slots, {"w": torch.zeros(3, 8)}, comm, max_transfer_bytes=64)
     assert comm.exchanges == exchanges
+
+
+def test_polling_naps_grow_with_the_wait_and_stay_bounded():
+    from eplb.comm.p2p import _nap
+
+    waits = [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1.0, 100.0]
+    naps = [_nap(w) for w in waits]
+    assert naps == sorted(naps), "a longer wait never polls more often"
+    assert all(1e-5 <= n <= 1e-3 for n in naps)
+    assert all(n <= max(w / 8, 1e-5) for w, n in zip(waits, naps)), "a wake-up is at most 1/8 of the wait late"

@@ -89,7 +89,7 @@ def test_async_end_state_equals_sync_from_the_same_load():
 
 
 def test_step_interval_triggers_async_rebalances_and_commits_one_layer_per_step():
-    wrapper, reference = _wrapped_pair(step_interval=4, window_size=4)
+    wrapper, reference = _wrapped_pair(step_interval=4, window_size=4, async_layers_per_step=1)
     committed_rows = []
     with torch.no_grad():
         for seed in range(20):
@@ -102,6 +102,27 @@ def test_step_interval_triggers_async_rebalances_and_commits_one_layer_per_step(
         int((a != b).any(dim=1).sum()) for a, b in zip(committed_rows, committed_rows[1:])
     ]
     assert max(changed_layers) == 1, "async_layers_per_step=1 commits at most one layer per step"
+    wrapper.close()
+
+
+def test_by_default_a_step_commits_every_layer_ready_on_every_rank():
+    wrapper, reference = _wrapped_pair(window_size=4)
+    assert wrapper.eplb_config.async_layers_per_step is None
+    _steps(wrapper, reference, range(4))
+    old_rows = _layer_rows(wrapper)
+    wrapper.rebalance()
+    job = wrapper._executor._job
+    _wait_planned(wrapper)
+    _steps(wrapper, reference, [50])  # every rank planned: transfers may start
+    with job.cond:  # the worker stages up to num_buffers (2) layers ahead of the commits
+        assert job.cond.wait_for(lambda: len(job.staged) >= min(2, job.total), timeout=30)
+        ready = len(job.staged)
+    old_rows = _layer_rows(wrapper)
+    _steps(wrapper, reference, [51])
+    changed = int((_layer_rows(wrapper) != old_rows).any(dim=1).sum())
+    assert ready >= 2 and changed == ready, f"{ready} layers were ready, {changed} committed in one step"
+    wrapper.synchronize()
+    _steps(wrapper, reference, [52])
     wrapper.close()
 
 
