@@ -173,8 +173,7 @@ def require_gpus() -> tuple[int, int]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus < 2:
         sys.exit(
-            f"benchmarks/multi_gpu.py needs a host with >= 2 CUDA GPUs; this one has {gpus}. "
-            "Multi-GPU machines are not lent yet (issue 8); nothing was measured."
+            f"benchmarks/multi_gpu.py needs a host with >= 2 CUDA GPUs; this one has {gpus}; nothing was measured."
         )
     if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         sys.exit(
@@ -572,7 +571,7 @@ def run_mode(mode: str, base: MoEStack, pool: list[torch.Tensor], args, rank: in
     wrapper.close()
     logger.removeHandler(records)
     logger.setLevel(level)
-    chosen = [m.split()[2] for m in records.messages if m.startswith("eplb communicator:")]
+    chosen = [m.split()[1] for m in records.messages if m.startswith("communicator:")]
     local = {
         "times": times, "cpu": cpu, "worst_err": worst_err, "slots_ok": slots_ok,
         "contexts": (contexts_before, contexts_after), "threads": (threads_before, threads_after),

@@ -23,7 +23,7 @@ Run:
         tensors inside one process (``staging.copy_(slots)`` row by row), run in the same pattern
         (one process, or both at once). Bandwidth = bytes received per second by one process.
 
-Target (issue 5): ratio >= 0.8.
+Target: ratio >= 0.8.
 """
 
 from __future__ import annotations

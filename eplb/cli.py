@@ -2,8 +2,11 @@
 
 TRACE arguments are read by `eplb.traces.load_trace`: a trace file, ``example`` (the trace
 bundled with eplb) or a synthetic spec such as ``synthetic:lognormal?steps=2000&sigma=1``.
-Every error is one line on stderr, ``eplb: error: ...``, with exit status 2 for a bad command
-line and 1 for anything else (bad files, bad specs, sizes that do not fit).
+Every error is one line on stderr, ``eplb: error: ...``, naming the flag to change, with exit
+status 2 for a bad command line and 1 for anything else (bad files, bad specs, sizes that do not
+fit). Output paths (``--plot``, ``--json``, ``-o``) and the packages they need are checked before
+any work starts. ``--import MODULE`` (repeatable) imports a module (or a ``.py`` file) first, so
+the policies it registers with ``@eplb.register_policy`` can be named by ``--policy``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -70,7 +75,7 @@ def _one_line(exc: Exception) -> str:
 
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
+        where = ".".join(_FLAGS.get(str(p), str(p)) for p in err.get("loc", ()))
         text = f"{where}: {err['msg']}" if where else err["msg"]
     elif isinstance(exc, EPLBError):
         text = str(exc)
@@ -80,6 +85,13 @@ def _one_line(exc: Exception) -> str:
         # Not a user error: still one line, but say what it was so it can be reported.
         text = f"{type(exc).__name__}: {exc} (this looks like a bug in eplb; please report it)"
     return " ".join(text.split())
+
+
+_FLAGS = {"policy": "--policy", "window_size": "--window", "step_interval": "--interval",
+          "num_redundant_experts": "--redundant", "num_ranks": "--ranks", "num_nodes": "--nodes",
+          "num_groups": "--groups", "min_improvement": "--min-improvement", "bytes_per_expert": "--bytes-per-expert",
+          "initial_placement": "--initial", "migration_budget": "--migration-budget", "refine": "--refine"}
+"""SimConfig fields and the simulate flags that set them (errors name the flag)."""
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -109,7 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", action="append", type=_positive_int, metavar="STEPS",
                    help="steps between rebalances (default 3000; >= the trace length = never rebalance)")
     _add_sizes(p, repeatable=True)
-    p.add_argument("--min-improvement", action="append", type=float, metavar="X",
+    p.add_argument("--min-improvement", action="append", type=_fraction, metavar="X",
                    help="skip a rebalance whose predicted balancedness gain is below X (default 0)")
     p.add_argument("--migration-budget", action="append", type=_budget, metavar="X",
                    help="policy option: at most this fraction (0, 1] of each layer's slots receive a new "
@@ -123,6 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="write balancedness over time and rank-load heatmaps")
     p.add_argument("--json", metavar="OUT.json", help="write every per-step series and rebalance as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (else shown on a terminal)")
+    _add_import(p)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser(
@@ -134,6 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="default", metavar="NAME", help="registered policy (default: default)")
     _add_sizes(p, repeatable=False)
     p.add_argument("-o", "--output", metavar="PLACEMENT.json", help="where to save the placement")
+    _add_import(p)
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
@@ -169,6 +183,22 @@ def _add_sizes(p: argparse.ArgumentParser, *, repeatable: bool) -> None:
     p.add_argument("--nodes", type=_positive_int, metavar="N", **kw(1), help="nodes (default 1)")
     p.add_argument("--groups", type=_positive_int, metavar="N", **kw(1),
                    help="expert groups per layer, for group-limited routing (default 1)")
+
+
+def _add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (a module name, or a path to a .py file) first, so the policies it "
+                   "registers with @eplb.register_policy can be named by --policy (repeatable)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1) (a balancedness gain)")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -212,6 +242,136 @@ def _byte_size(text: str) -> int:
     return int(value)
 
 
+# ---------------------------------------------------------------------------------------- checks
+def _import_modules(names: list[str]) -> None:
+    """``--import``: import each module (or ``.py`` file) so that its policies are registered."""
+    import importlib
+    import importlib.util
+
+    from eplb.errors import EPLBError
+
+    if names and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the `eplb` script's sys.path[0] is its bin folder
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                if not Path(name).is_file():
+                    raise EPLBError(f"--import {name}: the file does not exist")
+                spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except EPLBError:
+            raise
+        except Exception as exc:
+            raise EPLBError(f"--import {name}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_policy(name: str) -> None:
+    from eplb.errors import EPLBError
+    from eplb.policies import available_policies
+
+    names = available_policies()
+    if name not in names:
+        raise EPLBError(
+            f"--policy {name}: no such policy (registered: {', '.join(names)}); for a policy of your own, "
+            "pass --import MODULE, a module that registers it with @eplb.register_policy"
+        )
+
+
+def _check_sizes(num_logical: int, redundant: int, ranks: int, nodes: int, groups: int) -> None:
+    """The size rules of `eplb.policies.check_policy_inputs`, with the flags to change."""
+    from eplb.errors import EPLBError
+    from eplb.placement import _redundant_fixes
+
+    num_physical = num_logical + redundant
+    if num_physical % ranks:
+        fixes = _redundant_fixes(num_logical, redundant, ranks)
+        raise EPLBError(
+            f"--ranks {ranks} does not divide the {num_physical} slots per layer ({num_logical} experts + "
+            f"--redundant {redundant}); pass --redundant {' or '.join(map(str, fixes))}, or --ranks that divides "
+            f"{num_physical}"
+        )
+    if num_logical % groups:
+        raise EPLBError(
+            f"--groups {groups} does not divide the trace's {num_logical} experts; pass --groups "
+            f"{_divisors_text(num_logical)}"
+        )
+    if ranks % nodes:
+        raise EPLBError(
+            f"--nodes {nodes} does not divide --ranks {ranks} (every node holds as many ranks); pass --nodes "
+            f"{_divisors_text(ranks)}"
+        )
+
+
+def _check_initial(path: str, trace, redundant_values: list[int]) -> None:
+    """``--initial``: a placement for the trace's model, with as many slots as ``--redundant`` gives."""
+    from eplb.errors import EPLBError
+    from eplb.placement import Placement
+
+    initial = Placement.load(path)
+    if (initial.num_layers, initial.num_logical) != (trace.num_layers, trace.num_logical):
+        raise EPLBError(
+            f"--initial {path} is for {initial.num_layers} layers of {initial.num_logical} experts but the trace "
+            f"has {trace.num_layers} of {trace.num_logical}; plan one from this trace with 'eplb plan'"
+        )
+    fits = initial.num_physical - initial.num_logical
+    bad = [r for r in redundant_values if r != fits]
+    if bad:
+        raise EPLBError(
+            f"--initial {path} has {initial.num_physical} slots per layer ({fits} redundant) but --redundant is "
+            f"{bad[0]}; pass --redundant {fits}"
+        )
+
+
+def _divisors_text(n: int, limit: int = 8) -> str:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    shown = ", ".join(map(str, divisors[:limit])) + (", ..." if len(divisors) > limit else "")
+    return f"one of {shown}"
+
+
+def _check_output(flag: str, path: str | None, *, plot: bool = False) -> None:
+    """Raise `EPLBError` unless an output path is writable (its folder exists, it is not a folder) and, for a plot, its
+    format is one matplotlib writes and matplotlib is installed: checked before any work."""
+    from eplb.errors import EPLBError
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise EPLBError(f"{flag} {path}: is a folder; pass a file name")
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise EPLBError(f"{flag} {path}: the folder {folder} does not exist; create it or pass another path")
+    if not os.access(folder, os.W_OK):
+        raise EPLBError(f"{flag} {path}: the folder {folder} is not writable")
+    if plot:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise EPLBError(f"{flag} needs matplotlib; install it with pip install 'eplb[plot]'") from None
+        formats = Figure().canvas.get_supported_filetypes()
+        suffix = target.suffix.lstrip(".").lower()
+        if suffix not in formats:
+            raise EPLBError(
+                f"{flag} {path}: cannot write a {'.' + suffix if suffix else 'file without an extension'}; "
+                f"use one of {', '.join('.' + f for f in sorted(formats))}"
+            )
+
+
+def _no_repeats(flag: str, values: list) -> list:
+    from eplb.errors import EPLBError
+
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise EPLBError(f"{flag} {value} is given twice; give each value once")
+        seen.add(value)
+    return values
+
+
 def _budget(text: str) -> float:
     try:
         value = float(text)
@@ -227,7 +387,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from eplb.simulate import SimConfig, simulate
     from eplb.traces import load_trace
 
-    trace = load_trace(args.trace)
+    _import_modules(args.imports)
+    _check_output("--plot", args.plot, plot=True)
+    _check_output("--json", args.json)
     axes = {
         "policy": args.policy or ["default"],
         "window_size": args.window or [SimConfig.model_fields["window_size"].default],
@@ -240,6 +402,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "migration_budget": args.migration_budget or [None],
         "refine": [args.refine],
     }
+    for key, values in axes.items():
+        _no_repeats(_FLAGS[key], values)
+    for name in axes["policy"]:
+        _check_policy(name)
+    trace = load_trace(args.trace)
+    for redundant, ranks, nodes, groups in itertools.product(
+        axes["num_redundant_experts"], axes["num_ranks"], axes["num_nodes"], axes["num_groups"]
+    ):
+        _check_sizes(trace.num_logical, redundant, ranks, nodes, groups)
+    if args.initial:
+        _check_initial(args.initial, trace, axes["num_redundant_experts"])
     configs = [
         SimConfig(
             **dict(zip(axes, values)), bytes_per_expert=args.bytes_per_expert, initial_placement=args.initial
@@ -270,7 +443,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from eplb.policies import check_policy_inputs, get_policy
     from eplb.traces import load_trace
 
+    _import_modules(args.imports)
+    _check_policy(args.policy)
+    _check_output("-o", args.output)
     trace = load_trace(args.trace)
+    _check_sizes(trace.num_logical, args.redundant, args.ranks, args.nodes, args.groups)
     load_LE = trace.total()
     num_physical = trace.num_logical + args.redundant
     policy = get_policy(args.policy)
@@ -315,6 +492,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
     L, E, P = placement.num_layers, placement.num_logical, placement.num_physical
     ranks = args.ranks or plan.get("num_ranks")
     layers = _layers_to_list(args, L)
+    if ranks is not None and P % ranks:
+        raise EPLBError(
+            f"--ranks {ranks} does not divide the placement's {P} slots per layer; pass --ranks "
+            f"{_divisors_text(P)}"
+        )
     if ranks is not None:
         placement.validate(ranks)
     trace = None

@@ -32,6 +32,12 @@ class EPLBConfig(BaseModel):
     """Configuration of an `EPLBWrapper` (frozen; unknown fields are rejected).
 
     ``EPLBConfig.model_validate_json('{"use_async": false}')`` parses JSON.
+
+    Raises:
+        pydantic.ValidationError: a field out of its range, an unknown field or name, or an
+            incompatible pair of fields; the message names the field, the value and the fix.
+            Like `EPLBError` it subclasses ``ValueError``, so ``except ValueError`` catches the
+            errors of the config and of the library alike.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -40,9 +46,11 @@ class EPLBConfig(BaseModel):
     """Steps of load kept in the sliding window the policy sees. Longer windows react slower
     to drift but plan from less noisy loads. Memory: ``window_size * L * E`` counters."""
 
-    step_interval: int = Field(3000, gt=0)
+    step_interval: int | None = Field(3000, gt=0)
     """Steps between two rebalances. Each rebalance moves weights (bytes reported in
-    ``stats()``); shorter intervals follow drift better at a higher transfer cost."""
+    ``stats()``); shorter intervals follow drift better at a higher transfer cost. ``None``
+    never rebalances on its own (a static placement: see `EPLBConfig.static`); an explicit
+    ``wrapper.rebalance()`` still does."""
 
     num_redundant_experts: int = Field(0, ge=0, le=MAX_REDUNDANT_EXPERTS)
     """Extra physical slots per MoE layer (global count over all ranks), so ``P = E + this``.
@@ -100,8 +108,10 @@ class EPLBConfig(BaseModel):
     per-step cost, at the price of a rebalance lasting at least as many steps as it has layers)."""
 
     async_on_error: AsyncErrorMode = "log"
-    """An exception in the async worker: ``"log"`` aborts the rebalance and logs it with its
-    traceback; ``"raise"`` raises `EPLBError` carrying it on the main thread at the next step."""
+    """An exception in the async worker, or in the policy in sync mode: ``"log"`` aborts the
+    rebalance and logs it with its traceback (the model keeps serving with its placement and
+    ``stats()`` reports the aborted rebalance); ``"raise"`` raises `EPLBError` carrying it on the
+    main thread (async: at the next step; sync: from the step that triggered the rebalance)."""
 
     max_transfer_bytes: int = Field(256 * 2**20, gt=0)
     """Largest batch of weights ``torch_gloo`` exchanges in one call through its pinned host
@@ -122,6 +132,21 @@ class EPLBConfig(BaseModel):
     replica_choice: ReplicaChoice = "hash"
     """How a pair picks a replica (see `ReplicaChoice`). ``"round_robin"`` evens the hot experts'
     replicas in every batch at the cost of a sort per layer."""
+
+    @classmethod
+    def static(cls, **fields) -> EPLBConfig:
+        """A config that never rebalances on its own (``step_interval=None``): the placement it
+        starts with (``initial_placement``, e.g. one planned by ``eplb plan``) stays. The tracker
+        still counts, so ``stats()`` and traces work; ``rebalance()`` still rebalances on request.
+        ``fields`` are the other fields, as for ``EPLBConfig(...)``."""
+        if fields.get("step_interval") is not None:
+            from eplb.errors import EPLBError
+
+            raise EPLBError(
+                f"EPLBConfig.static() never rebalances; drop step_interval={fields['step_interval']!r} "
+                "or use EPLBConfig(step_interval=...)"
+            )
+        return cls(**{**fields, "step_interval": None})
 
     @field_validator("policy")
     @classmethod
@@ -173,12 +198,12 @@ class EPLBConfig(BaseModel):
         if self.use_async and self.policy != "default":
             raise ValueError(
                 f"Async EPLB is only supported with the default policy (got policy={self.policy!r}); "
-                f"set use_async=false to use {self.policy!r}"
+                f"set use_async=False to use {self.policy!r}"
             )
         if self.use_async and self.communicator == "torch_nccl":
             raise ValueError(
-                "use_async=true cannot use communicator='torch_nccl': NCCL point-to-point traffic from a "
+                "use_async=True cannot use communicator='torch_nccl': NCCL point-to-point traffic from a "
                 "background stream can deadlock against the forward pass's own NCCL collectives; "
-                "set communicator to 'torch_p2p' (one host), 'torch_gloo' or 'auto' (or set use_async=false)"
+                "set communicator to 'torch_p2p' (one host), 'torch_gloo' or 'auto' (or set use_async=False)"
             )
         return self

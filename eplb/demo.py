@@ -82,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         return _fail(str(exc), 2)
     opts = _Options(args.steps, args.ranks, args.sync, args.plot, args.seed)
-    if not Path(opts.plot).resolve().parent.is_dir():
-        return _fail(f"--plot {opts.plot}: the folder {Path(opts.plot).resolve().parent} does not exist", 1)
-    try:
-        import matplotlib  # noqa: F401 - fail before spawning anything
-    except ImportError:
-        return _fail("the demo's plot needs matplotlib: pip install matplotlib (or eplb[dev])", 1)
+    from eplb.cli import _check_output
+    from eplb.errors import EPLBError
+
+    try:  # the folder, the format and matplotlib, before spawning anything
+        _check_output("--plot", opts.plot, plot=True)
+    except EPLBError as exc:
+        return _fail(str(exc), 1)
     print(f"eplb demo: {opts.ranks} ranks (gloo on the CPU), {_LAYERS} MoE layers x {_EXPERTS} experts "
           f"(top-{_TOP_K}), {_EXPERTS + _redundant(opts.ranks)} slots per layer, "
           f"{'sync' if opts.sync else 'async'} executor, {opts.steps} steps ...", flush=True)
@@ -160,14 +161,15 @@ def _report(opts: _Options, results: list[dict]) -> None:
     r0 = results[0]
     before, after = r0["phases"]["before"], r0["phases"]["after"]
     ranks = "".join(f"{'rank ' + str(g):>9}" for g in range(opts.ranks))
-    print(f"{'tokens per step on each rank (all layers)':<44}{ranks}{'max/mean':>10}")
+    print(f"{'tokens per step on each rank (all layers)':<44}{ranks}{'mean/max':>10}")
     for name, ph in (("before", before), ("after", after)):
         loads = "".join(f"{v:9.1f}" for v in ph["rank_load"])
-        row_imbalance = max(ph["rank_load"]) / (sum(ph["rank_load"]) / opts.ranks)
         span = f"step {ph['first']}" if ph["first"] == ph["last"] else f"steps {ph['first']}-{ph['last']}"
-        print(f"  {name + ' (' + span + ')':<42}{loads}{row_imbalance:10.2f}")
-    print(f"balancedness (mean/max rank load of each layer): {before['balancedness']:.3f} before -> "
-          f"{after['balancedness']:.3f} after")
+        print(f"  {name + ' (' + span + ')':<42}{loads}{_row_balance(ph['rank_load']):10.2f}")
+    print(f"balancedness (mean/max rank load of each layer, summed over layers): {before['balancedness']:.3f} "
+          f"before -> {after['balancedness']:.3f} after")
+    print("  (each layer's busiest rank counts; the mean/max of the rows above, summed over layers first, "
+          "is higher)")
     print(f"  busiest rank of each layer, summed over layers: {before['busiest']:.1f} -> {after['busiest']:.1f} "
           f"tokens per step (mean rank {after['mean']:.1f})")
     rb = r0["rebalance"]
@@ -184,18 +186,27 @@ def _report(opts: _Options, results: list[dict]) -> None:
           f"max |difference| {diff:.1e})")
 
 
+def _row_balance(rank_load: list[float]) -> float:
+    """mean / max of one row of rank loads (the table's last column and the bars' legend)."""
+    return (sum(rank_load) / len(rank_load)) / max(rank_load) if max(rank_load) > 0 else 1.0
+
+
 def _plot(opts: _Options, r0: dict) -> None:
-    import matplotlib
+    fig = _figure(opts, r0)
+    fig.savefig(opts.plot, dpi=100)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (bars, line) = plt.subplots(1, 2, figsize=(11, 4))
+def _figure(opts: _Options, r0: dict):
+    """The demo's figure: load per rank before/after (legend: the table's mean/max), balancedness per step."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="tight")
+    bars, line = fig.subplots(1, 2)
     ranks = torch.arange(opts.ranks).tolist()
     for shift, name in ((-0.2, "before"), (0.2, "after")):
         ph = r0["phases"][name]
         bars.bar([g + shift for g in ranks], ph["rank_load"], width=0.4,
-                 label=f"{name} (balancedness {ph['balancedness']:.2f})")
+                 label=f"{name} (mean/max {_row_balance(ph['rank_load']):.2f})")
     bars.set(xlabel="rank", ylabel="tokens per step (all layers)", xticks=ranks, title="load per rank")
     bars.legend()
     steps = list(range(1, len(r0["series"]) + 1))
@@ -204,12 +215,11 @@ def _plot(opts: _Options, r0: dict) -> None:
     if r0["steps_during"]:
         lo = opts.interval + 0.5
         line.axvspan(lo, lo + r0["steps_during"], color="orange", alpha=0.2, label="async: weights moving")
-    line.set(xlabel="step", ylabel="balancedness", ylim=(0, 1.05), title="balancedness of each step")
+    line.set(xlabel="step", ylabel="balancedness (mean/max rank load per layer)", ylim=(0, 1.05),
+             title="balancedness of each step")
     line.legend(loc="lower right")
     fig.suptitle(f"eplb demo: {_LAYERS} MoE layers x {_EXPERTS} experts on {opts.ranks} ranks")
-    fig.tight_layout()
-    fig.savefig(opts.plot, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------- ranks

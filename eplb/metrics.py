@@ -9,6 +9,9 @@ aggregate over layers is ``sum_l mean / sum_l max``, so busy layers weigh more t
 Layers without load count as perfectly balanced; no metric is ever NaN.
 
 All functions work on the CPU in float64 and accept a load on any device.
+
+`PrometheusExporter` publishes a wrapper's numbers (balancedness, rebalances, bytes moved) to
+Prometheus through ``prometheus_client`` (optional: ``pip install 'eplb[metrics]'``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from eplb.placement import Placement
 __all__ = [
     "Balancedness",
     "BalancednessLogger",
+    "PrometheusExporter",
     "balancedness",
     "compute_stats",
     "stats_of",
@@ -274,6 +278,95 @@ class BalancednessLogger:
         if self.rank == 0:
             self.logger.info(format_stats(stats))
         return stats
+
+
+class PrometheusExporter:
+    """Publish an `EPLBWrapper`'s numbers to Prometheus (needs ``prometheus_client``:
+    ``pip install 'eplb[metrics]'``).
+
+    `update` (call it on the thread that runs the model, every few steps: it reads the
+    tracker's window, a host sync on a GPU) takes a snapshot of ``wrapper.stats()``; a scrape
+    serves the latest snapshot, so the scraping thread never touches the model. Metrics, each
+    labelled with the EP ``rank`` (every rank exports its own window; no collective):
+
+    ========================================  =======  ============================================
+    ``<prefix>_balancedness``                 gauge    window balancedness, sum mean / sum max over layers
+    ``<prefix>_layer_balancedness{layer}``    gauge    window balancedness of each MoE layer
+    ``<prefix>_steps_total``                  counter  steps since wrapping
+    ``<prefix>_rebalances_total``             counter  rebalances committed (skipped ones not counted)
+    ``<prefix>_bytes_moved_total``            counter  bytes of expert weights moved between ranks
+    ``<prefix>_last_rebalance_seconds``       gauge    wall time of the last rebalance
+    ========================================  =======  ============================================
+
+    Args:
+        wrapper: the `EPLBWrapper`.
+        registry: the ``prometheus_client`` registry to register with (default: its global
+            ``REGISTRY``, what ``prometheus_client.start_http_server`` serves).
+        prefix: metric name prefix.
+
+    Raises:
+        EPLBError: ``prometheus_client`` is not installed, or ``prefix`` is not a valid metric name.
+    """
+
+    def __init__(self, wrapper, *, registry=None, prefix: str = "eplb"):
+        try:
+            import prometheus_client
+        except ImportError:
+            raise EPLBError(
+                "PrometheusExporter needs prometheus_client; install it with pip install 'eplb[metrics]'"
+            ) from None
+        if not isinstance(prefix, str) or not prefix.replace("_", "a").isalnum() or prefix[:1].isdigit():
+            raise EPLBError(f"prefix ({prefix!r}) must be a Prometheus metric name: letters, digits, '_'")
+        self.wrapper = wrapper
+        self.prefix = prefix
+        self.rank = str(getattr(wrapper, "_rank", 0))
+        self._snapshot: dict | None = None
+        self._registry = registry if registry is not None else prometheus_client.REGISTRY
+        self._registry.register(self)
+
+    def update(self) -> dict:
+        """Snapshot ``wrapper.stats()`` for the next scrape; returns it."""
+        self._snapshot = self.wrapper.stats()
+        return self._snapshot
+
+    def close(self) -> None:
+        """Unregister from the registry (the metrics disappear from scrapes)."""
+        self._registry.unregister(self)
+
+    def describe(self) -> list:  # noqa: D102 - prometheus_client's collector protocol
+        return []  # metric names depend on the prefix only; no up-front description needed
+
+    def collect(self):
+        """Yield the metric families of the latest snapshot (prometheus_client's collector protocol)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self._snapshot
+        if stats is None:
+            return
+        p, rank = self.prefix, self.rank
+        gauge = GaugeMetricFamily(f"{p}_balancedness", "Window balancedness (sum mean / sum max rank load)",
+                                  labels=["rank"])
+        gauge.add_metric([rank], stats["balancedness"])
+        yield gauge
+        layers = GaugeMetricFamily(f"{p}_layer_balancedness", "Window balancedness of each MoE layer",
+                                   labels=["rank", "layer"])
+        for i, value in enumerate(stats["balancedness_per_layer"]):
+            layers.add_metric([rank, str(i)], value)
+        yield layers
+        for name, help_text, value in (
+            ("steps", "Steps since wrapping", stats["step"]),
+            ("rebalances", "Rebalances committed", stats["num_rebalances"]),
+            ("bytes_moved", "Bytes of expert weights moved between ranks", stats["bytes_moved_total"]),
+        ):
+            counter = CounterMetricFamily(f"{p}_{name}", help_text, labels=["rank"])
+            counter.add_metric([rank], value)
+            yield counter
+        seconds = stats.get("last_rebalance_seconds")
+        if seconds is not None:
+            last = GaugeMetricFamily(f"{p}_last_rebalance_seconds", "Wall time of the last rebalance",
+                                     labels=["rank"])
+            last.add_metric([rank], seconds)
+            yield last
 
 
 # ---------------------------------------------------------------------- checks

@@ -375,6 +375,13 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not an expert id or a size; placements hold integers only")
 
 
+def _redundant_fixes(num_logical: int, num_redundant: int, num_ranks: int) -> list[int]:
+    """The two smallest redundant-slot counts ``>= num_redundant`` for which ``num_logical + r``
+    is a multiple of ``num_ranks`` (what error messages suggest)."""
+    return [r for r in range(num_redundant, num_redundant + 2 * num_ranks + 1)
+            if (num_logical + r) % num_ranks == 0][:2]
+
+
 def _check_sizes(num_logical: int, num_physical: int, num_ranks: int) -> None:
     if num_ranks <= 0:
         raise EPLBError(f"num_ranks ({num_ranks}) must be > 0")
@@ -384,8 +391,7 @@ def _check_sizes(num_logical: int, num_physical: int, num_ranks: int) -> None:
             "num_redundant_experts cannot be negative"
         )
     if num_physical % num_ranks:
-        lo = num_physical - num_logical
-        fixes = [r for r in range(lo, lo + 2 * num_ranks + 1) if (num_logical + r) % num_ranks == 0][:2]
+        fixes = _redundant_fixes(num_logical, num_physical - num_logical, num_ranks)
         raise EPLBError(
             f"num_physical ({num_physical}) must be a multiple of num_ranks ({num_ranks}); "
             f"set num_redundant_experts to {' or '.join(map(str, fixes))}"

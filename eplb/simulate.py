@@ -269,24 +269,47 @@ class SimResult:
         return text
 
     def plot(self, path: str | os.PathLike) -> None:
-        """Write a figure: balancedness over time for every config (rebalances marked), next to
-        each config's fraction of slots moved per rebalance against its overall balancedness; then
-        per config the rank loads of the whole trace as heatmaps ``[L, G]`` (each layer divided by
-        its mean rank load): served by the initial placement (static) and as simulated.
+        """Write `figure` to ``path`` (any format matplotlib writes, from its extension).
 
         Needs matplotlib (``pip install eplb[plot]``). Draws on its own Agg canvas, without
         pyplot, so it needs no display and leaves the caller's matplotlib backend alone.
+        """
+        self.figure().savefig(path, dpi=110)
+
+    def figure(self):
+        """A matplotlib ``Figure``: balancedness over time for every config (rebalances marked;
+        the legend beside the plot, never over the curves), next to each config's fraction of
+        slots moved per rebalance against its overall balancedness; then heat maps of the rank
+        loads of the whole trace ``[L, G]`` (each layer divided by its mean rank load): one
+        "no rebalance" map per distinct initial placement (configs with the same sizes share one),
+        and one map per config as simulated.
         """
         try:
             from matplotlib.figure import Figure
         except ImportError:
             raise EPLBError("plotting needs matplotlib; install it with pip install 'eplb[plot]'") from None
-        n = len(self.runs)
-        fig = Figure(figsize=(11, 3.2 + 2.6 * n), layout="constrained")
-        grid = fig.add_gridspec(1 + n, 2, height_ratios=[1.3] + [1.0] * n)
-        grid_top = grid[0, :].subgridspec(1, 2, width_ratios=[2.6, 1])
+        # Step 1: the distinct "no rebalance" maps, with the configs that share each.
+        static: list[tuple[np.ndarray, list[str]]] = []
+        for run in self.runs:
+            for m, names in static:
+                if m.shape == run.rank_load_static.shape and np.array_equal(m, run.rank_load_static):
+                    names.append(run.name)
+                    break
+            else:
+                static.append((run.rank_load_static, [run.name]))
+        maps = [(f"no rebalance ({', '.join(names) if len(static) > 1 else 'every config'})", m)
+                for m, names in static]
+        maps += [(f"{run.name}: as simulated", run.rank_load) for run in self.runs]
+        cols = min(3, len(maps))
+        rows = -(-len(maps) // cols)
+        fig = Figure(figsize=(13, 3.6 + 2.6 * rows), layout="constrained")
+        grid = fig.add_gridspec(1 + rows, cols, height_ratios=[1.4] + [1.0] * rows)
+        grid_top = grid[0, :].subgridspec(1, 3, width_ratios=[2.6, 0.8, 1.2])
+        # Step 2: balancedness over time, the legend in its own column beside the curves.
         ax = fig.add_subplot(grid_top[0, 0])
-        scatter = fig.add_subplot(grid_top[0, 1])
+        legend_ax = fig.add_subplot(grid_top[0, 1])
+        legend_ax.axis("off")
+        scatter = fig.add_subplot(grid_top[0, 2])
         for run in self.runs:
             (line,) = ax.plot(np.arange(self.steps), run.balancedness, lw=0.8, label=run.name)
             for r in run.rebalances:
@@ -295,8 +318,8 @@ class SimResult:
         ax.set_xlabel("step")
         ax.set_ylabel("balancedness (mean / max rank load)")
         ax.set_ylim(0, 1.02)
-        ax.legend(loc="lower right", fontsize="small")
-        # What each config pays in movement for the balance it gets.
+        legend_ax.legend(*ax.get_legend_handles_labels(), loc="upper left", fontsize="small", borderaxespad=0)
+        # Step 3: what each config pays in movement for the balance it gets.
         for run in self.runs:
             summary = run.summary()
             done = max(summary["rebalances"], 1)
@@ -308,23 +331,21 @@ class SimResult:
         scatter.set_xlabel("slots moved per rebalance (fraction)")
         scatter.set_ylabel("overall balancedness")
         scatter.set_xlim(left=0)
-        vmax = max((float(_per_layer_ratio(m).max()) for run in self.runs
-                    for m in (run.rank_load_static, run.rank_load)), default=1.0)
+        # Step 4: the heat maps, on one colour scale.
+        vmax = max((float(_per_layer_ratio(m).max()) for _, m in maps), default=1.0)
         image = None
         heat_axes = []
-        for i, run in enumerate(self.runs):
-            for j, (title, m) in enumerate((("initial placement, no rebalance", run.rank_load_static),
-                                            ("as simulated", run.rank_load))):
-                hax = fig.add_subplot(grid[1 + i, j])
-                heat_axes.append(hax)
-                image = hax.imshow(_per_layer_ratio(m), aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
-                                   interpolation="nearest")
-                hax.set_title(f"{run.name}: {title}", fontsize="small")
-                hax.set_xlabel("rank")
-                hax.set_ylabel("layer")
+        for k, (title, m) in enumerate(maps):
+            hax = fig.add_subplot(grid[1 + k // cols, k % cols])
+            heat_axes.append(hax)
+            image = hax.imshow(_per_layer_ratio(m), aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
+                               interpolation="nearest")
+            hax.set_title(title, fontsize="small")
+            hax.set_xlabel("rank")
+            hax.set_ylabel("layer")
         if image is not None:
             fig.colorbar(image, ax=heat_axes, label="rank load / layer mean", shrink=0.8)
-        fig.savefig(path, dpi=110)
+        return fig
 
 
 def simulate(

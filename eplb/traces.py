@@ -16,18 +16,22 @@ target, ``<path>.chunks/``, one complete version-1 file per chunk, each written 
 name and renamed (so a chunk on disk is never half-written). ``close()`` merges the chunks into
 ``<path>`` and removes the directory. A run that dies before ``close()`` leaves the directory:
 `Trace.load` of ``<path>`` then reads every flushed chunk, so at most the last, unflushed
-``chunk_steps`` steps are lost. Chunks rather than appending to one ``.npz`` because appending
+``chunk_steps`` steps are lost. A writer still open when the interpreter exits (a script that
+ends without ``close()``) is closed then, so ``<path>`` is complete.
+Chunks rather than appending to one ``.npz`` because appending
 to a zip rewrites its central directory, and a crash during that rewrite loses the whole file.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
 import shutil
 import uuid
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +45,9 @@ from eplb.errors import EPLBError
 __all__ = [
     "Trace",
     "TraceWriter",
+    "LoadRecorder",
     "load_trace",
+    "from_sglang_dump",
     "lognormal",
     "zipf",
     "drift",
@@ -269,14 +275,42 @@ def load_trace(source: str | os.PathLike) -> Trace:
 
     * a path to a trace file (or an interrupted recording, see `Trace.load`);
     * ``"example"``: the small trace bundled with eplb (`example_trace_path`);
-    * a synthetic spec, ``"synthetic:<kind>?key=value&..."`` (see `synthetic_from_spec`).
+    * a synthetic spec, ``"synthetic:<kind>?key=value&..."`` (see `synthetic_from_spec`);
+    * a ``.pt`` dump of SGLang's expert-distribution recorder (`from_sglang_dump`).
     """
     text = os.fspath(source)
     if text == "example":
         return Trace.load(example_trace_path())
     if text.startswith("synthetic:"):
         return synthetic_from_spec(text)
+    if text.endswith(".pt"):
+        return from_sglang_dump(text)
     return Trace.load(text)
+
+
+def from_sglang_dump(path: str | os.PathLike) -> Trace:
+    """A trace from a dump of SGLang's expert-distribution recorder (``dump_expert_distribution_record``
+    in its ``stat`` mode): a ``torch.save`` dict whose ``"logical_count"`` is ``[T, L, E]`` (one
+    row per recorded forward pass) or ``[L, E]`` (already summed; read as one step).
+
+    Read with ``torch.load(weights_only=True)``: no code in the file runs. Raises `EPLBError` for a
+    missing or unreadable file, or one without a ``logical_count`` of those shapes.
+    """
+    name = os.fspath(path)
+    if not Path(name).is_file():
+        raise EPLBError(f"trace file {name!r} does not exist")
+    try:
+        dump = torch.load(name, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EPLBError(f"{name!r} is not a readable torch.save file: {' '.join(str(exc).split())[:200]}") from None
+    count = dump.get("logical_count") if isinstance(dump, dict) else None
+    if not isinstance(count, torch.Tensor) or count.dim() not in (2, 3):
+        raise EPLBError(
+            f"{name!r} is not an SGLang expert-distribution dump: expected a dict with a 'logical_count' tensor "
+            "of shape [steps, num_layers, num_logical] or [num_layers, num_logical]"
+        )
+    loads = count if count.dim() == 3 else count.unsqueeze(0)
+    return Trace(loads, {"source": f"sglang:{Path(name).name}"})
 
 
 def example_trace_path() -> Path:
@@ -330,6 +364,7 @@ class TraceWriter:
         self._buffer: list[Any] = []
         self._num_chunks = 0
         self.chunk_dir.mkdir(parents=True)
+        self._exit_hook = _finish_at_exit(self)
 
     def append(self, load_LE: torch.Tensor | np.ndarray) -> None:
         """Add one step. ``load_LE``: ``[L, E]`` int or float — tokens per logical expert.
@@ -387,6 +422,7 @@ class TraceWriter:
             return Trace.load(self.path)
         self.flush()
         self.closed = True
+        atexit.unregister(self._exit_hook)
         if self._num_chunks == 0:
             shutil.rmtree(self.chunk_dir, ignore_errors=True)
             raise EPLBError(
@@ -406,12 +442,132 @@ class TraceWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.closed:
-            if self.steps:
-                self.close()
-            else:
-                self.closed = True
-                shutil.rmtree(self.chunk_dir, ignore_errors=True)
+        self.finish()
+
+    def finish(self) -> Trace | None:
+        """`close` if a step was appended (returns the trace); else remove the chunk directory
+        and write nothing (returns None). Idempotent; runs at interpreter exit if still open."""
+        if self.closed:
+            return None
+        if self.steps:
+            return self.close()
+        self.closed = True
+        atexit.unregister(self._exit_hook)
+        shutil.rmtree(self.chunk_dir, ignore_errors=True)
+        return None
+
+
+def _finish_at_exit(writer: TraceWriter):
+    """Register (and return) an atexit hook that finishes ``writer`` if it is still open then.
+    It holds only a weak reference, so it keeps no writer (and no device buffer) alive."""
+    ref = weakref.ref(writer)
+
+    def hook() -> None:
+        live = ref()
+        if live is None or live.closed:
+            return
+        try:
+            live.finish()
+            _log.info("trace %r was still open at exit; closed it (%d steps)", str(live.path), live.steps)
+        except Exception:  # noqa: BLE001 - at exit, report and let the other hooks run
+            _log.exception("could not close the trace %r at exit; its flushed chunks stay readable",
+                           str(live.path))
+
+    atexit.register(hook)
+    return hook
+
+
+class LoadRecorder:
+    """Records the per-step load of a wrapped model into a trace file, started and stopped at
+    run time (`EPLBWrapper.start_recording` / ``stop_recording``, the controls of SGLang's
+    expert-distribution recorder). The file is a version-1 trace: a load source for
+    ``eplb plan``, ``eplb simulate``, `load_trace` and `Trace.load`.
+
+    `on_step` records the tracker's last step, summed over ``group`` (a collective: with several
+    ranks every rank calls `start`, `on_step` and `stop` alike; rank 0 writes). Steps taken while
+    ``tracker.enabled`` is False are not recorded: the tracker counted nothing for them.
+
+    Args:
+        metadata: JSON-ready trace metadata (``num_layers``, ``num_logical``, ``model``, ...).
+        rank: this process's rank in ``group``; only rank 0 writes.
+        group: the process group the load is summed over (None: this process's load).
+    """
+
+    def __init__(self, metadata: dict[str, Any], *, rank: int = 0, group=None) -> None:
+        self.metadata = dict(metadata)
+        self.rank = rank
+        self.group = group
+        self._path: Path | None = None
+        self._writer: TraceWriter | None = None
+
+    @property
+    def recording(self) -> bool:
+        """True between `start` and `stop`."""
+        return self._path is not None
+
+    @property
+    def path(self) -> Path | None:
+        """The file being recorded, or None."""
+        return self._path
+
+    def start(self, path: str | os.PathLike, *, chunk_steps: int = 256) -> None:
+        """Record every following step into ``path`` (see `TraceWriter` for ``chunk_steps``).
+
+        Raises `EPLBError` when a recording is already running or ``path`` cannot be written.
+        """
+        if self._path is not None:
+            raise EPLBError(
+                f"already recording to {str(self._path)!r}; call stop_recording() before starting another"
+            )
+        target = Path(path)
+        if target.is_dir():
+            raise EPLBError(f"cannot record to {str(target)!r}: it is a directory; pass a file path such as run.npz")
+        try:
+            self._writer = TraceWriter(target, self.metadata, chunk_steps=chunk_steps) if self.rank == 0 else None
+        except OSError as exc:
+            raise EPLBError(f"cannot write the trace {str(target)!r} ({exc})") from None
+        self._path = target
+
+    def wants(self, tracker) -> bool:
+        """True when the step ``tracker`` just completed is to be recorded (recording, and the
+        tracker enabled): the caller then all-reduces its load and passes it to `append`."""
+        return self._path is not None and tracker.enabled
+
+    def append(self, load_LE) -> None:
+        """Record one step's ``[L, E]`` load, already summed over the group (rank 0 writes)."""
+        if self._writer is not None:
+            self._writer.append(load_LE)
+
+    def on_step(self, tracker) -> None:
+        """Record ``tracker``'s last completed step, summed over ``group`` (no-op when not
+        recording or disabled): `wants` + `append`."""
+        if self.wants(tracker):
+            self.append(tracker.last_step_load(group=self.group))
+
+    def discard(self) -> None:
+        """Abandon a recording with no step recorded yet (a wrap that failed after `start`):
+        removes its chunk folder and writes nothing."""
+        writer, self._path, self._writer = self._writer, None, None
+        if writer is not None and writer.steps == 0:
+            writer.finish()
+
+    def idle_copy(self) -> LoadRecorder:
+        """A recorder with the same metadata and rank, not recording (for a copied wrapper: a
+        file has one writer)."""
+        return LoadRecorder(self.metadata, rank=self.rank, group=None)
+
+    def stop(self) -> Trace | None:
+        """End the recording and write the file. Returns the recorded `Trace` on rank 0; None on
+        the other ranks, when nothing was recording, or when no step was recorded (then no file
+        is written and a warning is logged)."""
+        path, writer = self._path, self._writer
+        self._path = self._writer = None
+        if writer is None:
+            return None
+        trace = writer.finish()
+        if trace is None:
+            _log.warning("recording to %r stopped before any step was recorded; nothing written", str(path))
+        return trace
 
 
 # ---------------------------------------------------------------------------------------- synthetic

@@ -32,11 +32,11 @@ from eplb.metrics import BalancednessLogger, balancedness, stats_of
 from eplb.moe import EPLBExperts, find_moe_layers
 from eplb.moe.adapters import direct_tensors
 from eplb.moe.layer import not_copyable_message
-from eplb.placement import Placement
+from eplb.placement import Placement, _redundant_fixes
 from eplb.planner import Decision, PlanOptions, plan, skip_empty_window
-from eplb.policies import check_policy_inputs
+from eplb.policies import check_policy_inputs, get_policy
 from eplb.runtime import Runtime, Topology, build_executor, build_runtime
-from eplb.traces import TraceWriter
+from eplb.traces import LoadRecorder, Trace
 from eplb.tracker import check_window_size
 
 __all__ = ["EPLBWrapper"]
@@ -64,8 +64,9 @@ class EPLBWrapper:
             config raises `EPLBError`.
         initial_placement: a `Placement` (or a path to one saved with ``Placement.save``) to
             start from instead of ``Placement.initial``.
-        record_trace: path of a ``.npz`` trace (`eplb.traces.TraceWriter`) that records the load of
-            every step (summed over the ranks, written by rank 0); finished by `close`.
+        record_trace: path of a ``.npz`` trace that records the load of every step (summed over
+            the ranks, written by rank 0), as ``start_recording(record_trace)`` right after wrapping;
+            finished by `close`, `stop_recording`, or at interpreter exit.
         device: for a model whose parameters are on the ``meta`` device (see
             `eplb.meta_parameters`): the device of this rank. Its non-expert tensors are
             materialised there (empty) and only its ``S`` slots per layer are allocated; fill
@@ -79,7 +80,7 @@ class EPLBWrapper:
         wrapper.rebalance()        # force a rebalance from the current window
         wrapper.stats()            # balancedness and the last rebalance
 
-    The wrapper's own names are ``module``, ``eplb_config``, ``tracker``, ``placement``,
+    The wrapper's own names are ``module``, ``eplb_config``, ``tracker``, ``placement``, ``recording``,
     ``eplb_layers``, ``steps`` and the methods below; every other attribute falls through to the
     model (``wrapper.generate(...)``, ``wrapper.config``, ``wrapper.eval()``). Every forward of
     the model is one step, however it is called.
@@ -106,7 +107,7 @@ class EPLBWrapper:
         # With several ranks, an error on one rank is shared so that every rank raises together
         # and none hangs in the agreement check or, later, in its first forward.
         error: Exception | None = None
-        trace = None
+        recorder = None
         try:
             specs = find_moe_layers(model)
             num_layers, num_logical = len(specs), specs[0].num_experts
@@ -120,7 +121,13 @@ class EPLBWrapper:
             device = resolve_device(device, found_device, model, specs)
             loader = LogicalLoader(model, specs)
             check_window_size(config.window_size, num_layers, num_logical)
-            trace = _trace_writer(record_trace, model, num_layers, num_logical, rank)
+            recorder = LoadRecorder(
+                {"num_layers": num_layers, "num_logical": num_logical, "model": type(model).__name__,
+                 "source": "EPLBWrapper"},
+                rank=rank,
+            )
+            if record_trace is not None:
+                recorder.start(record_trace)
         except Exception as exc:
             error = exc
         if num_ranks > 1:
@@ -140,7 +147,8 @@ class EPLBWrapper:
             try:
                 _check_ranks_agree(_error_text(error), summary, ep_group, num_ranks, rank)
             except BaseException:
-                _discard_trace(trace)
+                if recorder is not None:
+                    recorder.discard()
                 if error is not None:
                     raise error from None
                 raise
@@ -181,11 +189,12 @@ class EPLBWrapper:
         ]
         self._executor = runtime.executor
         self._executor.stop_with(self)
-        self._recording = record_trace is not None
-        self._trace = trace
+        recorder.group = self._collective_group
+        self._recorder = recorder
         self._balancedness_logger = _balancedness_logger(config, num_ranks, rank)
         self._steps = 0
         self._num_rebalances = 0
+        self._bytes_moved_total = 0
         self._last_report = None
         self._last_gain: float | None = None
         self._closed = False
@@ -233,7 +242,8 @@ class EPLBWrapper:
         if self._num_ranks > 1:
             raise EPLBError(not_copyable_message(self._num_ranks))
         state = dict(self.__dict__)
-        state.update(_runtime=None, _executor=None, _trace=None, _recording=False, _public_placement=(None, None))
+        state.update(_runtime=None, _executor=None, _recorder=self._recorder.idle_copy(),
+                     _public_placement=(None, None))
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -274,31 +284,49 @@ class EPLBWrapper:
         """Steps (model forwards) since wrapping."""
         return self._steps
 
-    def stats(self, *, reduce: bool = False) -> dict:
+    def stats(self, *, reduce: bool = False, num_ranks: int | None = None) -> dict:
         """Balancedness of the current window under the committed placement, and the last rebalance.
 
         Args:
             reduce: sum the window over the EP group first (a collective: every rank must call
                 it). By default the window of this rank alone is used and nothing communicates.
+            num_ranks: a preview for another number of EP ranks ``G`` (e.g. on one process, where
+                balancedness is always 1.0): the committed placement's slots laid out over ``G``
+                ranks (slot ``s`` on rank ``s // (P // G)``, as a ``G``-rank wrapper would hold them,
+                e.g. with a placement planned by ``eplb plan --ranks G``), and ``planned_balancedness``,
+                what the configured policy would reach on ``G`` ranks from this window. ``P`` must
+                be a multiple of ``G`` (`EPLBError` names the fix). Default: this wrapper's ranks.
 
         Returns:
             The keys of `eplb.metrics.compute_stats` (``step``, ``avg_tokens_per_rank``,
-            ``max_tokens_per_rank``, ``balancedness``, ``imbalance``, ``steps_to_next_rebalance``),
-            plus ``balancedness_per_layer`` (list), ``num_rebalances``, ``last_predicted_gain``
-            and ``last_rebalance_<field>`` for every `eplb.executor.RebalanceReport` field
-            (None before the first rebalance).
+            ``max_tokens_per_rank``, ``balancedness``, ``imbalance``, ``steps_to_next_rebalance``,
+            None with a static placement), plus ``balancedness_per_layer`` (list),
+            ``num_rebalances``, ``last_predicted_gain`` and ``last_rebalance_<field>`` for every
+            `eplb.executor.RebalanceReport` field (None before the first rebalance); with
+            ``num_ranks``, also ``num_ranks`` and ``planned_balancedness`` (None without load).
         """
-
+        ranks = self._num_ranks if num_ranks is None else _preview_ranks(num_ranks, self._num_physical,
+                                                                          self._num_logical)
         group = self._collective_group if reduce else None
         load_LE = self.tracker.window_load(group=group)
-        b = balancedness(load_LE, self._placement, self._num_ranks)
+        b = balancedness(load_LE, self._placement, ranks)
         out = stats_of(b, step=self._steps, steps_to_next_rebalance=self._steps_to_next_rebalance())
         out["balancedness_per_layer"] = b.per_layer.tolist()
         out["num_rebalances"] = self._num_rebalances
+        out["bytes_moved_total"] = self._bytes_moved_total
         out["last_predicted_gain"] = self._last_gain
         report = asdict(self._last_report) if self._last_report is not None else {}
         for f in fields(RebalanceReport):
             out[f"last_rebalance_{f.name}"] = report.get(f.name)
+        if num_ranks is not None:
+            out["num_ranks"] = ranks
+            out["planned_balancedness"] = None
+            if bool((load_LE > 0).any()):
+                planned = get_policy(self.eplb_config.policy)(
+                    load_LE, num_physical=self._num_physical, num_groups=self._num_groups,
+                    num_nodes=self._num_nodes if ranks % self._num_nodes == 0 else 1, num_ranks=ranks,
+                )
+                out["planned_balancedness"] = balancedness(load_LE, planned, ranks).aggregate
         return out
 
     def state_dict(self) -> dict:
@@ -367,6 +395,25 @@ class EPLBWrapper:
             self._placement = placement
             self._steps = steps
 
+    # ------------------------------------------------------------------ recording
+    def start_recording(self, path: str | os.PathLike, *, chunk_steps: int = 256) -> None:
+        """Record the load of every following step (summed over the EP group) into the trace
+        file ``path`` (`eplb.traces.LoadRecorder`; every rank must call it, rank 0 writes).
+        Steps with ``tracker.enabled = False`` are not recorded. The file is a load source for
+        ``eplb plan`` / ``eplb simulate``. Raises `EPLBError` while a recording is running."""
+        self._check_open()
+        self._recorder.start(path, chunk_steps=chunk_steps)
+
+    def stop_recording(self) -> Trace | None:
+        """Stop the recording and write its file; returns the `eplb.traces.Trace` on rank 0
+        (None on other ranks, or when no recording ran or no step was recorded)."""
+        return self._recorder.stop()
+
+    @property
+    def recording(self) -> bool:
+        """True while a trace is being recorded."""
+        return self._recorder.recording
+
     # ------------------------------------------------------------------ logical weights
     def load_logical_state_dict(
         self, source: dict | str | os.PathLike, strict: bool = True
@@ -430,7 +477,7 @@ class EPLBWrapper:
         if not self.async_in_flight:
             return "none"
         if self._rank == 0:
-            logger.info("eplb: load_logical_state_dict waits for the in-flight async rebalance to finish")
+            logger.info("load_logical_state_dict waits for the in-flight async rebalance to finish")
         self.synchronize()
         return "waited"
 
@@ -481,7 +528,7 @@ class EPLBWrapper:
         if outcome.report is not None:
             self._last_report = outcome.report
             if not outcome.report.skipped:
-                self._num_rebalances += 1
+                self._count(outcome.report)
 
     def _plan(self, load_LE: torch.Tensor, old: Placement) -> Decision:
         """The planner's `Decision` for this model, topology and config (pure: runs on the async
@@ -499,7 +546,10 @@ class EPLBWrapper:
         if empty is not None:
             return self._skip(empty.skip_reason)
         # Async: the planner runs on the worker thread; the main thread goes back to the forward passes.
-        self._executor.begin(self._layers, old, lambda: self._plan(load_LE, old))
+        if self.eplb_config.use_async:
+            self._executor.begin(self._layers, old, lambda: self._plan(load_LE, old))
+        else:
+            self._executor.begin(self._layers, old, lambda: self._decide_or_fail(load_LE, old))
         if self.eplb_config.use_async:
             if not self._executor.in_flight:  # every rank skipped it at once (a rank was busy)
                 self._last_report = self._executor.last_report
@@ -513,6 +563,27 @@ class EPLBWrapper:
             self._placement = self._committed_placement()
             raise
         return outcome.report
+
+    def _count(self, report: RebalanceReport) -> None:
+        self._num_rebalances += 1
+        self._bytes_moved_total += report.bytes_moved
+
+    def _decide_or_fail(self, load_LE: torch.Tensor, old: Placement) -> Decision:
+        """Sync mode's decision. If the policy raises, ``async_on_error`` decides, as in async
+        mode: ``"log"`` logs it and skips the rebalance (the placement stays and the step's output
+        is returned as usual); ``"raise"`` raises `EPLBError` from it. Nothing moves either way."""
+        try:
+            return self._plan(load_LE, old)
+        except Exception as exc:  # noqa: BLE001 - the policy is user code; async_on_error decides
+            message = (
+                f"policy {self.eplb_config.policy!r} failed at step {self._steps}: {type(exc).__name__}: "
+                f"{exc}; the placement is unchanged"
+            )
+            if self.eplb_config.async_on_error == "raise":
+                raise EPLBError(f"{message} (async_on_error='raise'; 'log' logs it and keeps serving)") from exc
+            if self._rank == 0:
+                logger.error("rebalance aborted: %s", message, exc_info=exc)
+            return Decision(new=None, skip_reason=f"aborted: {message}")
 
     def _collective(self, operation: str, fn, *args):
         """``fn(*args)``, a collective; a backend failure becomes `eplb.errors.peer_failure`."""
@@ -530,13 +601,13 @@ class EPLBWrapper:
     def _skip(self, reason: str) -> RebalanceReport:
         report = RebalanceReport.skip(reason)
         if self._rank == 0:
-            logger.info("eplb rebalance skipped: %s", reason)
+            logger.info("rebalance skipped: %s", reason)
         self._last_report = report
         return report
 
-    def _steps_to_next_rebalance(self) -> int:
+    def _steps_to_next_rebalance(self) -> int | None:
         interval = self.eplb_config.step_interval
-        return interval - self._steps % interval
+        return None if interval is None else interval - self._steps % interval
 
     def step(self) -> None:
         """Count one step by hand: record-window bookkeeping, async commits, and the rebalance
@@ -598,13 +669,11 @@ class EPLBWrapper:
         with critical_section():
             self.tracker.step()
             self._steps += 1
-        if self._recording:
+        if self._recorder.wants(self.tracker):
             # Every rank joins the all-reduce; rank 0 writes.
-            load_LE = self._collective(
+            self._recorder.append(self._collective(
                 "the trace's load all-reduce", self.tracker.last_step_load, self._collective_group
-            )
-            if self._trace is not None:
-                self._trace.append(load_LE)
+            ))
         if self._balancedness_logger is not None:
             self._balancedness_logger(
                 self._steps, self.tracker, self._placement, self._collective_group, self._steps_to_next_rebalance()
@@ -616,11 +685,12 @@ class EPLBWrapper:
                 # An interrupt between a commit and _apply must not leave a stale placement here.
                 self._placement = self._committed_placement()
                 raise
-        if self._steps % self.eplb_config.step_interval == 0:
+        interval = self.eplb_config.step_interval
+        if interval is not None and self._steps % interval == 0:  # None: a static placement
             if self.async_in_flight:
                 if self._rank == 0:
                     logger.warning(
-                        "eplb: step %d: the previous async rebalance is still in flight; this one is skipped "
+                        "step %d: the previous async rebalance is still in flight; this one is skipped "
                         "(raise step_interval or async_layers_per_step)", self._steps,
                     )
             else:
@@ -635,8 +705,7 @@ class EPLBWrapper:
         self._closed = True
         self._hook.remove()
         self._executor.close()
-        if self._trace is not None:
-            self._trace.close()
+        self._recorder.stop()
 
     def unwrap(self) -> nn.Module:
         """Put the original experts modules back, holding the primary copy of every expert, and
@@ -689,6 +758,19 @@ def _resolve_num_groups(model: nn.Module, num_groups: int | None) -> int:
             f"pass num_groups={from_model[1]} or None"
         )
     return num_groups
+
+
+def _preview_ranks(num_ranks, num_physical: int, num_logical: int) -> int:
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        raise EPLBError(f"stats(num_ranks={num_ranks!r}): num_ranks must be an int >= 1")
+    if num_physical % num_ranks:
+        fixes = _redundant_fixes(num_logical, num_physical - num_logical, num_ranks)
+        raise EPLBError(
+            f"stats(num_ranks={num_ranks}): the {num_physical} physical slots per layer cannot be split over "
+            f"{num_ranks} ranks; preview a divisor of {num_physical}, or wrap with num_redundant_experts "
+            f"{' or '.join(map(str, fixes))}"
+        )
+    return num_ranks
 
 
 def _check_sizes(num_layers, num_logical, num_physical, num_groups, num_nodes, num_ranks) -> None:
@@ -786,29 +868,6 @@ def _check_saved_slots(layer, saved) -> None:
             )
 
 
-def _discard_trace(trace) -> None:
-    """Remove the (still empty) chunk folder of a trace writer made before a failed wrap."""
-    if trace is not None:
-        try:
-            trace.chunk_dir.rmdir()
-        except OSError:
-            pass
-
-
-def _trace_writer(path, model: nn.Module, num_layers: int, num_logical: int, rank: int):
-    if path is None or rank != 0:
-        return None
-
-    metadata = {
-        "num_layers": num_layers,
-        "num_logical": num_logical,
-        "model": type(model).__name__,
-        "source": "EPLBWrapper",
-    }
-    try:
-        return TraceWriter(path, metadata)
-    except OSError as exc:
-        raise EPLBError(f"record_trace: cannot write the trace {str(path)!r} ({exc})") from None
 
 
 def _balancedness_logger(config: EPLBConfig, num_ranks: int, rank: int):

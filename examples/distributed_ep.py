@@ -84,12 +84,12 @@ def main() -> None:
             torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
             stats = wrapper.stats(reduce=True)  # collective: every rank calls it
             if stats["num_rebalances"] > rebalances and rank == 0:
-                moved, kib = (
+                moved, mib = (
                     stats["last_rebalance_network_transfers"],
-                    stats["last_rebalance_bytes_moved"] / 2**10,
+                    stats["last_rebalance_bytes_moved"] / 2**20,
                 )
                 print(
-                    f"step {step + 1}: rebalanced; {moved} experts crossed the network ({kib:.0f} KiB); "
+                    f"step {step + 1}: rebalanced; {moved} experts crossed the network ({mib:.1f} MiB); "
                     f"balancedness of the window: predicted gain {stats['last_predicted_gain']:+.3f}, "
                     f"now {stats['balancedness']:.3f}"
                 )

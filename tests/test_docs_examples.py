@@ -1,5 +1,6 @@
-"""Every ```python block in README.md and docs/ runs, unless the line before it is
-``<!-- not-run: REASON -->``. Blocks of one page run in order in one namespace, in a temp dir."""
+"""Every ```python block in README.md and docs/ runs **alone**, as a reader who copies just that
+block would run it: each in a fresh namespace, in a fresh temp dir, unless the line before it is
+``<!-- not-run: REASON -->``."""
 
 import os
 import re
@@ -21,14 +22,30 @@ def blocks(page: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
-def test_docs_code_blocks_run(page, tmp_path, monkeypatch):
+def _cases():
+    for page in PAGES:
+        for i, code in enumerate(blocks(page)):
+            yield pytest.param(page, i, code, id=f"{page.relative_to(ROOT)}[{i}]")
+
+
+@pytest.mark.parametrize(("page", "index", "code"), list(_cases()))
+def test_docs_code_block_runs_alone(page, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     namespace: dict = {"__name__": "__docs__"}
-    for i, code in enumerate(blocks(page)):
-        try:
-            exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
-        except Exception as exc:  # pragma: no cover - the message is the point
-            raise AssertionError(f"{page.relative_to(ROOT)} block {i} failed: {exc!r}\n{code}") from exc
+    try:
+        exec(compile(code, f"{page.name}[block {index}]", "exec"), namespace)
+    except Exception as exc:  # pragma: no cover - the message is the point
+        raise AssertionError(f"{page.relative_to(ROOT)} block {index} failed alone: {exc!r}\n{code}") from exc
+    finally:
+        _unregister_plugins(namespace)
     assert os.getcwd() == str(tmp_path)
+
+
+def _unregister_plugins(namespace: dict) -> None:
+    """Blocks that register a policy, adapter or communicator leave the registries as they found them
+    (a reader's fresh interpreter would not carry them over to the next block either)."""
+    from eplb.policies import _REGISTRY
+
+    for name in [n for n, fn in _REGISTRY.items() if getattr(fn, "__module__", None) == "__docs__"]:
+        _REGISTRY.pop(name, None)

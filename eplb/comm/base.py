@@ -218,7 +218,7 @@ def select_communicator(
         communicator = cls(group=None if single else group, device=device, timeout_s=timeout_s)
     if communicator.rank == 0:
         logger.info(
-            "eplb communicator: %s (requested %r, use_async=%s, device=%s, ranks=%d): %s",
+            "communicator: %s (requested %r, use_async=%s, device=%s, ranks=%d): %s",
             chosen,
             name,
             use_async,

@@ -181,7 +181,7 @@ class AsyncExecutor:
             )
             self.last_report = RebalanceReport.skip(reason)
             if self.rank == 0:
-                logger.warning("eplb: %s", reason)
+                logger.warning("%s", reason)
             return
         job = _Job(layers, old, decide, self.num_buffers)
         device = device_of(layers)
@@ -308,11 +308,13 @@ class AsyncExecutor:
         self.last_report = report
         if self.rank == 0:
             if skipped:
-                logger.info("eplb: async rebalance skipped: %s", decision.skip_reason)
+                logger.info("async rebalance skipped: %s", decision.skip_reason)
             else:
                 logger.info(
-                    "eplb: async rebalance done: %d layers, %d bytes, %.3f s, %d steps ran meanwhile",
-                    report.layers, report.bytes_moved, report.seconds, self.steps_in_flight,
+                    "async rebalance done: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
+                    "%d local copies, %.3f s, %d steps ran meanwhile",
+                    report.layers, report.slots_changed, report.network_transfers, report.bytes_moved / 2**20,
+                    report.local_copies, report.seconds, self.steps_in_flight,
                 )
         return StepOutcome(committed=tuple(committed), placement=self._placement(job),
                            report=report, decision=decision)
@@ -346,7 +348,7 @@ class AsyncExecutor:
         )
         if self.on_error == "raise" and not timed_out:
             raise EPLBError(message) from (job.error if failed_rank == self.rank else None)
-        logger.error("eplb: %s", message)
+        logger.error("%s", message)
         return StepOutcome(placement=self._placement(job), report=report, decision=job.decision)
 
     # ------------------------------------------------------------------ worker thread
@@ -389,7 +391,7 @@ class AsyncExecutor:
                 job.error = exc
                 job.error_tb = traceback.format_exc()
                 job.cond.notify_all()
-            logger.debug("eplb: async worker failed on rank %d", self.rank, exc_info=True)
+            logger.debug("async worker failed on rank %d", self.rank, exc_info=True)
 
     def _communicate(self, layer, plan, slot_tensors, staging) -> None:
         execute_layer_transfer(plan, slot_tensors, staging, self.communicator, self.max_transfer_bytes)

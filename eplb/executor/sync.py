@@ -86,7 +86,7 @@ class SyncExecutor:
         if decision.new is None:
             report = RebalanceReport.skip(decision.skip_reason)
             if self.rank == 0:
-                logger.info("eplb rebalance skipped: %s", decision.skip_reason)
+                logger.info("rebalance skipped: %s", decision.skip_reason)
             self.last_report = report
             return StepOutcome(report=report, decision=decision)
         start = time.perf_counter()
@@ -123,7 +123,7 @@ class SyncExecutor:
         self.last_report = report
         if self.rank == 0:
             logger.info(
-                "eplb rebalance: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
+                "rebalance done: %d layers, %d slots changed, %d network transfers (%.1f MiB), "
                 "%d local copies, %.3f s",
                 report.layers,
                 report.slots_changed,

@@ -15,6 +15,7 @@ unless the callable has an ``eplb_options`` attribute listing them).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -106,6 +107,34 @@ def check_policy_inputs(
     return load
 
 
+_POLICY_KEYWORDS = ("num_physical", "num_groups", "num_nodes", "num_ranks", "old")
+
+
+def _check_signature(name: str, fn) -> None:
+    """A policy must take the load positionally and every keyword of `Policy` (or ``**kwargs``):
+    checked at registration, so a wrong signature fails there rather than at the first rebalance."""
+    if not callable(fn):
+        raise EPLBError(f"policy {name!r} must be a callable, got {type(fn).__name__}")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a callable whose signature Python cannot read: trust it
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        named = set(_POLICY_KEYWORDS)
+    else:
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    missing = [k for k in _POLICY_KEYWORDS if k not in named]
+    if missing or not positional:
+        raise EPLBError(
+            f"policy {name!r} has the signature {getattr(fn, '__name__', 'policy')}{inspect.signature(fn)}; "
+            f"a policy takes (load, *, num_physical, num_groups, num_nodes, num_ranks, old=None)"
+            + (f" and lacks {', '.join(missing)}" if missing else " and lacks the load argument")
+            + "; add them (old is the placement in force, None when there is none)"
+        )
+
+
+
 def set_options(*, migration_budget: float | None = None, refine: bool = False) -> dict[str, object]:
     """The policy options that are set (not at their defaults), as keyword arguments of a policy call."""
     options: dict[str, object] = {}
@@ -173,6 +202,8 @@ def register_policy(
 
     The registered callable validates its inputs (`check_policy_inputs`, the options) and its
     output (`Placement.validate`), so plug-ins get the same error messages as built-ins.
+    Registering a taken name raises `EPLBError` unless ``override=True``; so does a function
+    whose signature lacks the load or one of the keywords of `Policy` (``old`` included).
     """
     return _register(name, options, override=override, trusted=False)
 
@@ -195,6 +226,7 @@ def _register(
             _load_builtins()
         if name in _REGISTRY and not override:
             raise EPLBError(f"policy {name!r} is already registered; pass override=True to replace it")
+        _check_signature(name, fn)
         _REGISTRY[name] = _checked(name, fn, trusted=trusted)
         _OPTIONS[name] = options
         return fn
@@ -255,6 +287,7 @@ def _load_entry_points() -> None:
             continue
         try:
             fn = ep.load()
+            _check_signature(ep.name, fn)
         except Exception as exc:  # a broken plug-in must not break eplb itself
             import logging
 

@@ -258,9 +258,9 @@ def test_auto_picks_p2p_for_async_on_one_host_and_logs_why(verdict, probe_fails,
     outs = run_ranks(_auto_on_rank, 2, verdict, probe_fails, timeout=120)
     for rank, (name, sync_name, messages) in enumerate(outs):
         assert name == chosen and sync_name == "torch_gloo"
-        logged = [m for m in messages if m.startswith("eplb communicator:")]
+        logged = [m for m in messages if m.startswith("communicator:")]
         assert len(logged) == (2 if rank == 0 else 0)
-    assert re.search(rf"eplb communicator: {chosen} \(requested 'auto', use_async=True.*\): .*{why}", outs[0][2][0])
+    assert re.search(rf"communicator: {chosen} \(requested 'auto', use_async=True.*\): .*{why}", outs[0][2][0])
 
 
 def _cpu_support_on_rank(rank: int, world_size: int):

@@ -103,14 +103,14 @@ def _async_wrapper(rank: int, world_size: int):
                 for name, slots in layer.slot_tensors().items():
                     assert torch.equal(slots, logical[layer.layer_index][name][own]), (layer.layer_index, name)
             check_step()
-    chosen = [m for m in records.messages if m.startswith("eplb communicator:")]
+    chosen = [m for m in records.messages if m.startswith("communicator:")]
     wrapper.close()
     return {"chosen": chosen, "in_flight": in_flight, "moved": moved, "placement": wrapper.placement.phy2log.tolist()}
 
 
 def test_async_p2p_rebalances_keep_outputs_and_fill_every_slot():
     outs = run_ranks(_async_wrapper, 2, timeout=240)
-    assert len(outs[0]["chosen"]) == 1 and outs[0]["chosen"][0].startswith("eplb communicator: torch_p2p"), outs[0]
+    assert len(outs[0]["chosen"]) == 1 and outs[0]["chosen"][0].startswith("communicator: torch_p2p"), outs[0]
     for out in outs:
         assert out["moved"][0], "the first rebalance of the skewed load moves experts"
         assert all(n >= 1 for n in out["in_flight"]), "forwards ran while rebalances were in flight"

@@ -132,12 +132,13 @@ def test_plan_without_output_does_not_write(capsys, tmp_path, monkeypatch):
         (["simulate", "missing.npz"], 1, "trace file 'missing.npz' does not exist"),
         (["simulate", "synthetic:gauss"], 1, "unknown kind 'gauss'"),
         (["simulate", "synthetic:lognormal?steps=x"], 1, "steps='x' must be an integer"),
-        (["simulate", "example", "--ranks", "7"], 1, "must be a multiple of num_ranks (7)"),
-        (["simulate", "example", "--policy", "nope"], 1, "unknown policy 'nope'"),
-        (["simulate", "example", "--min-improvement", "2"], 1, "min_improvement"),
+        (["simulate", "example", "--ranks", "7"], 1,
+         "--ranks 7 does not divide the 64 slots per layer (64 experts + --redundant 0); pass --redundant 6 or 13"),
+        (["simulate", "example", "--policy", "nope"], 1, "--policy nope: no such policy"),
+        (["simulate", "example", "--min-improvement", "2"], 2, "--min-improvement: '2' must be in [0, 1)"),
         (["simulate", "example", "--initial", "missing.json"], 1, "does not exist"),
-        (["plan", "example", "--groups", "3"], 1, "multiple of num_groups (3)"),
-        (["plan", "example", "--nodes", "3"], 1, "multiple of num_nodes (3)"),
+        (["plan", "example", "--groups", "3"], 1, "--groups 3 does not divide the trace's 64 experts"),
+        (["plan", "example", "--nodes", "3"], 1, "--nodes 3 does not divide --ranks 8"),
         (["show", "missing.json"], 1, "placement file 'missing.json' does not exist"),
     ],
 )
@@ -155,7 +156,7 @@ def test_show_errors(capsys, tmp_path):
     code, _, err = _run(capsys, "show", str(tmp_path / "p.json"), "--trace", "example", "--ranks", "2")
     _assert_one_line_error(code, err, 1, "the trace has L=4, E=64 but the placement has L=2, E=8")
     code, _, err = _run(capsys, "show", str(tmp_path / "p.json"), "--ranks", "3")
-    _assert_one_line_error(code, err, 1, "multiple of num_ranks (3)")
+    _assert_one_line_error(code, err, 1, "--ranks 3 does not divide the placement's 8 slots per layer")
     (tmp_path / "t.json").write_text("{not json")
     code, _, err = _run(capsys, "show", str(tmp_path / "t.json"))
     _assert_one_line_error(code, err, 1, "not valid JSON")

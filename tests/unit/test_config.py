@@ -90,7 +90,7 @@ def test_async_rejects_any_policy_but_default():
     with pytest.raises(
         ValidationError,
         match=r"Async EPLB is only supported with the default policy \(got policy='topk'\); "
-        r"set use_async=false to use 'topk'",
+        r"set use_async=False to use 'topk'",
     ):
         EPLBConfig(policy="topk")
     assert EPLBConfig(policy="topk", use_async=False).policy == "topk"

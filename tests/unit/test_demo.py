@@ -108,3 +108,37 @@ def test_a_rank_that_dies_without_a_result_is_reported():
     results, failure = demo._spawn(_die_on_rank_0, opts)
     assert failure == "rank 0 died (exit code 3) without a result"
     assert results[0] is None
+
+
+def _fake_results(ranks=2):
+    phases = {
+        "before": {"first": 1, "last": 4, "rank_load": [30.0, 10.0], "balancedness": 0.55, "busiest": 60.0,
+                   "mean": 33.0},
+        "after": {"first": 6, "last": 8, "rank_load": [21.0, 19.0], "balancedness": 0.8, "busiest": 41.0,
+                  "mean": 33.0},
+    }
+    rebalance = {"layers": 4, "slots_changed": 3, "network_transfers": 2, "local_copies": 1, "bytes_moved": 2**20}
+    return [{"phases": phases, "series": [0.5] * 4 + [0.8] * 4, "checks": 8, "max_diff": 0.0, "steps_during": 1,
+             "synchronized": False, "rebalance": rebalance, "num_rebalances": 1}] * ranks
+
+
+def test_the_table_and_the_plot_legend_report_the_same_measure(capsys):
+    opts = demo._Options(steps=8, ranks=2, sync=False, plot="unused.png", seed=0)
+    results = _fake_results()
+    demo._report(opts, results)
+    out = capsys.readouterr().out
+    assert "mean/max" in out.splitlines()[0] and "max/mean" not in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("  before", "  after"))}
+    for row in rows.values():
+        loads = [float(v) for v in row[-3:-1]]
+        assert float(row[-1]) == pytest.approx(sum(loads) / len(loads) / max(loads), abs=0.005)
+    fig = demo._figure(opts, results[0])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"before (mean/max {rows['before'][-1]})", f"after (mean/max {rows['after'][-1]})"]
+    assert "balancedness (mean/max rank load of each layer, summed over layers): 0.550 before" in out
+
+
+def test_a_plot_format_matplotlib_cannot_write_fails_before_any_rank_starts(capsys, tmp_path):
+    code, out, err = _run(capsys, "--plot", str(tmp_path / "demo.xyz"))
+    _assert_one_line_error(code, err, 1, "cannot write a .xyz")
+    assert out == ""
