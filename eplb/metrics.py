@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from eplb.errors import EPLBError
 from eplb.placement import Placement
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from eplb.wrapper import EPLBWrapper
 
 __all__ = [
     "Balancedness",
@@ -308,7 +314,7 @@ class PrometheusExporter:
         EPLBError: ``prometheus_client`` is not installed, or ``prefix`` is not a valid metric name.
     """
 
-    def __init__(self, wrapper, *, registry=None, prefix: str = "eplb"):
+    def __init__(self, wrapper: EPLBWrapper, *, registry: CollectorRegistry | None = None, prefix: str = "eplb"):
         try:
             import prometheus_client
         except ImportError:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from eplb.errors import EPLBError
 
@@ -493,7 +494,7 @@ class LoadRecorder:
         group: the process group the load is summed over (None: this process's load).
     """
 
-    def __init__(self, metadata: dict[str, Any], *, rank: int = 0, group=None) -> None:
+    def __init__(self, metadata: dict[str, Any], *, rank: int = 0, group: dist.ProcessGroup | None = None) -> None:
         self.metadata = dict(metadata)
         self.rank = rank
         self.group = group
