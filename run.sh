@@ -10,8 +10,9 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 PYTHON="${PYTHON:-python3}"
 case "$VENV" in /*) VENV_BIN="$VENV/bin" ;; *) VENV_BIN="$PWD/$VENV/bin" ;; esac
 MARK="$VENV/.eplb-install-complete"
-# The mark records what was installed: a new TORCH_SPEC or a changed pyproject.toml reinstalls.
-WANT="torch: $TORCH_SPEC; pyproject: $(cksum < pyproject.toml | cut -d' ' -f1)"
+# The mark records what was installed: a new TORCH_SPEC, a changed pyproject.toml or another
+# checkout (the editable install points at one) reinstalls.
+WANT="torch: $TORCH_SPEC; pyproject: $(cksum < pyproject.toml | cut -d' ' -f1); checkout: $PWD"
 
 say() { echo "run.sh: $*" >&2; }
 

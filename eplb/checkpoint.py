@@ -240,6 +240,14 @@ def _open_source(source) -> _Source:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise EPLBError(f"{str(index)!r} is not a safetensors index (no weight_map): {exc}") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(f, str) for k, f in weight_map.items()
+            ):
+                raise EPLBError(
+                    f"{str(index)!r}: weight_map must map each tensor name to a file name (strings), "
+                    f"got {type(weight_map).__name__} {str(weight_map)[:80]}; rewrite the index as "
+                    "save_pretrained writes it"
+                )
             files_by_key = {k: path / f for k, f in weight_map.items()}
             missing = sorted({str(f) for f in files_by_key.values() if not f.is_file()})
             if missing:

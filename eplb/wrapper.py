@@ -224,6 +224,19 @@ class EPLBWrapper:
             raise AttributeError(name)
         return getattr(module, name)
 
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """Refused: the wrapped model holds physical slots (this rank's ``S`` rows per layer), not
+        the logical experts a checkpoint must hold; saving would write slot rows under the logical
+        keys' names. Save ``wrapper.unwrap()`` (the logical model) instead.
+
+        Raises:
+            EPLBError: always.
+        """
+        raise EPLBError(
+            "save_pretrained on an EPLBWrapper would write physical slots, not the model's logical experts; "
+            "call wrapper.unwrap() and save the model it returns (unwrap gathers every logical expert)"
+        )
+
     def __enter__(self) -> EPLBWrapper:
         return self
 

@@ -406,3 +406,27 @@ def test_model_load_state_dict_with_per_expert_checkpoint_keys_is_refused(tmp_pa
     with pytest.raises(EPLBError, match=r"unwrapped model's expert keys \('model.layers.0.block_sparse_moe.experts"):
         wrapper.module.load_state_dict(state, strict=False)
     _assert_unchanged(wrapper, before)
+
+
+
+def test_save_pretrained_on_the_wrapper_is_refused(tmp_path):
+    """transformers' save_pretrained reached through the wrapper would write physical-slot rows under
+    the logical keys (a checkpoint that loads with random experts): refused, pointing to unwrap()."""
+    from eplb.moe import MoE
+
+    wrapper = EPLBWrapper(torch.nn.Sequential(MoE(8, 16, num_experts=4, top_k=2)),
+                          EPLBConfig(num_redundant_experts=2, use_async=False))
+    with pytest.raises(EPLBError, match=r"save_pretrained .* physical slots.*wrapper\.unwrap\(\)"):
+        wrapper.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weight_map", [5, {"model.embed_tokens.weight": 5}, ["a"]])
+def test_malformed_safetensors_index_is_one_clear_error(tmp_path, weight_map):
+    from eplb.moe import MoE
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    wrapper = EPLBWrapper(torch.nn.Sequential(MoE(8, 16, num_experts=4, top_k=2)),
+                          EPLBConfig(num_redundant_experts=2, use_async=False))
+    with pytest.raises(EPLBError, match=r"weight_map must map each tensor name to a file name"):
+        wrapper.load_logical_state_dict(tmp_path)
