@@ -68,6 +68,23 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def _user_frame(exc: BaseException) -> str | None:
+    """``file:line`` of the innermost frame of ``exc`` when it lies outside eplb, the standard library
+    and installed packages (the user's own module, e.g. one given to --import), else None."""
+    import sysconfig
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    path = os.path.abspath(frames[-1].filename)
+    eplb_dir = os.path.dirname(os.path.abspath(__file__))
+    library_dirs = {os.path.abspath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if path.startswith(eplb_dir + os.sep) or any(path.startswith(d + os.sep) for d in library_dirs):
+        return None
+    return f"{frames[-1].filename}:{frames[-1].lineno}"
+
+
 def _one_line(exc: Exception) -> str:
     from pydantic import ValidationError
 
@@ -81,6 +98,9 @@ def _one_line(exc: Exception) -> str:
         text = str(exc)
     elif isinstance(exc, OSError) and exc.filename is not None:
         text = f"{exc.filename}: {exc.strerror or exc}"
+    elif (origin := _user_frame(exc)) is not None:
+        # Raised by the user's own code (a policy brought in with --import): say where, not "a bug in eplb".
+        text = f"{type(exc).__name__}: {exc} (raised in your code at {origin})"
     else:
         # Not a user error: still one line, but say what it was so it can be reported.
         text = f"{type(exc).__name__}: {exc} (this looks like a bug in eplb; please report it)"

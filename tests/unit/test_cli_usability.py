@@ -66,6 +66,23 @@ def test_import_takes_a_python_file_and_is_repeatable(capsys, tmp_path):
         unregister_policy("from_file_b")
 
 
+def test_an_error_raised_by_the_users_policy_names_their_code_not_eplb(capsys, tmp_path):
+    (tmp_path / "raising.py").write_text(textwrap.dedent("""
+        import eplb
+
+        @eplb.register_policy("raises_cli")
+        def raises(load, *, num_physical, num_groups, num_nodes, num_ranks, old=None):
+            raise RuntimeError("boom")
+    """))
+    try:
+        code, out, err = _run(capsys, "plan", "example", "--import", str(tmp_path / "raising.py"),
+                              "--policy", "raises_cli")
+        _one_line_error(code, err, 1, "RuntimeError: boom (raised in your code at ")
+        assert "raising.py:6)" in err and "bug in eplb" not in err
+    finally:
+        unregister_policy("raises_cli")
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
