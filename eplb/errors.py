@@ -12,7 +12,9 @@ class EPLBError(ValueError):
     """
 
 
-def peer_failure(operation: str, *, step: int | None, rank: int | None, cause: BaseException) -> EPLBError:
+def peer_failure(
+    operation: str, *, step: int | None, rank: int | None, cause: BaseException, who: str | None = None
+) -> EPLBError:
     """The `EPLBError` for a collective that failed because a peer rank died, froze or left.
 
     Args:
@@ -20,15 +22,18 @@ def peer_failure(operation: str, *, step: int | None, rank: int | None, cause: B
         step: the step it belonged to (None when unknown).
         rank: the rank that failed or stopped answering, where known; else None.
         cause: the backend's exception; raise the result ``from cause`` so it stays chained.
+        who: words on who did not answer (`eplb.comm.recovery.GroupHealth.describe`), used
+            instead of ``rank`` when given.
 
     Returns:
         An `EPLBError` with a one-line message naming the step, the operation and the rank.
     """
     at = f"step {step}: " if step is not None else ""
-    who = f"rank {rank} did not answer" if rank is not None else "a peer rank died or stopped answering"
+    if who is None:
+        who = f"rank {rank} did not answer" if rank is not None else "a peer rank died or stopped answering"
     detail = " ".join(str(cause).split())[:300]
     return EPLBError(
         f"{at}{operation} failed: {who} ({type(cause).__name__}: {detail}). eplb's collectives time out "
-        "after async_timeout_s; the process group cannot be used after this: restart every rank "
-        "(resume from wrapper.state_dict())"
+        "after async_timeout_s; eplb rebuilds its gloo groups at the next forward or rebalance once every "
+        "rank is back (a dead rank: restart every rank and resume from wrapper.state_dict())"
     )

@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 
 from eplb.comm.base import Communicator, dedicated_group, select_communicator
+from eplb.comm.recovery import GroupHealth, new_gloo_group
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError
 from eplb.executor import AsyncExecutor, Executor, SyncExecutor
 from eplb.moe.dispatch import Dispatcher, make_dispatcher
 from eplb.tracker import LoadTracker
 
-__all__ = ["Topology", "Runtime", "build_runtime", "build_executor"]
+__all__ = ["Topology", "Runtime", "build_runtime", "build_executor", "rebuild_groups"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +97,7 @@ def build_runtime(
     num_layers: int,
     num_logical: int,
     device: torch.device,
+    health: GroupHealth | None = None,
 ) -> Runtime:
     """Create tracker, dispatcher, communicator and executor for ``topology`` and ``config``.
 
@@ -105,6 +107,8 @@ def build_runtime(
         num_layers: ``L`` (the tracker's window is ``[W, L, E]``).
         num_logical: ``E``.
         device: the experts' device (the tracker's and the communicator's).
+        health: the `eplb.comm.recovery.GroupHealth` a failed collective on eplb's gloo groups
+            marks broken (the wrapper then rebuilds them with `rebuild_groups`); None: not tracked.
 
     Returns:
         A `Runtime`; its ``topology`` has the control group the async executor uses.
@@ -126,12 +130,16 @@ def build_runtime(
         collective_group if gloo else topology.forward_group,
         kind=config.dispatcher, max_tokens_per_rank=config.max_tokens_per_rank,
     )
-    communicator, executor = build_executor(topology, config, device)
+    if gloo and dispatcher is not None:
+        dispatcher.health = health
+    communicator, executor = build_executor(topology, config, device, health)
     return Runtime(topology=topology, tracker=tracker, dispatcher=dispatcher, communicator=communicator,
                    executor=executor, collective_group=collective_group)
 
 
-def build_executor(topology: Topology, config: EPLBConfig, device: torch.device) -> tuple[Communicator, Executor]:
+def build_executor(
+    topology: Topology, config: EPLBConfig, device: torch.device, health: GroupHealth | None = None
+) -> tuple[Communicator, Executor]:
     """The communicator and executor ``config`` asks for on ``topology`` (whose control group
     `build_runtime` created when async with several ranks). Collective: it creates groups."""
     group = topology.group
@@ -154,5 +162,38 @@ def build_executor(topology: Topology, config: EPLBConfig, device: torch.device)
             layers_per_step=config.async_layers_per_step,
             on_error=config.async_on_error,
             control_group=topology.control_group,
+            health=health,
         )
     return communicator, executor
+
+
+def rebuild_groups(runtime: Runtime, health: GroupHealth, prefix: str) -> Runtime:
+    """New gloo groups in place of eplb's broken ones, after a peer stopped answering: the
+    control group (the forward's collectives too, with a gloo EP group) and the communicator's
+    gloo group (a new communicator of the same kind; a worker still running keeps the old one).
+
+    Every rank calls it at the same time, after `eplb.comm.recovery.GroupHealth.meet` returned
+    ``prefix`` (the new groups' names start with it). The user's EP group is not touched: an NCCL
+    EP group whose collective failed cannot be rebuilt here. Creating a group waits at most
+    ``health.timeout_s`` for the other ranks; the backend's error propagates after that.
+    Returns the new `Runtime` (the dispatcher and the executor are updated in place).
+    """
+    topology = runtime.topology
+    ranks = dist.get_process_group_ranks(topology.group)
+    old_control = topology.control_group
+    control = new_gloo_group(ranks, f"{prefix}/control", health.timeout_s) if old_control is not None else None
+    communicator = runtime.communicator
+    if getattr(communicator, "_pg", None) is not None:  # torch_gloo, torch_p2p: a dedicated gloo group
+        gloo = new_gloo_group(ranks, f"{prefix}/transfer", health.timeout_s)
+        communicator = type(communicator)(
+            group=communicator.group, device=communicator.device, timeout_s=communicator.timeout_s, gloo_group=gloo
+        )
+    dispatcher = runtime.dispatcher
+    if dispatcher is not None and old_control is not None and getattr(dispatcher, "group", None) is old_control:
+        runtime.dispatcher.group = control
+    runtime.executor.replace_groups(control, communicator)
+    collective = control if runtime.collective_group is old_control else runtime.collective_group
+    return dataclasses.replace(
+        runtime, topology=dataclasses.replace(topology, control_group=control), communicator=communicator,
+        collective_group=collective,
+    )

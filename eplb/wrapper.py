@@ -24,6 +24,8 @@ from torch import nn
 
 from eplb.atomic import critical_section
 from eplb.checkpoint import LoadReport, LogicalLoader, resolve_device
+from eplb.comm.base import CommunicationError
+from eplb.comm.recovery import GroupHealth, NotEveryRank, missing_ranks_error, rendezvous
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError, peer_failure
 from eplb.executor import RebalanceReport, StepOutcome
@@ -35,7 +37,7 @@ from eplb.moe.layer import not_copyable_message
 from eplb.placement import Placement, _redundant_fixes
 from eplb.planner import Decision, PlanOptions, plan, skip_empty_window
 from eplb.policies import check_policy_inputs, get_policy
-from eplb.runtime import Runtime, Topology, build_executor, build_runtime
+from eplb.runtime import Runtime, Topology, build_executor, build_runtime, rebuild_groups
 from eplb.traces import LoadRecorder, Trace
 from eplb.tracker import check_window_size
 
@@ -145,7 +147,8 @@ class EPLBWrapper:
                 }
             )
             try:
-                _check_ranks_agree(_error_text(error), summary, ep_group, num_ranks, rank)
+                key = _check_ranks_agree(_error_text(error), summary, ep_group, num_ranks, rank,
+                                         config.async_timeout_s)
             except BaseException:
                 if recorder is not None:
                     recorder.discard()
@@ -157,7 +160,10 @@ class EPLBWrapper:
 
         # Step 2: build the new parts (copies; the model is still untouched). Creating the
         # runtime's communicator and groups is collective.
-        runtime = build_runtime(topology, config, num_layers=num_layers, num_logical=num_logical, device=device)
+        # Whether eplb's gloo groups still work on this rank; they are rebuilt after a lost peer.
+        health = GroupHealth(key, rank, num_ranks, config.async_timeout_s) if num_ranks > 1 else None
+        runtime = build_runtime(topology, config, num_layers=num_layers, num_logical=num_logical, device=device,
+                                health=health)
         self.eplb_config = config
         self._runtime = runtime
         self._topology = runtime.topology
@@ -170,6 +176,7 @@ class EPLBWrapper:
         # eplb's main-thread collectives (the forward's all-to-all, load all-reduces) run on a group
         # whose timeout is async_timeout_s where the backend allows it (see build_runtime).
         self._collective_group = runtime.collective_group
+        self._health = health
         dispatcher = runtime.dispatcher
         self._specs = specs
         self._layers = [
@@ -206,6 +213,7 @@ class EPLBWrapper:
             if spec.block_forward is not None:
                 spec.parent.forward = spec.block_forward
         self._hook = model.register_forward_hook(self._forward_hook)
+        self._pre_hook = model.register_forward_pre_hook(self._before_forward)
         self._install_loader(loader, device, experts_on_meta=found_device.type == "meta")
         for spec in specs:
             # unwrap needs only where each layer sits: release the replaced modules (all E experts),
@@ -507,6 +515,7 @@ class EPLBWrapper:
             report at once.
         """
         self._check_open()
+        self._recover_groups()
         if self.async_in_flight:
             self.synchronize()
         return self._start_rebalance()
@@ -515,6 +524,7 @@ class EPLBWrapper:
         """Drive an in-flight async rebalance to completion, blocking (collective: every rank must
         call it). Returns its report, or None when nothing was in flight (always, in sync mode)."""
         self._check_open()
+        self._recover_groups()
         if not self.async_in_flight:
             return None
         try:
@@ -571,9 +581,11 @@ class EPLBWrapper:
             outcome = self._executor.drain()  # sync: begin + drain
             with critical_section():
                 self._apply(outcome)
-        except BaseException:
+        except BaseException as exc:
             # Committed layers hold the new rows, the others the old: record what is really there.
             self._placement = self._committed_placement()
+            if isinstance(exc, CommunicationError) and self._health is not None:
+                self._health.lost()  # the transfer group's connections are closed: rebuild before the next use
             raise
         return outcome.report
 
@@ -605,7 +617,11 @@ class EPLBWrapper:
         except RuntimeError as exc:
             if self._num_ranks == 1:
                 raise
-            raise peer_failure(f"rank {self._rank}: {operation}", step=self._steps, rank=None, cause=exc) from exc
+            who = None
+            if self._health is not None and self._collective_group is self._topology.control_group:
+                who = self._health.describe(self._health.lost())
+            raise peer_failure(f"rank {self._rank}: {operation}", step=self._steps, rank=None, cause=exc,
+                               who=who) from exc
 
     def _committed_placement(self) -> Placement:
         """The placement the layers hold now, read back from the layers."""
@@ -673,6 +689,73 @@ class EPLBWrapper:
         for layer in self._layers:
             layer.valid_tokens = n
 
+    def _before_forward(self, module, args) -> None:
+        self._recover_groups()
+
+    def _recover_groups(self) -> None:
+        """After a peer stopped answering (a failed collective marked the groups broken): once
+        every rank is back, agree on what each holds and rebuild eplb's gloo groups.
+
+        Collective: every rank calls it at its next forward (or rebalance, synchronize, unwrap),
+        and waits at most ``async_timeout_s`` for the others (`EPLBError` naming the ranks that
+        did not come; the next call tries again). Then, on every rank alike:
+
+        1. the in-flight rebalance is forgotten (layers committed keep their rows);
+        2. the placement is the one the slots really hold: rank ``g``'s slots carry rank ``g``'s
+           rows (the ranks may have committed different layers if one saw the last agreement
+           and the other did not); only maps change, no weight moves. If that placement lacks a
+           logical expert, no rank has its weights: `EPLBError` (restart from a checkpoint);
+        3. the step count is the largest of the ranks' (rebalances trigger at the same step);
+        4. new control and transfer groups replace the broken ones (`eplb.runtime.rebuild_groups`).
+        """
+        health = self._health
+        if health is None or not health.broken:
+            return
+        self._executor.abandon()
+        self._placement = self._committed_placement()
+        payload = {"steps": self._steps, "phy2log": self._placement.phy2log.tolist()}
+        where = f"rank {self._rank}: rebuilding eplb's process groups after a lost peer"
+        try:
+            payloads, prefix = health.meet(payload)
+        except NotEveryRank as exc:
+            raise missing_ranks_error(where, exc, health.timeout_s) from None
+        # Step 2: the placement every rank's slots hold, from what each rank says it holds.
+        slots = self._num_physical // self._num_ranks
+        rows = [torch.tensor(p["phy2log"], dtype=torch.int64) for p in payloads]
+        holding = torch.cat([rows[g][:, g * slots:(g + 1) * slots] for g in range(self._num_ranks)], dim=1)
+        try:
+            placement = Placement.from_phy2log(holding, self._num_logical).validate(self._num_ranks)
+        except EPLBError as exc:
+            raise EPLBError(
+                f"{where}: the ranks committed different layers and no rank holds the weights of some logical "
+                f"experts now ({exc}); restart every rank from a checkpoint"
+            ) from None
+        commits = [
+            (layer, layer.prepare_commit(placement.phy2log[layer.layer_index]))
+            for layer in self._layers
+            if not torch.equal(placement.phy2log[layer.layer_index], self._placement.phy2log[layer.layer_index])
+        ]
+        # Step 4: new groups (bounded by async_timeout_s; a rank that does not come makes it fail).
+        try:
+            runtime = rebuild_groups(self._runtime, health, prefix)
+        except Exception as exc:
+            health.give_up(prefix)
+            raise EPLBError(f"{where}: creating the new groups failed ({type(exc).__name__}: {exc}); "
+                            "the next forward tries again") from exc
+        with critical_section():
+            for layer, prepared in commits:
+                layer.apply_commit(prepared, None)
+            self._placement = placement
+            self._steps = max(p["steps"] for p in payloads)
+            self._runtime = runtime
+            self._topology = runtime.topology
+            self._collective_group = runtime.collective_group
+            self._recorder.group = runtime.collective_group
+            health.rebuilt()
+        if self._rank == 0:
+            logger.warning("eplb's process groups were rebuilt after a lost peer (generation %d); %d layers "
+                           "took the placement their slots hold", health.generation, len(commits))
+
     def _forward_hook(self, module, args, output) -> None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return  # a capture is not a step; replays are counted by step()
@@ -717,6 +800,7 @@ class EPLBWrapper:
             return
         self._closed = True
         self._hook.remove()
+        self._pre_hook.remove()
         self._executor.close()
         self._recorder.stop()
 
@@ -728,6 +812,8 @@ class EPLBWrapper:
             raise EPLBError("this EPLBWrapper was already unwrapped")
         if not self._closed:
             self.synchronize()
+        else:
+            self._recover_groups()
         # On eplb's timeout-bounded group where there is one (gloo); a failure names the operation.
         restored = [
             self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
@@ -839,9 +925,21 @@ def _expert_device(specs) -> torch.device:
     return devices.pop()
 
 
-def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int) -> None:
-    gathered: list = [None] * num_ranks
-    dist.all_gather_object(gathered, (error, summary), group=group)
+_WRAPS: dict[tuple[int, ...], int] = {}  # wraps over each EP group's ranks so far, in this process
+
+
+def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int, timeout_s: float) -> str:
+    """Compare every rank's wrap-time error and summary through the job's store, waiting at most
+    ``timeout_s`` (``async_timeout_s``) for the others; raise `EPLBError` on any error or
+    difference, naming the rank. Returns a store key prefix the ranks of this wrapper share."""
+    ranks = tuple(dist.get_process_group_ranks(group))
+    count = _WRAPS.get(ranks, 0)
+    _WRAPS[ranks] = count + 1
+    key = f"eplb/wrap/{'-'.join(map(str, ranks))}/{count}"
+    try:
+        gathered = rendezvous(f"{key}/agree", rank, num_ranks, [error, summary], timeout_s)
+    except NotEveryRank as exc:
+        raise missing_ranks_error(f"rank {rank}: the ranks' wrap-time agreement", exc, timeout_s) from None
     errors = [(r, e) for r, (e, _) in enumerate(gathered) if e]
     if errors:
         own = error or f"rank {errors[0][0]} failed: {errors[0][1]}"
@@ -856,6 +954,7 @@ def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int) -> None
                 f"(rank 0 vs rank {r}: {shown}); every rank must wrap the same model with the same config, "
                 "num_groups, num_nodes and initial placement"
             )
+    return key
 
 
 def _error_text(error: Exception | None) -> str | None:

@@ -12,12 +12,13 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from eplb.atomic import critical_section
-from eplb.comm.base import Communicator
+from eplb.comm.base import CommunicationError, Communicator
 from eplb.errors import EPLBError, peer_failure
 from eplb.executor.agreement import Agreement, Flags, PeerLost
 from eplb.executor.report import RebalanceReport, StepOutcome, Tally
@@ -42,8 +43,10 @@ logger = logging.getLogger("eplb")
 class _Job:
     """Shared state of one in-flight async rebalance (worker writes, main thread reads)."""
 
-    def __init__(self, layers: list, old: Placement, decide: Callable[[], Decision], num_buffers: int):
+    def __init__(self, layers: list, old: Placement, decide: Callable[[], Decision], num_buffers: int,
+                 communicator: Communicator):
         self.layers = layers
+        self.communicator = communicator  # this job's: a rebuild after a lost peer gives later jobs a new one
         self.old = old
         self.decide = decide
         self.cond = threading.Condition()
@@ -94,8 +97,10 @@ class AsyncExecutor:
     once transfers may start, for ``timeout_s`` on some rank aborts on all ranks (time the main
     thread spends between steps does not count against the worker). A rank that dies makes the
     agreement fail within ``timeout_s`` (the control group is created with that timeout):
-    `EPLBError`. Layers already committed keep the new placement, the others the old one; both
-    are valid.
+    `EPLBError`, and ``health`` (an `eplb.comm.recovery.GroupHealth`) is marked broken, as on every
+    rank when a worker's transfer failed; the owner then calls `abandon` and `replace_groups`
+    once every rank is back. Layers already committed keep the new placement, the others the old
+    one; both are valid.
 
     ``transfer_fn(layer, plan, slot_tensors, staging)`` replaces the communicator step that fills
     ``staging`` (benchmarks use it to stage from host copies on one GPU); it runs on the worker's
@@ -115,6 +120,7 @@ class AsyncExecutor:
         control_group: dist.ProcessGroup | None = None,
         num_buffers: int = 2,
         transfer_fn: Callable | None = None,
+        health=None,
     ):
         if num_ranks > 1 and control_group is None:
             raise EPLBError("AsyncExecutor with several ranks needs a gloo control_group")
@@ -134,8 +140,9 @@ class AsyncExecutor:
         self.on_error = on_error
         self.control_group = control_group
         self.num_buffers = num_buffers
-        self._agree = Agreement(control_group, num_ranks)
-        self._transfer = transfer_fn or self._communicate
+        self.health = health
+        self._agree = Agreement(control_group, num_ranks, health)
+        self._transfer_fn = transfer_fn
         self._job: _Job | None = None
         self._thread: threading.Thread | None = None
         # The in-flight job and the latest worker, for the exit hooks (they must not hold a reference
@@ -183,7 +190,7 @@ class AsyncExecutor:
             if self.rank == 0:
                 logger.warning("%s", reason)
             return
-        job = _Job(layers, old, decide, self.num_buffers)
+        job = _Job(layers, old, decide, self.num_buffers, self.communicator)
         device = device_of(layers)
         if device.type == "cuda":
             if self._stream is None:
@@ -227,6 +234,20 @@ class AsyncExecutor:
         owner dropped without `close` must not leave the worker (and the layers its job holds) behind."""
         weakref.finalize(owner, _stop_worker, self._live, 0.0).atexit = False
 
+    def abandon(self) -> None:
+        """Forget the in-flight rebalance on this rank, without a collective and without waiting:
+        after a lost peer, before `replace_groups`. Its worker keeps its job's communicator and
+        leaves within ``timeout_s``; until then the next `begin` skips on every rank (busy)."""
+        if self._job is not None:
+            self._drop_job()
+
+    def replace_groups(self, control_group: dist.ProcessGroup, communicator: Communicator) -> None:
+        """Use a rebuilt control group and communicator from now on (after `abandon`; every rank
+        at the same step). A worker still running keeps the old communicator."""
+        self.control_group = control_group
+        self._agree = Agreement(control_group, self.num_ranks, self.health)
+        self.communicator = communicator
+
     def close(self) -> None:
         """Abort an in-flight rebalance locally and join the worker (bounded by ``timeout_s``)."""
         if self._job is not None:
@@ -237,7 +258,8 @@ class AsyncExecutor:
 
     # ------------------------------------------------------------------ internals (main thread)
     def _peer_lost(self, operation: str, exc: PeerLost) -> EPLBError:
-        return peer_failure(f"rank {self.rank}: {operation}", step=None, rank=None, cause=exc.__cause__ or exc)
+        return peer_failure(f"rank {self.rank}: {operation}", step=None, rank=None, cause=exc.__cause__ or exc,
+                            who=exc.who)
 
     def _advance(self) -> StepOutcome:
         job = self._job
@@ -246,17 +268,20 @@ class AsyncExecutor:
         with critical_section(), job.cond:
             ready, planned = len(job.staged), job.planned
             failed = job.error is not None
+            transfer_failed = isinstance(job.error, CommunicationError)
         # The clock runs only while this rank's worker owes the next piece of work (the plan, or
         # the next layer once it may transfer): time the main thread spends away from the step
         # boundaries (an idle server, a pause before synchronize()) is no stall of the worker.
         owed = not planned or (job.go and job.new is not None and ready <= self._committed < job.total)
         stalled = owed and time.monotonic() - self._last_progress > self.timeout_s
         mine = Flags(failed_rank=self.rank + 1 if failed else 0, timed_out=int(stalled), ready=ready,
-                     planned=int(planned))
+                     planned=int(planned), transfer_failed=int(transfer_failed))
         try:
             flags = self._agree(mine)
         except PeerLost as exc:
             return self._abort(job, peer_lost=exc)
+        if flags.transfer_failed and self.health is not None:
+            self.health.broken = True  # every rank at this step: the transfer group is closed
         if flags.failed_rank:
             return self._abort(job, failed_rank=flags.failed_rank - 1)
         if flags.timed_out:
@@ -324,10 +349,11 @@ class AsyncExecutor:
         """The one abort path: stop the worker, drop the job, report (or raise) why."""
         self._drop_job()
         if peer_lost is not None:
+            who = peer_lost.who or "the other ranks did not answer"
             raise EPLBError(
-                f"async rebalance aborted on rank {self.rank}: the other ranks did not answer within "
-                f"async_timeout_s ({self.timeout_s} s) ({peer_lost}); a rank has probably "
-                "died. Committed layers keep the new placement, the others the old one"
+                f"async rebalance aborted on rank {self.rank}: {who}, within async_timeout_s ({self.timeout_s} s) "
+                f"({peer_lost}). Committed layers keep the new placement, the others the old one; eplb rebuilds "
+                "its groups at the next forward or rebalance once every rank is back"
             ) from peer_lost.__cause__
         if timed_out:
             reason = (
@@ -374,9 +400,10 @@ class AsyncExecutor:
                     job.cond.wait(0.1)
                 if job.abort:
                     return
+            transfer = self._transfer_fn or partial(_communicate, job.communicator, self.max_transfer_bytes)
             for layer in changed:
                 staged = stage_layer(layer, job.old, new, rank=self.rank, num_ranks=self.num_ranks,
-                                     transfer=self._transfer, pool=job.pool, stream=self._stream,
+                                     transfer=transfer, pool=job.pool, stream=self._stream,
                                      start_event=job.start_event)
                 if staged is None:
                     return  # aborted
@@ -393,8 +420,9 @@ class AsyncExecutor:
                 job.cond.notify_all()
             logger.debug("async worker failed on rank %d", self.rank, exc_info=True)
 
-    def _communicate(self, layer, plan, slot_tensors, staging) -> None:
-        execute_layer_transfer(plan, slot_tensors, staging, self.communicator, self.max_transfer_bytes)
+
+def _communicate(communicator: Communicator, max_transfer_bytes: int, layer, plan, slot_tensors, staging) -> None:
+    execute_layer_transfer(plan, slot_tensors, staging, communicator, max_transfer_bytes)
 
 
 # At interpreter exit the worker gets this long at most to leave its torch calls: a transfer that

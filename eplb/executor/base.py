@@ -26,6 +26,8 @@ class Executor(Protocol):
     - `drain` drives the rebalance in flight to its end, blocking. The sync executor does all
       its work here: a sync rebalance is ``begin`` + ``drain``.
     - `close` aborts what is in flight (locally) and releases the worker.
+    - `abandon` and `replace_groups`: after a peer stopped answering, forget the work in flight
+      and take the rebuilt groups (`eplb.comm.recovery`).
 
     The layers are the single source of truth of the committed placement: each `StepOutcome`
     lists the layers committed and carries the placement read back from the layers.
@@ -48,6 +50,15 @@ class Executor(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+    def abandon(self) -> None:
+        """Forget the work in flight on this rank alone, without waiting (after a lost peer)."""
+        ...
+
+    def replace_groups(self, control_group, communicator) -> None:
+        """Use a rebuilt control group and communicator from now on (every rank at the same step,
+        after `abandon`)."""
         ...
 
     def stop_with(self, owner: object) -> None:

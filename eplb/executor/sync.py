@@ -153,6 +153,14 @@ class SyncExecutor:
         """Forget a rebalance begun and not drained."""
         self._pending = None
 
+    def abandon(self) -> None:
+        """Forget a rebalance begun and not drained (after a lost peer)."""
+        self._pending = None
+
+    def replace_groups(self, control_group, communicator: Communicator) -> None:
+        """Use a rebuilt communicator from now on (after a lost peer; no control group here)."""
+        self.communicator = communicator
+
     def stop_with(self, owner: object) -> None:
         """Nothing runs in the background: nothing to stop."""
 

@@ -81,6 +81,9 @@ class Dispatcher:
     num_ranks: int = 1
     rank: int = 0
     token_level: bool = False
+    health = None
+    """The `eplb.comm.recovery.GroupHealth` of the group the collectives run on, when eplb owns
+    it (a gloo EP group): a failed collective marks it broken and names the ranks gone."""
 
     def dispatch(
         self, x_TD: torch.Tensor, slots_TK: torch.Tensor, slots_per_rank: int

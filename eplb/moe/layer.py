@@ -509,7 +509,9 @@ class EPLBExperts(nn.Module):
                 except Exception:  # a broken device: the step is not worth a second error
                     step = None
             operation = f"rank {self.rank}: the forward's {half} of MoE layer {self.layer_index}"
-            raise peer_failure(operation, step=step, rank=None, cause=exc) from exc
+            health = self.dispatcher.health
+            who = health.describe(health.lost()) if health is not None else None
+            raise peer_failure(operation, step=step, rank=None, cause=exc, who=who) from exc
 
     def combine_order(self) -> str:
         """How the replaced module sums a token's ``K`` weighted outputs:

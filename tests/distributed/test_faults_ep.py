@@ -19,6 +19,7 @@ import torch.distributed as dist
 from harness import spawn_ranks
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper
+from eplb.comm.recovery import ROLL_CALL_S
 
 pytestmark = pytest.mark.distributed
 
@@ -200,3 +201,72 @@ def test_interpreter_exit_with_a_rebalance_in_flight_never_aborts_the_process():
         [sys.executable, str(script), "20"], capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == 0 and "bad 0" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ rebuilt groups
+def _until_it_runs(fn, attempts: int = 12) -> list[str]:
+    """Call ``fn`` until it returns; the `EPLBError` messages of the failed calls, in order."""
+    errors = []
+    for _ in range(attempts):
+        try:
+            fn()
+            return errors
+        except EPLBError as exc:
+            errors.append(str(exc))
+    raise AssertionError(f"still failing after {attempts} calls: {errors}")
+
+
+def _frozen_then_back(rank, world_size, mode):
+    """Rank 1 freezes with an async rebalance in flight (or in the forward); rank 0 resumes it
+    after its own forward failed. Then every rank keeps calling the forward until eplb's groups
+    are rebuilt, and later rebalances and outputs are checked."""
+    wrapper, reference = _wrapped_pair(rank, use_async=mode != "sync", policy="default")
+    for seed in range(4):
+        _forward(wrapper, reference, seed, rank)
+    if mode == "async":
+        wrapper.rebalance()  # the workers plan, then move weights after the next step
+        _forward(wrapper, reference, 4, rank)
+    pids: list = [None] * world_size
+    dist.all_gather_object(pids, os.getpid())
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # resumed by rank 0
+        failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+    else:
+        failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+        os.kill(pids[1], signal.SIGCONT)
+    seed = iter(range(100, 10_000))
+    errors = _until_it_runs(lambda: _forward(wrapper, reference, next(seed), rank))
+    generation = wrapper._health.generation
+    reports = []
+    for _ in range(4):  # a worker of the aborted rebalance may still be busy for async_timeout_s
+        wrapper.rebalance()
+        wrapper.synchronize()
+        report = wrapper.stats()
+        reports.append((report["last_rebalance_skipped"], report["last_rebalance_reason"]))
+        if not report["last_rebalance_skipped"]:
+            break
+        time.sleep(TIMEOUT_S)
+    for s in range(20):
+        _forward(wrapper, reference, 500 + s, rank)
+    placement = wrapper.placement.phy2log.tolist()
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, placement)  # the job's own group is untouched
+    wrapper.close()
+    return {"failure": failure, "errors": errors, "generation": generation, "reports": reports,
+            "same_placement": all(p == gathered[0] for p in gathered)}
+
+
+@pytest.mark.parametrize("mode", ["async", "forward", "sync"])
+def test_after_a_frozen_peer_is_back_the_groups_are_rebuilt_and_later_rebalances_work(mode):
+    results = spawn_ranks(_frozen_then_back, 2, mode, timeout=120, grace_s=None)
+    assert all(r.ok for r in results), [r.error for r in results]
+    survivor, frozen = results[0].value, results[1].value
+    assert survivor["failure"]["message"] is not None, "the forward did not fail"
+    assert survivor["failure"]["seconds"] < TIMEOUT_S + MARGIN_S + ROLL_CALL_S, survivor["failure"]
+    assert "rank 1 did not answer" in survivor["failure"]["message"], survivor["failure"]["message"]
+    assert frozen["failure"]["message"] is not None
+    for r in (survivor, frozen):
+        assert r["generation"] == 1, r
+        assert not r["reports"][-1][0], r["reports"]
+        assert r["same_placement"]
+    assert survivor["reports"] == frozen["reports"]
