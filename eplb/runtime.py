@@ -8,12 +8,13 @@ A new communicator, or re-building for another set of ranks, goes through here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from eplb.comm.base import Communicator, dedicated_group, select_communicator
+from eplb.comm.base import Communicator, bound_group_timeout, dedicated_group, select_communicator
 from eplb.comm.recovery import GroupHealth, new_gloo_group
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError
@@ -22,6 +23,8 @@ from eplb.moe.dispatch import Dispatcher, make_dispatcher
 from eplb.tracker import LoadTracker
 
 __all__ = ["Topology", "Runtime", "build_runtime", "build_executor", "rebuild_groups"]
+
+logger = logging.getLogger("eplb")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +90,8 @@ class Runtime:
     the load all-reduces): with a gloo EP group, the control group, whose timeout is
     ``async_timeout_s``, so a dead or frozen peer makes them raise within it instead of after the
     EP group's own timeout (30 minutes by torch's default); with an NCCL EP group, the EP group
-    itself (NCCL's timeout and watchdog apply). None for one process."""
+    itself, whose timeout `build_runtime` sets to ``async_timeout_s`` (NCCL's watchdog enforces
+    it). None for one process."""
 
 
 def build_runtime(
@@ -124,8 +128,11 @@ def build_runtime(
             topology, control_group=dedicated_group(group, "gloo", config.async_timeout_s)
         )
     # On a gloo EP group the forward's collectives share the control group: the main thread issues
-    # both, in the same order on every rank, and the group's timeout is async_timeout_s.
+    # both, in the same order on every rank, and the group's timeout is async_timeout_s. On any
+    # other EP group (NCCL) they run on the user's group, whose timeout becomes async_timeout_s.
     collective_group = topology.control_group if gloo else group
+    if group is not None and not gloo:
+        _bound_forward_group(group, config.async_timeout_s, topology.rank)
     dispatcher = make_dispatcher(
         collective_group if gloo else topology.forward_group,
         kind=config.dispatcher, max_tokens_per_rank=config.max_tokens_per_rank,
@@ -165,6 +172,17 @@ def build_executor(
             health=health,
         )
     return communicator, executor
+
+
+def _bound_forward_group(group: dist.ProcessGroup, timeout_s: float, rank: int) -> None:
+    if bound_group_timeout(group, timeout_s):
+        if rank == 0:
+            logger.info("the EP group's collectives now time out after async_timeout_s (%s s)", timeout_s)
+    elif rank == 0:
+        logger.warning(
+            "this PyTorch cannot change the EP group's timeout: create the group with "
+            "timeout=datetime.timedelta(seconds=async_timeout_s) so the forward's collectives are bounded"
+        )
 
 
 def rebuild_groups(runtime: Runtime, health: GroupHealth, prefix: str) -> Runtime:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from eplb.comm import get_communicator, register_communicator
 from eplb.errors import EPLBError
 
-__all__ = ["Communicator", "CommunicationError", "LocalCommunicator", "select_communicator"]
+__all__ = ["Communicator", "CommunicationError", "LocalCommunicator", "bound_group_timeout", "select_communicator"]
 
 logger = logging.getLogger("eplb")
 
@@ -155,6 +155,24 @@ def dedicated_group(group: dist.ProcessGroup, backend: str, timeout_s: float) ->
             mine = new
     assert mine is not None
     return mine
+
+
+def bound_group_timeout(group: dist.ProcessGroup, timeout_s: float) -> bool:
+    """Make collectives issued on ``group`` from now on time out after ``timeout_s`` (the group is
+    the user's: the NCCL EP group the forward runs on). Uses PyTorch's setter for an existing
+    group (``torch.distributed.distributed_c10d._set_pg_timeout``, for NCCL and gloo backends).
+
+    Returns False (and changes nothing) where this PyTorch has no such setter or it refuses;
+    the caller then tells the user to create the group with ``timeout=``."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:
+        return False
+    try:
+        setter(timedelta(seconds=timeout_s), group)
+    except Exception as exc:  # noqa: BLE001 - a backend without the setter: the caller says what to do
+        logger.debug("could not set the EP group's timeout: %s", exc)
+        return False
+    return True
 
 
 def select_communicator(

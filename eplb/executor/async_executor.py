@@ -142,7 +142,7 @@ class AsyncExecutor:
         self.num_buffers = num_buffers
         self.health = health
         self._agree = Agreement(control_group, num_ranks, health)
-        self._transfer_fn = transfer_fn
+        self._transfer = transfer_fn or self._communicate
         self._job: _Job | None = None
         self._thread: threading.Thread | None = None
         # The in-flight job and the latest worker, for the exit hooks (they must not hold a reference
@@ -400,7 +400,9 @@ class AsyncExecutor:
                     job.cond.wait(0.1)
                 if job.abort:
                     return
-            transfer = self._transfer_fn or partial(_communicate, job.communicator, self.max_transfer_bytes)
+            transfer = self._transfer
+            if transfer == self._communicate:  # the job's communicator: a rebuild gives later jobs a new one
+                transfer = partial(_communicate, job.communicator, self.max_transfer_bytes)
             for layer in changed:
                 staged = stage_layer(layer, job.old, new, rank=self.rank, num_ranks=self.num_ranks,
                                      transfer=transfer, pool=job.pool, stream=self._stream,
@@ -419,6 +421,9 @@ class AsyncExecutor:
                 job.error_tb = traceback.format_exc()
                 job.cond.notify_all()
             logger.debug("async worker failed on rank %d", self.rank, exc_info=True)
+
+    def _communicate(self, layer, plan, slot_tensors, staging) -> None:
+        _communicate(self.communicator, self.max_transfer_bytes, layer, plan, slot_tensors, staging)
 
 
 def _communicate(communicator: Communicator, max_transfer_bytes: int, layer, plan, slot_tensors, staging) -> None:

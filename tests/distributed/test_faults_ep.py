@@ -19,6 +19,7 @@ import torch.distributed as dist
 from harness import spawn_ranks
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper
+from eplb.comm.base import bound_group_timeout
 from eplb.comm.recovery import ROLL_CALL_S
 
 pytestmark = pytest.mark.distributed
@@ -100,6 +101,7 @@ def _time_the_failure(fn) -> dict:
 
 
 def _peer_gone_in_the_forward(rank, world_size, how):
+    """Rank 1 is killed or frozen at step 3; every other rank times its forward's failure."""
     mid_rebalance = how.endswith("mid-rebalance")
     token_dispatch = {"dispatcher": "fixed_capacity", "max_tokens_per_rank": 8} if "fixed" in how else {}
     wrapper, reference = _wrapped_pair(rank, use_async=mid_rebalance, **token_dispatch)
@@ -114,23 +116,28 @@ def _peer_gone_in_the_forward(rank, world_size, how):
         # (frozen) resumed by rank 0: its own forward now fails as well, within the timeout
         return _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
     failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
-    if how.startswith("frozen"):
+    if how.startswith("frozen") and rank == 0:
         os.kill(pids[1], signal.SIGCONT)
     return failure
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize(
     "how", ["killed", "frozen", "killed mid-rebalance", "frozen mid-rebalance", "killed, fixed-capacity dispatch"]
 )
-def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_timeout(how):
-    results = spawn_ranks(_peer_gone_in_the_forward, 2, how, timeout=90, grace_s=None)
-    survivor = results[0]
-    assert survivor.ok, survivor.error
-    failure = survivor.value
-    assert failure["message"] is not None, "the forward did not fail"
-    assert failure["seconds"] < TIMEOUT_S + MARGIN_S, failure
-    assert "step 3" in failure["message"] and "all-to-all" in failure["message"], failure["message"]
-    assert failure["cause"] is not None
+def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_timeout(how, world_size):
+    if world_size == 4 and "fixed" in how:
+        pytest.skip("the fixed-capacity dispatch case runs on 2 ranks")
+    results = spawn_ranks(_peer_gone_in_the_forward, world_size, how, timeout=90, grace_s=None)
+    for survivor in (r for r in results if r.rank != 1):
+        assert survivor.ok, survivor.error
+        failure = survivor.value
+        assert failure["message"] is not None, f"the forward of rank {survivor.rank} did not fail"
+        # The roll call that names the rank gone adds at most ROLL_CALL_S.
+        assert failure["seconds"] < TIMEOUT_S + MARGIN_S + ROLL_CALL_S, (survivor.rank, failure)
+        assert "step 3" in failure["message"] and "all-to-all" in failure["message"], failure["message"]
+        assert "rank 1 did not answer" in failure["message"], failure["message"]
+        assert failure["cause"] is not None
     if how.startswith("frozen"):
         assert results[1].ok, results[1].error
         assert results[1].value["message"] is not None and "step 3" in results[1].value["message"]
@@ -270,3 +277,47 @@ def test_after_a_frozen_peer_is_back_the_groups_are_rebuilt_and_later_rebalances
         assert not r["reports"][-1][0], r["reports"]
         assert r["same_placement"]
     assert survivor["reports"] == frozen["reports"]
+
+
+# ------------------------------------------------------------------------------ bounded waits
+def _late_to_wrap(rank, world_size):
+    if rank == 1:
+        time.sleep(TIMEOUT_S + MARGIN_S + 2)  # never reaches the agreement in time
+        return None
+    return _time_the_failure(
+        lambda: EPLBWrapper(mm.build_reference_model(), _config(async_timeout_s=TIMEOUT_S), ep_group=dist.group.WORLD)
+    )
+
+
+def test_the_wrap_time_agreement_waits_at_most_async_timeout_s_and_names_the_missing_rank():
+    results = spawn_ranks(_late_to_wrap, 2, timeout=60, grace_s=None)
+    assert results[0].ok, results[0].error
+    failure = results[0].value
+    assert failure["message"] is not None, "the wrap did not fail"
+    assert failure["seconds"] < TIMEOUT_S + MARGIN_S, failure
+    assert "wrap-time agreement" in failure["message"] and "rank 1 did not arrive" in failure["message"], failure
+
+
+def _user_group_bounded(rank, world_size):
+    group = dist.new_group(backend="gloo")  # the job's timeout: far longer than the test
+    set_ok = bound_group_timeout(group, TIMEOUT_S)
+    dist.all_reduce(torch.ones(1), group=group)
+    if rank == 1:
+        time.sleep(TIMEOUT_S + MARGIN_S + 1)
+        return {"set": set_ok}
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    except RuntimeError:
+        return {"set": set_ok, "seconds": time.monotonic() - start}
+    return {"set": set_ok, "seconds": None}
+
+
+def test_the_timeout_eplb_sets_on_a_users_group_bounds_its_collectives():
+    """What eplb does to an NCCL EP group at wrap time (``bound_group_timeout``), checked on a
+    gloo group: a collective whose peer does not come raises within the new timeout."""
+    results = spawn_ranks(_user_group_bounded, 2, timeout=60, grace_s=None)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert results[0].value["set"] and results[1].value["set"]
+    seconds = results[0].value["seconds"]
+    assert seconds is not None and seconds < TIMEOUT_S + MARGIN_S, seconds
