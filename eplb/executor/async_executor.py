@@ -143,6 +143,9 @@ class AsyncExecutor:
         self.health = health
         self._agree = Agreement(control_group, num_ranks, health)
         self._transfer = transfer_fn or self._communicate
+        # Set by a worker whose transfer failed (its job perhaps aborted already): the transfer
+        # group's connections are closed. Raised in the next agreement; cleared by replace_groups.
+        self._transfer_lost = False
         self._job: _Job | None = None
         self._thread: threading.Thread | None = None
         # The in-flight job and the latest worker, for the exit hooks (they must not hold a reference
@@ -178,9 +181,19 @@ class AsyncExecutor:
         # rebalance at the same step (never one rank alone, which would desynchronise the ranks).
         busy = self._thread is not None and (self._thread.join(0.05) or self._thread.is_alive())
         try:
-            flags = self._agree(Flags(busy_rank=self.rank + 1 if busy else 0))
+            flags = self._agree(Flags(busy_rank=self.rank + 1 if busy else 0,
+                                      transfer_failed=int(self._transfer_lost)))
         except PeerLost as exc:
             raise self._peer_lost("the agreement that begins a rebalance", exc) from exc.__cause__
+        if flags.transfer_failed and not flags.busy_rank:
+            if self.health is not None:
+                self.health.broken = True  # every rank at this step: rebuilt at the next forward
+            reason = ("a weight transfer of the previous rebalance failed, which closed the transfer group; every "
+                      "rank skips this rebalance and eplb rebuilds its groups at the next forward")
+            self.last_report = RebalanceReport.skip(reason)
+            if self.rank == 0:
+                logger.warning("%s", reason)
+            return
         if flags.busy_rank:
             reason = (
                 f"the previous rebalance's worker on rank {flags.busy_rank - 1} is still busy (an aborted "
@@ -247,6 +260,7 @@ class AsyncExecutor:
         self.control_group = control_group
         self._agree = Agreement(control_group, self.num_ranks, self.health)
         self.communicator = communicator
+        self._transfer_lost = False
 
     def close(self) -> None:
         """Abort an in-flight rebalance locally and join the worker (bounded by ``timeout_s``)."""
@@ -268,7 +282,7 @@ class AsyncExecutor:
         with critical_section(), job.cond:
             ready, planned = len(job.staged), job.planned
             failed = job.error is not None
-            transfer_failed = isinstance(job.error, CommunicationError)
+            transfer_failed = isinstance(job.error, CommunicationError) or self._transfer_lost
         # The clock runs only while this rank's worker owes the next piece of work (the plan, or
         # the next layer once it may transfer): time the main thread spends away from the step
         # boundaries (an idle server, a pause before synchronize()) is no stall of the worker.
@@ -416,6 +430,8 @@ class AsyncExecutor:
                     job.staged.append(staged)
                     job.cond.notify_all()
         except BaseException as exc:  # surfaced on the main thread by on_step; never swallowed
+            if isinstance(exc, CommunicationError) and job.communicator is self.communicator:
+                self._transfer_lost = True  # (a failure on a communicator already replaced is old news)
             with job.cond:
                 job.error = exc
                 job.error_tb = traceback.format_exc()

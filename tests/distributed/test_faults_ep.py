@@ -321,3 +321,79 @@ def test_the_timeout_eplb_sets_on_a_users_group_bounds_its_collectives():
     assert results[0].value["set"] and results[1].value["set"]
     seconds = results[0].value["seconds"]
     assert seconds is not None and seconds < TIMEOUT_S + MARGIN_S, seconds
+
+
+def _ranks_committed_different_layers(rank, world_size):
+    """Rank 1's maps of layer 0 disagree with rank 0's about rank 0's slots (as when one rank saw
+    the last agreement and the other did not); after a lost peer the rebuild makes every rank
+    take the placement the slots hold, and the outputs are exact again."""
+    wrapper, reference = _wrapped_pair(rank)
+    _forward(wrapper, reference, 0, rank)
+    layer = wrapper.eplb_layers[0]
+    slots = wrapper.placement.num_physical // world_size
+    true_row = wrapper.placement.phy2log[0].clone()
+    if rank == 1:
+        row = true_row.clone()
+        row[:slots] = true_row[:slots].roll(1)  # rank 0's slots, as rank 1 wrongly believes they are
+        layer.apply_commit(layer.prepare_commit(row), None)  # maps only: no weight moves
+    wrapper._health.lost()  # what a failed collective does
+    _forward(wrapper, reference, 1, rank)  # rebuilds first, then is exact
+    for seed in range(2, 6):
+        _forward(wrapper, reference, seed, rank)
+    agreed = torch.equal(wrapper.placement.phy2log[0], true_row)
+    wrapper.close()
+    return {"agreed": agreed, "generation": wrapper._health.generation}
+
+
+def test_a_rebuild_makes_every_rank_take_the_placement_the_slots_hold():
+    results = spawn_ranks(_ranks_committed_different_layers, 2, timeout=90)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert all(r.value == {"agreed": True, "generation": 1} for r in results), [r.value for r in results]
+
+
+def _transfer_times_out(rank, world_size):
+    """Rank 1's first weight transfer starts 3 timeouts late: rank 0's times out, which closes
+    the transfer group. The abort is collective, every rank rebuilds, later rebalances work."""
+    wrapper, reference = _wrapped_pair(rank, use_async=True, policy="default")
+    executor = wrapper._executor
+    if rank == 1:
+        def late_once(*args):
+            executor._transfer = executor._communicate  # later transfers are on time
+            time.sleep(3 * TIMEOUT_S)
+            raise RuntimeError("this transfer came too late")
+
+        executor._transfer = late_once
+    seed = iter(range(10_000))
+    for _ in range(3):
+        _forward(wrapper, reference, next(seed), rank)
+    wrapper.rebalance()
+    start = time.monotonic()
+    while wrapper.async_in_flight and time.monotonic() - start < 6 * TIMEOUT_S:
+        _forward(wrapper, reference, next(seed), rank)
+        time.sleep(0.05)
+    first = wrapper.stats()["last_rebalance_reason"]
+    broken = wrapper._health.broken
+    reports = []
+    for _ in range(5):  # rank 1's late worker keeps every rank skipping until it has left
+        wrapper.rebalance()
+        wrapper.synchronize()
+        stats = wrapper.stats()
+        reports.append((stats["last_rebalance_skipped"], stats["last_rebalance_reason"]))
+        if not stats["last_rebalance_skipped"]:
+            break
+        time.sleep(TIMEOUT_S)
+    for _ in range(10):
+        _forward(wrapper, reference, next(seed), rank)
+    generation = wrapper._health.generation
+    wrapper.close()
+    return {"first": first, "broken": broken, "reports": reports, "generation": generation}
+
+
+def test_a_transfer_that_timed_out_makes_every_rank_rebuild_and_later_rebalances_work():
+    results = spawn_ranks(_transfer_times_out, 2, timeout=120, grace_s=20)
+    assert all(r.ok for r in results), [r.error for r in results]
+    a, b = (r.value for r in results)
+    assert "aborted" in a["first"] and "aborted" in b["first"], (a, b)
+    assert a["broken"] and b["broken"], (a, b)
+    assert a["generation"] == b["generation"] == 1, (a, b)
+    assert a["reports"] == b["reports"] and not a["reports"][-1][0], (a, b)
