@@ -116,6 +116,7 @@ class GroupHealth:
         self.broken = False
         self.generation = 0
         self._silent: list[int] | None = None
+        self._roll_called = False
 
     def lost(self) -> list[int] | None:
         """Mark the groups broken and, the first time in this generation, hold a roll call: every
@@ -123,9 +124,10 @@ class GroupHealth:
         `ROLL_CALL_S` (or ``timeout_s`` if shorter) are returned, as the ranks that stopped
         answering. ``[]``: every rank answered (one was slow or frozen and is back, maybe this
         one). None: the store did not answer either."""
-        if self.broken:
-            return self._silent
         self.broken = True
+        if self._roll_called:
+            return self._silent
+        self._roll_called = True
         try:
             rendezvous(f"{self.key}/roll-call/{self.generation}", self.rank, self.num_ranks, 1,
                        min(ROLL_CALL_S, self.timeout_s))
@@ -180,6 +182,7 @@ class GroupHealth:
         self.generation += 1
         self.broken = False
         self._silent = None
+        self._roll_called = False
 
     def describe(self, silent: list[int] | None) -> str:
         """A few words on who did not answer, for `eplb.errors.peer_failure`."""

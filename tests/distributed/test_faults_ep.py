@@ -109,7 +109,7 @@ def _peer_gone_in_the_forward(rank, world_size, how):
     if mid_rebalance:
         wrapper.rebalance()  # async: the workers plan, then move weights after the next step
     _forward(wrapper, reference, 1, rank)
-    pids: list = [None, None]
+    pids: list = [None] * world_size
     dist.all_gather_object(pids, os.getpid())
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL if how.startswith("killed") else signal.SIGSTOP)
