@@ -121,13 +121,14 @@ def _peer_gone_in_the_forward(rank, world_size, how):
     return failure
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+_GONE = ["killed", "frozen", "killed mid-rebalance", "frozen mid-rebalance"]
+
+
 @pytest.mark.parametrize(
-    "how", ["killed", "frozen", "killed mid-rebalance", "frozen mid-rebalance", "killed, fixed-capacity dispatch"]
+    ("how", "world_size"),
+    [(how, 2) for how in [*_GONE, "killed, fixed-capacity dispatch"]] + [(how, 4) for how in _GONE],
 )
 def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_timeout(how, world_size):
-    if world_size == 4 and "fixed" in how:
-        pytest.skip("the fixed-capacity dispatch case runs on 2 ranks")
     results = spawn_ranks(_peer_gone_in_the_forward, world_size, how, timeout=90, grace_s=None)
     for survivor in (r for r in results if r.rank != 1):
         assert survivor.ok, survivor.error
@@ -136,7 +137,11 @@ def test_a_peer_dead_or_frozen_in_the_forward_raises_an_eplb_error_within_the_ti
         # The roll call that names the rank gone adds at most ROLL_CALL_S.
         assert failure["seconds"] < TIMEOUT_S + MARGIN_S + ROLL_CALL_S, (survivor.rank, failure)
         assert "step 3" in failure["message"] and "all-to-all" in failure["message"], failure["message"]
-        assert "rank 1 did not answer" in failure["message"], failure["message"]
+        # Rank 0 resumes a frozen rank 1 only after its own roll call; the other survivors' roll
+        # calls may end after that, when rank 1 has answered too.
+        named = "rank 1 did not answer" in failure["message"]
+        back = "frozen or slow" in failure["message"]
+        assert named or (how.startswith("frozen") and survivor.rank != 0 and back), failure["message"]
         assert failure["cause"] is not None
     if how.startswith("frozen"):
         assert results[1].ok, results[1].error
