@@ -152,18 +152,19 @@ def _pair_ids(num_groups: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _group_swaps(
     load_XE: np.ndarray, cur_XP: np.ndarray, old_XP: np.ndarray, room_X: np.ndarray,
-    num_ranks: int, num_nodes: int, num_groups: int,
+    num_ranks: int, num_nodes: int, num_groups: int, num_candidates: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the best exchange of two groups that sit on different nodes, within the budget.
 
     The only moves that change a node's load when every group keeps all its replicas on one node:
-    group ``A`` (node ``a``) and group ``B`` (node ``b``) trade places, ``B``'s experts taking
-    exactly the slots ``A`` held and the other way round, so the other group of each node stays
-    where it is. The incoming group's replicas are given out as in the default plan (one per
-    expert, then each extra slot to the largest load per replica) and packed onto the freed slots,
-    heaviest replica first into the rank of least load that still has a freed slot. Every slot of
-    the two groups moves (their experts were on the other node), so an exchange costs
-    ``slots(A) + slots(B)`` against a placement that kept the groups apart.
+    group ``A`` (node ``a``) and group ``B`` (node ``b``) trade places. Only exchanges that lower
+    the largest node load are considered (so exchanges never cycle), the ``num_candidates`` that
+    lower it most per row. In each, ``B``'s experts take one slot each among the slots ``A`` held,
+    heaviest first into the rank of least load that still has such a slot, and the rest of ``A``'s
+    slots keep a copy of an expert of the node's other group that was on that rank (no transfer);
+    the same for ``A`` on node ``b``. An exchange so moves two groups' worth of slots, and the
+    greedy search that follows spends the rest of the budget (replicas of the incoming experts,
+    repairs of the other nodes).
 
     Args:
         load_XE: ``[X, E]`` float64 — tokens per logical expert.
@@ -171,11 +172,14 @@ def _group_swaps(
         old_XP: ``[X, P]`` int64 — the placement in effect (what a moved slot is counted against).
         room_X: ``[X]`` int64 — moved slots still allowed per row (on top of ``cur_XP``'s).
         num_ranks, num_nodes, num_groups: ``G``, ``N`` and the expert groups.
+        num_candidates: exchanges built and scored per row.
 
     Returns:
-        ``(new_XP, swapped_X)``: per row the exchange that lowers the largest rank load most
-        (ties: the first pair in ``(a, b)`` order), where one fits and lowers it; rows where none
-        does, or where some group spans nodes, are returned unchanged (``swapped_X`` False).
+        ``(new_XP, swapped_X)``: per row the candidate with the lowest score (the busiest rank of
+        the two nodes it changes, or the mean rank load of another node where that is larger:
+        what the search can bring that node down to), ties to the first pair in ``(A, B)``
+        order, where it fits the room and its score is below the row's largest rank load; rows
+        where none does, or where some group spans nodes, are returned unchanged.
     """
     from eplb.policies.default import _argsort_descending
 
@@ -192,8 +196,24 @@ def _group_swaps(
     on_node_XQN[rows_X1, cur_XP // group_size, node_P] = True
     node_XQ = on_node_XQN.argmax(2)
     pair_a_C, pair_b_C = _pair_ids(num_groups)
-    valid_XC = (on_node_XQN.sum(2) == 1).all(1)[:, None] & (node_XQ[:, pair_a_C] != node_XQ[:, pair_b_C])
-    cand_x_H, cand_c_H = np.nonzero(valid_XC)  # H candidate exchanges
+    node_a_XC, node_b_XC = node_XQ[:, pair_a_C], node_XQ[:, pair_b_C]
+    valid_XC = (on_node_XQN.sum(2) == 1).all(1)[:, None] & (node_a_XC != node_b_XC)
+    # Node loads after each exchange, from the group loads: keep those that lower the largest.
+    group_load_XQ = load_XE.reshape(num_rows, num_groups, group_size).sum(2)
+    node_load_XN = np.zeros((num_rows, num_nodes))
+    np.add.at(node_load_XN, (rows_X1, node_XQ), group_load_XQ)
+    delta_XC = group_load_XQ[:, pair_b_C] - group_load_XQ[:, pair_a_C]
+    after_XCN = np.broadcast_to(node_load_XN[:, None, :], valid_XC.shape + (num_nodes,)).copy()
+    rows_XC = np.broadcast_to(rows_X1, valid_XC.shape)
+    cols_XC = np.broadcast_to(np.arange(valid_XC.shape[1]), valid_XC.shape)
+    after_XCN[rows_XC, cols_XC, node_a_XC] += delta_XC
+    after_XCN[rows_XC, cols_XC, node_b_XC] -= delta_XC
+    node_after_XC = np.where(valid_XC, after_XCN.max(2), np.inf)
+    lowers_XC = node_after_XC < node_load_XN.max(1, keepdims=True) * (1 - _TOL)
+    keep_XK = np.argsort(node_after_XC, axis=1, kind="stable")[:, :num_candidates]
+    kept_XC = np.zeros(valid_XC.shape, dtype=bool)
+    kept_XC[rows_X1, keep_XK] = True
+    cand_x_H, cand_c_H = np.nonzero(kept_XC & lowers_XC)  # H candidate exchanges
     if cand_x_H.size == 0:
         return cur_XP, np.zeros(num_rows, dtype=bool)
     num_cand = cand_x_H.size
@@ -279,13 +299,7 @@ def _group_swaps(
     node_max_HN = node_mean_XN[cand_x_H]
     node_max_HN[cand_H, node_h[:num_cand]] = new_rank_load_hR[:num_cand].max(1)
     node_max_HN[cand_H, node_h[num_cand:]] = new_rank_load_hR[num_cand:].max(1)
-    # An exchange must also lower the largest node mean (so exchanges never cycle).
-    node_mean_HN = node_mean_XN[cand_x_H]
-    node_mean_HN[cand_H, node_h[:num_cand]] = new_rank_load_hR[:num_cand].mean(1)
-    node_mean_HN[cand_H, node_h[num_cand:]] = new_rank_load_hR[num_cand:].mean(1)
-    fits_H = (cost_h[:num_cand] + cost_h[num_cand:] <= room_X[cand_x_H]) & (
-        node_mean_HN.max(1) < node_mean_XN[cand_x_H].max(1) * (1 - _TOL)
-    )
+    fits_H = cost_h[:num_cand] + cost_h[num_cand:] <= room_X[cand_x_H]
     score_XC = np.full(valid_XC.shape, np.inf)
     score_XC[cand_x_H, cand_c_H] = np.where(fits_H, node_max_HN.max(1), np.inf)
     best_X = score_XC.argmin(1)
@@ -498,11 +512,12 @@ def _greedy_moves(
             ra_XS1 = rank_P[a_XS][:, :, None]
             rb_X1D = rank_P[b_XD][:, None, :]
             b1 = base_X1[:, :, None]
+            moved_now_XP = moved_XP[active]
             swap_cost_XSD = (
                 (~old_holds_F[b1 + eb_X1D * num_ranks + ra_XS1]).astype(np.int64)
                 + ~old_holds_F[b1 + ea_XS1 * num_ranks + rb_X1D]
-                - moved_XP[active][r1, a_XS][:, :, None]
-                - moved_XP[active][r1, b_XD][:, None, :]
+                - moved_now_XP[r1, a_XS][:, :, None]
+                - moved_now_XP[r1, b_XD][:, None, :]
             )
             swap_gain_XW = max_X1 - pair_max_XSD.reshape(n, -1)
             swap_cost_XW = swap_cost_XSD.reshape(n, -1)
@@ -563,10 +578,10 @@ def _greedy_moves(
             ea, eb = cur_XP[g, a], cur_XP[g, b]
             cur_XP[g, a], cur_XP[g, b] = eb, ea
             base = g * num_logical
-            np.add.at(held_F, (base + ea) * num_ranks + rank_P[a], -1)
-            np.add.at(held_F, (base + eb) * num_ranks + rank_P[b], -1)
-            np.add.at(held_F, (base + eb) * num_ranks + rank_P[a], 1)
-            np.add.at(held_F, (base + ea) * num_ranks + rank_P[b], 1)
+            held_F[(base + ea) * num_ranks + rank_P[a]] -= 1
+            held_F[(base + eb) * num_ranks + rank_P[b]] -= 1
+            held_F[(base + eb) * num_ranks + rank_P[a]] += 1
+            held_F[(base + ea) * num_ranks + rank_P[b]] += 1
             moved_XP[g, a] = ~old_holds_F[(base + eb) * num_ranks + rank_P[a]]
             moved_XP[g, b] = ~old_holds_F[(base + ea) * num_ranks + rank_P[b]]
         is_change = ~is_swap
@@ -575,12 +590,12 @@ def _greedy_moves(
             x, y = cur_XP[g, s_], target_XP[g, s_]
             cur_XP[g, s_] = y
             base = g * num_logical
-            np.add.at(held_F, (base + x) * num_ranks + rank_P[s_], -1)
-            np.add.at(held_F, (base + y) * num_ranks + rank_P[s_], 1)
-            np.add.at(count_XE, (g, x), -1)
-            np.add.at(count_XE, (g, y), 1)
-            np.add.at(group_on_node_XQN, (g, x // group_size, node_P[s_]), -1)
-            np.add.at(group_on_node_XQN, (g, y // group_size, node_P[s_]), 1)
+            held_F[(base + x) * num_ranks + rank_P[s_]] -= 1
+            held_F[(base + y) * num_ranks + rank_P[s_]] += 1
+            count_XE[g, x] -= 1  # one move per row: the indices of each update are distinct
+            count_XE[g, y] += 1
+            group_on_node_XQN[g, x // group_size, node_P[s_]] -= 1
+            group_on_node_XQN[g, y // group_size, node_P[s_]] += 1
             moved_XP[g, s_] = ~old_holds_F[(base + y) * num_ranks + rank_P[s_]]
         used_X[g_X] = moved_XP[g_X].sum(1)
         active = g_X
