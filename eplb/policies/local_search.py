@@ -452,6 +452,18 @@ def limit_migration(
     return out_LP
 
 
+def _move_score(
+    gain: np.ndarray, cost: np.ndarray, max_load: np.ndarray, mean_load: np.ndarray, room: np.ndarray
+) -> np.ndarray:
+    """Gain per moved slot of each candidate move (``-inf`` where it is not allowed): the gain must
+    beat float rounding, buy at least `_MIN_GAIN_PER_MOVE` of the mean rank load per moved slot
+    (moving weights for less is not worth the transfer, and ends the search early) and fit the
+    room. Broadcasting arrays: gain, cost (moved slots, may be <= 0), the busiest rank's load, the
+    mean rank load, the room."""
+    ok = (gain > max_load * _TOL) & (gain >= mean_load * _MIN_GAIN_PER_MOVE * np.maximum(cost, 0)) & (cost <= room)
+    return np.where(ok, gain / np.maximum(cost, 0.5), -np.inf)
+
+
 def _greedy_moves(
     w_XE: np.ndarray, old_XP: np.ndarray, target_XP: np.ndarray, cur_XP: np.ndarray, limit: int, *,
     num_ranks: int, num_nodes: int, num_groups: int, num_partners: int,
@@ -530,14 +542,12 @@ def _greedy_moves(
         # expert the heaviest rank holds, can relieve it.
         tgt = target_XP[active]
         held_XEG = held_F.reshape(num_rows, num_logical, num_ranks)
-        change_gain_XP = np.full((n, num_physical), -np.inf)
-        change_cost_XP = np.zeros((n, num_physical), dtype=np.int64)
         candidate_XP = (cur != tgt) & (cnt[r1, cur] >= 2) & (
             (rank_P[None, :] == heavy_X[:, None]) | (held_XEG[active[:, None], tgt, heavy_X[:, None]] > 0)
         )
         if num_nodes > 1:  # the new expert's group must already be on that node
             candidate_XP &= group_on_node_XQN[active[:, None], tgt // group_size, node_P] > 0
-        c_row, c_slot = np.nonzero(candidate_XP)
+        c_row, c_slot = np.nonzero(candidate_XP)  # rows, then slots, ascending
         if c_row.size:
             x, y, r, g = cur[c_row, c_slot], tgt[c_row, c_slot], rank_P[c_slot], active[c_row]
             wx, cx, wy, cy = w[c_row, x], cnt[c_row, x], w[c_row, y], cnt[c_row, y]
@@ -550,26 +560,31 @@ def _greedy_moves(
             touched_CG[c_idx, r] = True
             worst_C = np.where(touched_CG, new_CG, -np.inf).max(1)
             relieves_C = new_CG[c_idx, heavy_X[c_row]] < max_X1[c_row, 0]
-            change_gain_XP[c_row, c_slot] = np.where(relieves_C, max_X1[c_row, 0] - worst_C, -np.inf)
-            change_cost_XP[c_row, c_slot] = (
-                (~old_holds_F[(g * num_logical + y) * num_ranks + r]).astype(np.int64) - moved_XP[g, c_slot]
-            )
+            change_gain_C = np.where(relieves_C, max_X1[c_row, 0] - worst_C, -np.inf)
+            change_cost_C = (~old_holds_F[(g * num_logical + y) * num_ranks + r]).astype(np.int64) - moved_XP[g, c_slot]
 
         # Step 3: per row, the move that relieves the heaviest rank most per moved slot within the
-        # budget. A move never leaves a changed rank at or above the old maximum, so no layer's
-        # maximum ever grows.
-        gain_XW = np.concatenate([swap_gain_XW, change_gain_XP], axis=1)
-        cost_XW = np.concatenate([swap_cost_XW, change_cost_XP], axis=1)
-        # A moved slot must buy at least _MIN_GAIN_PER_MOVE of the mean rank load: moving weights
-        # for less is not worth the transfer (and ends the search early).
-        min_gain_XW = rank_load_XG.mean(1, keepdims=True) * _MIN_GAIN_PER_MOVE * np.maximum(cost_XW, 0)
-        ok_XW = (gain_XW > max_X1 * _TOL) & (gain_XW >= min_gain_XW) & (cost_XW <= room_X1)
-        score_XW = np.where(ok_XW, gain_XW / np.maximum(cost_XW, 0.5), -np.inf)
-        best_X = score_XW.argmax(1)
-        go_X = ok_XW[rows, best_X]
+        # budget (ties: swaps first, then the lowest index). A move never leaves a changed rank at
+        # or above the old maximum, so no layer's maximum ever grows.
+        mean_X1 = rank_load_XG.mean(1, keepdims=True)
+        swap_score_XW = _move_score(swap_gain_XW, swap_cost_XW, max_X1, mean_X1, room_X1)
+        num_swaps = swap_score_XW.shape[1]
+        best_X = swap_score_XW.argmax(1) if num_swaps else np.zeros(n, dtype=np.int64)
+        best_score_X = swap_score_XW[rows, best_X] if num_swaps else np.full(n, -np.inf)
+        if c_row.size:
+            change_score_C = _move_score(
+                change_gain_C, change_cost_C, max_X1[c_row, 0], mean_X1[c_row, 0], room_X1[c_row, 0]
+            )
+            top_X = np.full(n, -np.inf)
+            np.maximum.at(top_X, c_row, change_score_C)
+            at_top = np.nonzero(change_score_C == top_X[c_row])[0]
+            top_rows, first = np.unique(c_row[at_top], return_index=True)
+            better = top_X[top_rows] > best_score_X[top_rows]
+            best_X[top_rows[better]] = num_swaps + c_slot[at_top[first[better]]]
+            best_score_X[top_rows[better]] = top_X[top_rows[better]]
+        go_X = best_score_X > -np.inf
         best_X, go_rows = best_X[go_X], rows[go_X]
         g_X = active[go_X]
-        num_swaps = swap_gain_XW.shape[1]
         is_swap = best_X < num_swaps
         if is_swap.any():
             i, j = go_rows[is_swap], best_X[is_swap]
