@@ -11,12 +11,14 @@ that raises it, so the result is never less balanced than the placement they sta
   when that lowers the heaviest rank's load below its old value without lifting the other rank
   above it, the swap that lowers the maximum most first. Replica counts do not change.
 - `limit_migration` (``migration_budget``): a layer whose fresh (relabelled) plan fits the budget
-  and is not less balanced takes it whole; otherwise start from the placement in effect (with
-  several nodes, after re-planning whole pairs of nodes where that fits) and apply, one at a time,
-  the move that lowers the busiest rank most per moved slot: a slot takes its expert of the fresh
-  plan (two replica counts change), or a slot of the busiest rank swaps with a slot of a light
-  rank of its node. A slot counts as moved when its expert was not on its rank in the old
-  placement.
+  and is not less balanced takes it whole; otherwise start from the placement in effect and
+  apply, one at a time, the move that lowers the busiest rank most per moved slot: a slot takes
+  its expert of the fresh plan (two replica counts change), or a slot of the busiest rank swaps
+  with a slot of a light rank of its node. With groups on nodes (hierarchical), the search also
+  runs from the best exchange of two groups between nodes that fits (`_group_swaps`, the only
+  move that changes a node's load), aiming at the default plan for that exchange's
+  groups-to-nodes assignment, and each layer keeps the better end. A slot counts as moved when
+  its expert was not on its rank in the old placement.
 
 Both are greedy local searches written for eplb (a move's gain is the drop of the busiest rank's
 load; for the budget, per moved slot, like a greedy knapsack); they find good placements fast, not
@@ -380,9 +382,10 @@ def limit_migration(
         budget: fraction in ``(0, 1]``: at most ``floor(budget * P)`` slots per layer may receive
             an expert that is not on their rank in ``old_LP``.
         num_ranks: ``G``.
-        num_nodes: ``N``; swaps stay inside a node, and a slot change puts an expert only on a
-            node that already holds a replica of its group, so a placement that keeps each
-            group on one node (hierarchical) keeps doing so.
+        num_nodes: ``N``; swaps stay inside a node, a slot change puts an expert only on a node
+            that already holds a replica of its group, and groups change node only by whole
+            exchanges of two groups (`_group_swaps`), so a placement that keeps each group on
+            one node (hierarchical) keeps doing so.
         num_groups: expert groups (blocks of ``E // num_groups`` consecutive experts).
         num_partners: swaps pair the heaviest rank with the ``num_partners`` lightest ranks of its
             node (the partners that can take load).
@@ -392,8 +395,10 @@ def limit_migration(
 
     Returns:
         ``[L, P]`` int64 — ``fresh_LP`` for layers where it fits the budget and is not less
-        balanced than ``old_LP``; elsewhere ``old_LP`` improved by greedy moves: every layer's
-        largest rank load is at most ``old_LP``'s.
+        balanced than ``old_LP``; elsewhere ``old_LP`` improved by greedy moves (after a group
+        exchange where that ends better): every layer's largest rank load is at most
+        ``old_LP``'s (ties keep the search without an exchange). Deterministic: ties go to the
+        lowest index.
     """
     num_layers, num_logical = load_LE.shape
     num_physical = old_LP.shape[1]
