@@ -120,8 +120,10 @@ class AllToAllDispatcher(Dispatcher):
 
     Ranks may send different numbers of tokens, zero included, with no size limit; every rank
     of the group must call ``dispatch``/``combine`` the same number of times (they are
-    collectives). The split sizes are read on the host (``.tolist()``): one sync per layer, so
-    a step with it cannot be captured in a CUDA graph (use `FixedCapacityDispatcher`).
+    collectives). The split sizes are read on the host (one ``.tolist()`` of the send and receive
+    counts): one sync per layer, so a step with it cannot be captured in a CUDA graph (use
+    `FixedCapacityDispatcher`). Its work is proportional to the real pairs, so with large batches
+    in eager mode it realises a rebalance's predicted speed-up where the fixed blocks do not.
     """
 
     def __init__(self, group: dist.ProcessGroup | None):
@@ -131,17 +133,21 @@ class AllToAllDispatcher(Dispatcher):
 
     def dispatch(self, x_TD, slots_TK, slots_per_rank):
         T, K = slots_TK.shape
+        G = self.num_ranks
         flat = slots_TK.reshape(-1)
-        valid = (flat >= 0).nonzero().squeeze(1)
-        dest = flat[valid] // slots_per_rank
+        # Destination rank of every pair; padding (-1) gets G, so it sorts last and is not sent.
+        dest = torch.where(flat >= 0, torch.div(flat, slots_per_rank, rounding_mode="floor"), G)
         # Stable sort keeps pairs of one destination in (token, k) order: deterministic.
-        perm = torch.argsort(dest, stable=True)
-        order = valid[perm]
-        send_counts_G = torch.bincount(dest, minlength=self.num_ranks)
+        order_all = torch.argsort(dest, stable=True)
+        # Counts with scatter_add_ (bincount would read its maximum on the host).
+        counts = torch.zeros(G + 1, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, dest, torch.ones_like(dest))
+        send_counts_G = counts[:G]
         recv_counts_G = torch.empty_like(send_counts_G)
         dist.all_to_all_single(recv_counts_G, send_counts_G, group=self.group)
-        send_counts = tuple(send_counts_G.tolist())
-        recv_counts = tuple(recv_counts_G.tolist())
+        sizes = torch.cat([send_counts_G, recv_counts_G]).tolist()  # the one host sync per layer
+        send_counts, recv_counts = tuple(sizes[:G]), tuple(sizes[G:])
+        order = order_all[: sum(send_counts)]
         send_x = x_TD.index_select(0, torch.div(order, K, rounding_mode="floor"))
         send_slot = flat.index_select(0, order)
         recv_x = x_TD.new_empty((sum(recv_counts), x_TD.shape[-1]))
