@@ -38,6 +38,7 @@ from eplb.comm.collectives import all_gather_rows
 from eplb.errors import EPLBError, peer_failure
 from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
+from eplb.moe.reference import SwiGLUExperts
 from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
 
@@ -194,7 +195,12 @@ class EPLBExperts(nn.Module):
         # Slot ids >= S mark pairs to skip (padding, another rank's pairs) where the module allows:
         # always (`_skips_plain`), or once marked expert-parallel (`_skips_marked`).
         self._was_expert_parallel = getattr(self.experts, "_is_expert_parallel", None)
+        self._marked: bool | None = None  # the last value set by _mark_expert_parallel
         self._skips_plain, self._skips_marked = self._probe_skipping()
+        self._combine_order = self.combine_order()  # read once: the forward is the hot path
+        # Modules known to read hidden_states only by row indexing (transformers experts, eplb's
+        # SwiGLUExperts) take the token dispatcher's strided rows as they are; others get a copy.
+        self._gathers_rows = self._was_expert_parallel is not None or isinstance(self.experts, SwiGLUExperts)
         self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
         # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
         # with weight 0 when the module cannot skip unmarked.
@@ -403,7 +409,7 @@ class EPLBExperts(nn.Module):
         dispatcher = self.dispatcher
         if dispatcher is not None and dispatcher.token_level:
             return self._forward_tokens(x_TD, slots_TK, weights_TK)
-        if dispatcher is None and self.combine_order() == "topk":
+        if dispatcher is None and self._combine_order == "topk":
             return self._forward_direct(x_TD, slots_TK, weights_TK, ids_TK, padded)
         return self._forward_pairs(x_TD, slots_TK, weights_TK, ids_TK)
 
@@ -431,6 +437,8 @@ class EPLBExperts(nn.Module):
             "dispatch all-to-all", self.dispatcher.dispatch_tokens, x_TD, slots_TK, weights_TK,
             self.slots_per_rank, sentinel,
         )
+        if not self._gathers_rows:
+            x_ND = x_ND.contiguous()  # the dispatcher's rows may have a row stride > D
         y_ND = self.experts(x_ND, slots_NK, weights_NK)
         return self._collective("combine all-to-all", self.dispatcher.combine_tokens, y_ND, meta)
 
@@ -490,8 +498,9 @@ class EPLBExperts(nn.Module):
         return results[0], results[1]
 
     def _mark_expert_parallel(self, value: bool) -> None:
-        if self._was_expert_parallel is not None:
+        if self._was_expert_parallel is not None and value is not self._marked:
             self.experts._is_expert_parallel = value
+            self._marked = value
 
     def _collective(self, half: str, fn, *args):
         """``fn(*args)``, a dispatcher collective; with several ranks a backend failure (a peer
@@ -530,7 +539,7 @@ class EPLBExperts(nn.Module):
 
     def _combine(self, y_TKD, weights_TK, ids_TK, dtype) -> torch.Tensor:
         weighted_TKD = y_TKD * weights_TK.unsqueeze(-1)
-        if self.combine_order() == "topk":
+        if self._combine_order == "topk":
             return weighted_TKD.sum(dim=1).to(dtype)
         weighted_TKD = weighted_TKD.to(dtype)
         order_TK = torch.argsort(ids_TK, dim=1, stable=True)
