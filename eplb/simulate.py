@@ -108,7 +108,7 @@ class SimConfig(BaseModel):
             return Placement.initial(trace.num_layers, trace.num_logical, num_physical, self.num_ranks)
         placement = self.initial_placement
         if not isinstance(placement, Placement):
-            placement = Placement.load(placement)
+            placement = Placement.load(placement, num_ranks=self.num_ranks)
         shape = (placement.num_layers, placement.num_logical, placement.num_physical)
         if shape != (trace.num_layers, trace.num_logical, num_physical):
             raise EPLBError(
