@@ -559,8 +559,13 @@ class LoadRecorder:
 
     def stop(self) -> Trace | None:
         """End the recording and write the file. Returns the recorded `Trace` on rank 0; None on
-        the other ranks, when nothing was recording, or when no step was recorded (then no file
-        is written and a warning is logged)."""
+        the other ranks, or when no step was recorded (then no file is written and a warning is
+        logged).
+
+        Idempotent, like closing a file: with no recording running (never started, already
+        stopped, or ended by the wrapper's ``close``) it does nothing and returns None, so a
+        ``finally:`` block may call it unconditionally. `start` is the strict half: starting while
+        a recording runs raises `EPLBError`, since it would drop the running one."""
         path, writer = self._path, self._writer
         self._path = self._writer = None
         if writer is None:

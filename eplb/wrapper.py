@@ -419,7 +419,12 @@ class EPLBWrapper:
 
     def stop_recording(self) -> Trace | None:
         """Stop the recording and write its file; returns the `eplb.traces.Trace` on rank 0
-        (None on other ranks, or when no recording ran or no step was recorded)."""
+        (None on other ranks, or when no step was recorded).
+
+        Idempotent: with no recording running (never started, already stopped, or ended by
+        `close`) it does nothing and returns None, so a ``finally:`` block may call it
+        unconditionally; `start_recording` while one runs raises `EPLBError` instead, since it
+        would drop the running recording."""
         return self._recorder.stop()
 
     @property
