@@ -37,7 +37,7 @@ from eplb.planner import Decision, PlanOptions, plan, skip_empty_window
 from eplb.policies import check_policy_inputs, get_policy
 from eplb.runtime import Runtime, Topology, build_executor, build_runtime
 from eplb.traces import LoadRecorder, Trace
-from eplb.tracker import check_window_size
+from eplb.tracker import check_num_valid_tokens, check_window_size
 
 __all__ = ["EPLBWrapper"]
 
@@ -652,29 +652,21 @@ class EPLBWrapper:
         zero (the rest of the model still runs on them); real rows give exactly what they give
         without padding. With transformers experts padding costs no expert GEMM.
 
+        What is checked (`eplb.tracker.check_num_valid_tokens`), without ever syncing with the
+        device: the type, shape, dtype and device here; the value of an int or of a CPU tensor
+        here (``>= 0``) and at every forward (``<= T``, the rows of each MoE layer's input). A
+        tensor on an accelerator is read only by the kernels: a negative value there marks every
+        row as padding and one above ``T`` marks none.
+
         Raises:
-            EPLBError: a negative int, a tensor that is not a one-element integer tensor on the
-                experts' device, or any other type.
+            EPLBError: a bool, a float or any other type; a tensor that is not a one-element
+                integer tensor on the experts' device; a count ``< 0`` (at this call) or ``> T``
+                (at the forward).
         """
         self._check_open()
         n = num_valid_tokens
-        if isinstance(n, torch.Tensor):
-            if n.numel() != 1 or n.dim() > 1 or n.dtype.is_floating_point or n.dtype == torch.bool:
-                raise EPLBError(
-                    f"num_valid_tokens must be a 0-d integer tensor, got shape {tuple(n.shape)} and dtype "
-                    f"{n.dtype}; use torch.tensor(k, device=...)"
-                )
-            if n.device != self.tracker.device:
-                raise EPLBError(
-                    f"num_valid_tokens is on {n.device} but the experts are on {self.tracker.device}; "
-                    "create it on the experts' device so graph replays read it there"
-                )
-            n = n.reshape(())
-        elif n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise EPLBError(
-                f"num_valid_tokens ({n!r}) must be None, an int >= 0 or a 0-d integer tensor on the "
-                "experts' device"
-            )
+        if n is not None:
+            n = check_num_valid_tokens(n, self.tracker.device, where="the experts")
         for layer in self._layers:
             layer.valid_tokens = n
 
