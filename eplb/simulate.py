@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from eplb.config import reject_bool_numbers
 from eplb.errors import EPLBError
 from eplb.metrics import balancedness, rank_share
 from eplb.placement import Placement
@@ -52,7 +53,8 @@ class SimConfig(BaseModel):
     ``num_groups`` are the `EPLBWrapper` arguments of the same names. The sizes are checked
     against the trace when `simulate` starts, with the policies' own messages
     (``P = E + num_redundant_experts`` a multiple of ``num_ranks``, ``E`` a multiple of
-    ``num_groups``, ``num_ranks`` a multiple of ``num_nodes``).
+    ``num_groups``, ``num_ranks`` a multiple of ``num_nodes``). Number fields refuse bools, as
+    `EPLBConfig`'s do.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -100,6 +102,11 @@ class SimConfig(BaseModel):
     name: str | None = None
     """Label in tables, plots and JSON; default built from the fields that differ between the
     configs of one `simulate` call."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info: ValidationInfo):
+        return reject_bool_numbers(cls, value, info)
 
     def resolved_initial(self, trace: Trace) -> Placement:
         """The placement at step 0 for ``trace`` (validated against its shape and ``num_ranks``)."""

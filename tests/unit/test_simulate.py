@@ -278,3 +278,12 @@ def test_an_initial_placement_file_planned_for_other_ranks_is_refused(tmp_path):
     with pytest.raises(EPLBError, match=r"p.json' was planned for 2 EP ranks but is used with 4"):
         simulate(trace, config, progress=False)
     assert simulate(trace, config.model_copy(update={"num_ranks": 2}), progress=False).runs
+
+
+@pytest.mark.parametrize("field", ["window_size", "num_ranks", "min_improvement", "bytes_per_expert"])
+def test_sim_config_refuses_a_bool_for_a_number(field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=rf"{field} \(True\) is a bool"):
+        SimConfig(**{field: True})
+    assert SimConfig(refine=True).refine is True
