@@ -314,9 +314,18 @@ class EPLBWrapper:
             The keys of `eplb.metrics.compute_stats` (``step``, ``avg_tokens_per_rank``,
             ``max_tokens_per_rank``, ``balancedness``, ``imbalance``, ``steps_to_next_rebalance``,
             None with a static placement), plus ``balancedness_per_layer`` (list),
-            ``num_rebalances``, ``last_predicted_gain`` and ``last_rebalance_<field>`` for every
-            `eplb.executor.RebalanceReport` field (None before the first rebalance); with
-            ``num_ranks``, also ``num_ranks`` and ``planned_balancedness`` (None without load).
+            ``num_rebalances`` (rebalances that moved weights), ``bytes_moved_total``,
+            ``last_predicted_gain`` and ``last_rebalance_<field>`` for every
+            `eplb.executor.RebalanceReport` field (``layers``, ``slots_changed``,
+            ``network_transfers``, ``local_copies``, ``bytes_moved``, ``seconds``, ``skipped``,
+            ``reason``); with ``num_ranks``, also ``num_ranks`` and ``planned_balancedness``
+            (None without load).
+
+            Before the first rebalance (done, skipped or aborted) every ``last_rebalance_<field>``
+            and ``last_predicted_gain`` is None — ``last_rebalance_skipped`` too, not False — while
+            ``num_rebalances`` and ``bytes_moved_total`` are 0. A skipped or aborted rebalance
+            sets them (``last_rebalance_skipped`` True, ``last_rebalance_reason`` says why);
+            ``last_predicted_gain`` stays None until a policy has planned.
         """
         ranks = self._num_ranks if num_ranks is None else _preview_ranks(num_ranks, self._num_physical,
                                                                           self._num_logical)
