@@ -138,7 +138,8 @@ def test_an_initial_placement_planned_for_other_ranks_is_refused(capsys, tmp_pat
     code, _, err = _run(capsys, "simulate", "example", "--initial", path, "--ranks", "8", "--no-progress")
     _one_line_error(code, err, 1, "was planned for 4 EP ranks but is used with 8")
     assert "use 4 ranks or plan one for 8 (eplb plan --ranks 8" in err
-    code, _, err = _run(capsys, "simulate", "example", "--initial", path, "--ranks", "4", "--ranks", "8", "--no-progress")
+    code, _, err = _run(capsys, "simulate", "example", "--initial", path, "--ranks", "4", "--ranks", "8",
+                        "--no-progress")
     _one_line_error(code, err, 1, "was planned for 4 EP ranks but is used with 8")
     code, out, err = _run(capsys, "simulate", "example", "--initial", path, "--ranks", "4", "--no-progress")
     assert code == 0, err
