@@ -19,8 +19,10 @@ Rows (each rank runs its own ``T`` tokens):
   window of ``--warmup`` steps; replica choice hash / round-robin.
 
 Columns: median and p99 step time of the slowest rank (each step: barrier, forward, device
-sync), CPU time per step (host time until the forward returns, median), GPU time per step
-(the graph-replay median of the same row: kernels back to back, no launch gaps), balancedness
+sync), the ratio to the unwrapped row (for ``wrapped``: the median of step-by-step ratios
+against an unwrapped copy of the model run in turn with it, so host drift cancels), CPU time
+per step (host time until the forward returns, median), GPU time per step (the graph-replay
+median of the same row: kernels back to back, no launch gaps), balancedness
 of the window (EP rows), and for ``ep_eplb`` the predicted speed-up (max rank load before /
 after the rebalance, on the window's load) and the realised one (``ep`` step / this step).
 
@@ -34,6 +36,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -141,6 +144,20 @@ def time_steps(step, iters: int, device, group) -> tuple[list[float], list[float
     return walls, hosts
 
 
+def time_paired(step_a, step_b, iters: int, device) -> tuple[list[float], list[float]]:
+    """One process: wall seconds of ``step_a`` and ``step_b`` run alternately, so host drift
+    (other work on the machine, clock changes) hits both alike; ratios are taken pair by pair."""
+    walls_a, walls_b = [], []
+    for _ in range(iters):
+        for step, walls in ((step_a, walls_a), (step_b, walls_b)):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            walls.append(time.perf_counter() - t0)
+    return walls_a, walls_b
+
+
 def _p(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -154,6 +171,8 @@ def run_row(row, model, args, T, device, dtype, group, rank, world, graph: bool,
     inputs = make_input(args, rank, T, device, dtype)
     wrapper = None
     extra = {}
+    # The one-rank wrapped row is timed against an unwrapped copy, step by step in turn.
+    reference = copy.deepcopy(model) if row == "wrapped" else None
     if row != "unwrapped":
         ep = row.startswith("ep")
         config = EPLBConfig(
@@ -182,6 +201,10 @@ def run_row(row, model, args, T, device, dtype, group, rank, world, graph: bool,
             after = balancedness(load_LE, wrapper.placement, world)
             extra["predicted_speedup"] = before.max_tokens_per_rank / max(after.max_tokens_per_rank, 1e-9)
         wrapper.tracker.reset()
+    def reference_forward():
+        with torch.no_grad():
+            return reference(**inputs)
+
     try:
         if graph:
             replay = capture_graph(forward, device=device)[0].replay
@@ -190,9 +213,18 @@ def run_row(row, model, args, T, device, dtype, group, rank, world, graph: bool,
                 replay()
                 if wrapper is not None:
                     wrapper.step()
+
+            reference_step = _capture(reference_forward, device) if reference is not None else None
         else:
-            step = forward
+            step, reference_step = forward, reference_forward
         walls, hosts = time_steps(step, args.iters, device, group if world > 1 else None)
+        if reference is not None:
+            for _ in range(args.warmup):
+                reference_forward()
+            base, mine = time_paired(reference_step, step, args.iters, device)
+            extra["paired_unwrapped_ms"] = 1e3 * statistics.median(base)
+            extra["paired_ms"] = 1e3 * statistics.median(mine)
+            extra["paired_ratio"] = statistics.median(m / b for m, b in zip(mine, base))
     except Exception as exc:  # a row that cannot be captured is reported, not fatal
         walls, hosts, extra["error"] = [], [], f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     if wrapper is not None and row.startswith("ep"):
@@ -293,7 +325,9 @@ def _finish(results, args, world, device, rank) -> None:
         g = index.get((r["model"], r["tokens"], True, r["row"]))
         r["gpu_ms"] = g.get("median_ms") if g else None
         base = index.get((r["model"], r["tokens"], r["graph"], "unwrapped"))
-        if base and "median_ms" in base and "median_ms" in r:
+        if "paired_ratio" in r:
+            r["vs_unwrapped"] = r["paired_ratio"]  # measured side by side (see time_paired)
+        elif base and "median_ms" in base and "median_ms" in r:
             r["vs_unwrapped"] = r["median_ms"] / base["median_ms"]
         ep = index.get((r["model"], r["tokens"], r["graph"], "ep"))
         if r["row"].startswith("ep_eplb") and ep and "median_ms" in ep and "median_ms" in r:

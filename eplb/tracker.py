@@ -191,6 +191,10 @@ class LoadTracker:
         accelerator they are counted in a device counter (checking them here would need a
         host sync) and the next `window_load` raises.
         """
+        if trusted and num_valid_tokens is None and topk_ids.dtype == torch.int64 and topk_ids.device.type != "cpu":
+            # The EPLB layer's hot path: its layer index is known good, its ids are int64 in [-1, E).
+            self._rows_C[layer].put_(topk_ids, self._source(topk_ids.numel()), accumulate=True)
+            return
         row_C = self._rows_C[self._check_layer(layer)]
         ids_TK = self._check_ids(topk_ids)
         E = self.num_logical

@@ -10,8 +10,8 @@ Two protocols share the `Dispatcher` base class:
   ``combine(y_ND, meta) -> y_TKD``; the EPLB layer weights and sums the ``K`` outputs itself.
   `AllToAllDispatcher` reads its split sizes on the host (one sync per layer): the fallback
   for backends or sizes the fixed-capacity dispatcher does not serve.
-* **token** dispatchers (`FixedCapacityDispatcher`) send each token at most once to each rank,
-  with its ``K`` local slot ids and routing weights:
+* **token** dispatchers (`FixedCapacityDispatcher`) send each token once to every rank, with its
+  ``K`` slot ids and routing weights:
   ``dispatch_tokens(x_TD, slots_TK, weights_TK, S, sentinel) -> (x_ND, slots_NK, weights_NK,
   meta)``; the experts module weights and sums this rank's pairs of every row (pairs owned by
   another rank carry the ``sentinel`` slot id and weight 0), and ``combine_tokens(y_ND, meta)
@@ -64,14 +64,10 @@ class TokenDispatchMeta:
     """What `FixedCapacityDispatcher.combine_tokens` needs to undo a token dispatch.
 
     Attributes:
-        num_tokens: ``T``.
-        row_TG: ``[T, G]`` int64 — row of token ``t`` in the ``[G * C + 1, D]`` combine buffer
-            for rank ``g`` (``g * C + position``), or ``G * C`` (a row kept at zero) when the
-            token has no pair on rank ``g``.
+        num_tokens: ``T``, this rank's tokens (rows ``0..T`` of its block).
     """
 
     num_tokens: int
-    row_TG: torch.Tensor
 
 
 class Dispatcher:
@@ -167,48 +163,50 @@ class AllToAllDispatcher(Dispatcher):
 
 
 class _Buffers:
-    """The fixed-size send/receive buffers of one (S, D, K, dtype, device, sentinel, meta dtype):
-    allocated once, reused by every layer (layers run one after another on one stream), so CUDA
-    graphs see stable addresses."""
+    """The fixed-size buffers of one (S, D, K, dtype, device, sentinel, meta dtype): allocated once,
+    reused by every layer (layers run one after another on one stream), so CUDA graphs see stable
+    addresses."""
 
-    def __init__(self, G: int, C: int, S: int, D: int, K: int, dtype, device, sentinel: int, meta_dtype):
-        rows = G * C + 1  # the last row: a target for tokens a rank does not receive / a zero row
-        self.send_x = torch.zeros(rows, D, dtype=dtype, device=device)
+    def __init__(self, G: int, C: int, S: int, D: int, K: int, rank: int, dtype, device, sentinel: int, meta_dtype):
+        self.send_x = torch.zeros(C, D, dtype=dtype, device=device)
         self.recv_x = torch.zeros(G * C, D, dtype=dtype, device=device)
-        # Per row: K local slot ids, then the bits of the K routing weights (one exchange): int32
-        # with float32 weights (exact for bf16/fp16 too), int64 with float64 weights.
-        self.empty_meta = torch.zeros(rows, 2 * K, dtype=meta_dtype, device=device)
-        self.empty_meta[:, :K] = sentinel
-        self.send_meta = self.empty_meta.clone()
-        self.recv_meta = torch.empty(G * C, 2 * K, dtype=meta_dtype, device=device)
-        self.rank_G1 = torch.arange(G, device=device).unsqueeze(1)  # [G, 1]
-        self.rank_1G1 = self.rank_G1.view(1, G, 1)
-        self.base_1G = (self.rank_G1 * C - 1).view(1, G)  # a block's start, minus 1 for 1-based counts
-        # Per global slot (index -1, the last entry, for padding): owner rank (G: none) and local id.
+        # Per row: K global slot ids (-1: padding), then the bits of the K routing weights (one
+        # exchange): int32 with float32 weights (exact for bf16/fp16 too), int64 with float64.
+        self.pad_meta = torch.zeros(C, 2 * K, dtype=meta_dtype, device=device)
+        self.pad_meta[:, :K] = -1
+        self.send_meta = self.pad_meta.clone()
+        self.recv_meta = self.pad_meta.repeat(G, 1)
+        # Per global slot, then one entry for padding (id -1 wraps to it): its local id on this
+        # rank, or the sentinel when another rank owns it; and whether this rank owns it.
         slot_Q = torch.arange(G * S, device=device)
-        self.dest_Q = torch.cat([slot_Q // S, slot_Q.new_full((1,), G)])
-        self.local_Q = torch.cat([slot_Q % S, slot_Q.new_full((1,), sentinel)]).to(meta_dtype)
-        self.sentinel = sentinel
+        mine_Q = slot_Q // S == rank
+        self.local_Q = torch.cat([torch.where(mine_Q, slot_Q % S, sentinel), slot_Q.new_full((1,), sentinel)])
+        self.mine_Q = torch.cat([mine_Q, mine_Q.new_zeros(1)])
 
 
 class FixedCapacityDispatcher(Dispatcher):
     """Expert parallelism with fixed-size buffers and no host synchronisation (token protocol).
 
-    Every rank sends each of its tokens at most once to each rank that owns one of the token's
-    chosen slots, into a fixed block of ``C = max_tokens_per_rank`` rows per destination (the
-    layout of DeepEP's low-latency mode): rows beyond a rank's real tokens are padding whose slot
-    ids are the sentinel, so no counts are exchanged and every size is known on the host. A
-    destination can never overflow (a rank has at most ``C`` tokens, each sent once per rank);
-    a forward with more than ``C`` tokens raises `EPLBError` before anything is sent. The
-    dispatch is three ``all_to_all_single`` calls of fixed size per layer (activations and
-    slot ids + weights there, outputs back) and about twenty small kernels, none of which
-    syncs, so a whole step can be captured in a CUDA graph (with NCCL) and replayed.
+    Every rank contributes a fixed block of ``C = max_tokens_per_rank`` rows: its ``T <= C``
+    tokens, each with its ``K`` global slot ids and routing weights (rows ``T..C`` are padding).
+    The blocks are all-gathered, so every rank sees every token of the group once (token ``t`` of
+    rank ``g`` at row ``g * C + t``); a rank computes, for every row, its own pairs (the slot ids
+    of other ranks become the sentinel, with weight 0), and the ``[G * C, D]`` partial sums go
+    back to their ranks in one ``all_to_all_single``, where they are added in rank order. Every
+    size is known on the host (the fixed blocks of DeepEP's low-latency mode), nothing is
+    counted or compacted, so no prefix sums, no counts exchanged, no sync: a whole step can be
+    captured in a CUDA graph (with NCCL) and replayed. A destination cannot overflow (each rank
+    sends ``C`` rows); a forward with more than ``C`` tokens raises `EPLBError` before anything
+    is sent. Per layer: two all-gathers (activations; slot ids + weights) and one all-to-all
+    (outputs), and six small kernels.
 
-    Cost: each rank computes ``G * C`` rows per layer, of which the padding rows (sentinel ids)
-    cost no GEMM when the experts module skips ids ``>= S`` (transformers experts, probed by the
-    EPLB layer at wrap time; eplb's `eplb.moe.SwiGLUExperts`); the buffers take
-    ``3 * G * C * D`` activation elements per (hidden size, dtype). Works with one rank too (a
-    group of one: the same code path, e.g. to capture it in a graph on one GPU) and over gloo.
+    Cost: each rank computes ``G * C`` rows per layer whatever the routing; the pairs of other
+    ranks (sentinel ids) cost no GEMM when the experts module skips ids ``>= S`` (transformers
+    experts, probed by the EPLB layer at wrap time; eplb's `eplb.moe.SwiGLUExperts`), but the
+    module's per-pair passes (sort, gathers, weighting) still see all ``G * C * K`` pairs. The
+    buffers take ``(2 G + 1) * C * D`` activation elements per (hidden size, dtype). Works with
+    one rank too (a group of one: the same code path, e.g. to capture it in a graph on one GPU)
+    and over gloo.
 
     Args:
         group: the expert-parallel process group, or None with one process (no communication).
@@ -235,18 +233,9 @@ class FixedCapacityDispatcher(Dispatcher):
         if buffers is None:
             _refuse_first_use_in_capture(device)
             buffers = self._buffers[key] = _Buffers(
-                self.num_ranks, self.capacity, S, D, K, dtype, device, sentinel, meta_dtype
+                self.num_ranks, self.capacity, S, D, K, self.rank, dtype, device, sentinel, meta_dtype
             )
         return buffers
-
-    def _back_for(self, D: int, dtype, device) -> torch.Tensor:
-        key = (D, dtype, device)
-        back = self._back.get(key)
-        if back is None:
-            _refuse_first_use_in_capture(device)
-            # G * C rows of outputs, then one row that stays zero (tokens a rank did not receive).
-            back = self._back[key] = torch.zeros(self.num_ranks * self.capacity + 1, D, dtype=dtype, device=device)
-        return back
 
     def dispatch_tokens(
         self,
@@ -256,12 +245,12 @@ class FixedCapacityDispatcher(Dispatcher):
         slots_per_rank: int,
         sentinel: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TokenDispatchMeta]:
-        """Send each token to the ranks owning its chosen slots.
+        """Send every token, with its slots and weights, to every rank; keep this rank's pairs.
 
         Args:
             x_TD: ``[T, D]`` token activations, ``T <= C``.
             slots_TK: ``[T, K]`` int64 global physical slot per pair; ``-1`` marks padding
-                (not sent, not computed, contributes zero).
+                (not computed, contributes zero).
             weights_TK: ``[T, K]`` routing weights (any float dtype; sent as float32, or float64
                 when they are, and given back in their dtype: exact).
             slots_per_rank: ``S``.
@@ -269,16 +258,18 @@ class FixedCapacityDispatcher(Dispatcher):
                 module (``S`` when it skips ids ``>= S``, else 0 with weight 0).
 
         Returns:
-            ``x_ND [G * C, D]``, ``slots_NK [G * C, K]`` int64 local slot ids (``sentinel`` where
-            not this rank's), ``weights_NK [G * C, K]`` (0 where not this rank's), and the meta
-            for `combine_tokens`. Padding rows hold stale activations: give them weight 0.
+            ``x_ND [G * C, D]`` (row ``g * C + t``: token ``t`` of rank ``g``), ``slots_NK
+            [G * C, K]`` int64 local slot ids (``sentinel`` where not this rank's),
+            ``weights_NK [G * C, K]`` (0 where not this rank's), and the meta for
+            `combine_tokens`. Rows past a rank's ``T`` are padding (stale activations, sentinel
+            ids, weight 0); their outputs are never read.
 
         Raises:
             EPLBError: ``T > C`` (checked from the shape: no sync).
         """
         T, K = slots_TK.shape
         D = x_TD.shape[-1]
-        G, C, S = self.num_ranks, self.capacity, slots_per_rank
+        C, S = self.capacity, slots_per_rank
         if T > C:
             raise EPLBError(
                 f"a MoE layer got {T} tokens on rank {self.rank} but max_tokens_per_rank is {C}: the "
@@ -288,48 +279,59 @@ class FixedCapacityDispatcher(Dispatcher):
         wide = weights_TK.dtype == torch.float64
         w_dtype, meta_dtype = (torch.float64, torch.int64) if wide else (torch.float32, torch.int32)
         buf = self._buffers_for(S, D, K, x_TD.dtype, x_TD.device, sentinel, meta_dtype)
-        # Step 1: owner rank (G for padding) and local slot id of every pair, and which ranks each
-        # token visits.
-        dest_TK = buf.dest_Q[slots_TK]
-        hit_TG = torch.zeros(T, G + 1, dtype=torch.int64, device=x_TD.device)
-        hit_TG.scatter_(1, dest_TK, 1)
-        hit_TG = hit_TG[:, :G]
-        # Step 2: position of each token in its block of each destination: a prefix sum.
-        row_TG = torch.where(hit_TG > 0, buf.base_1G + hit_TG.cumsum(0), G * C)
-        # Step 3: fill the send buffers (tokens not sent to a rank land in the spare last row).
-        on_TGK = dest_TK.unsqueeze(1) == buf.rank_1G1
-        local_TGK = torch.where(on_TGK, buf.local_Q[slots_TK].unsqueeze(1), sentinel)
-        w_TGK = torch.where(on_TGK, weights_TK.unsqueeze(1).to(w_dtype), 0.0)
-        meta_TG2K = torch.cat([local_TGK, w_TGK.view(meta_dtype)], dim=2)
-        buf.send_meta.copy_(buf.empty_meta)
-        buf.send_meta.index_put_((row_TG,), meta_TG2K)
-        buf.send_x.index_put_((row_TG,), x_TD.unsqueeze(1).expand(T, G, D))
-        # Step 4: exchange (fixed sizes: C rows to every rank).
-        send_x, send_meta = buf.send_x[: G * C], buf.send_meta[: G * C]
+        # Step 1: this rank's block: slot ids and weight bits of its T tokens, padding after them.
+        send_meta = buf.send_meta
+        send_meta[:T, :K].copy_(slots_TK)
+        send_meta[:T, K:].view(w_dtype).copy_(weights_TK)
+        if T < C:
+            send_meta[T:].copy_(buf.pad_meta[T:])
+        if T == C and x_TD.is_contiguous():
+            send_x = x_TD
+        else:
+            send_x = buf.send_x
+            send_x[:T].copy_(x_TD)
+        # Step 2: every rank gets every block (fixed sizes).
         if self._communicate:
-            dist.all_to_all_single(buf.recv_x, send_x, group=self.group)
-            dist.all_to_all_single(buf.recv_meta, send_meta, group=self.group)
+            _all_gather(buf.recv_x, send_x, self.group)
+            _all_gather(buf.recv_meta, send_meta, self.group)
             x_ND, meta_N2K = buf.recv_x, buf.recv_meta
         else:
             x_ND, meta_N2K = send_x, send_meta
-        slots_NK = meta_N2K[:, :K].to(torch.int64)
-        weights_NK = meta_N2K[:, K:].view(w_dtype).to(weights_TK.dtype)
-        return x_ND, slots_NK, weights_NK, TokenDispatchMeta(num_tokens=T, row_TG=row_TG)
+        # Step 3: keep this rank's pairs (other ranks' slots and padding -> sentinel, weight 0).
+        global_NK = meta_N2K[:, :K]
+        slots_NK = buf.local_Q[global_NK]
+        weights_NK = torch.where(buf.mine_Q[global_NK], meta_N2K[:, K:].view(w_dtype), 0.0).to(weights_TK.dtype)
+        return x_ND, slots_NK, weights_NK, TokenDispatchMeta(num_tokens=T)
 
     def combine_tokens(self, y_ND: torch.Tensor, meta: TokenDispatchMeta) -> torch.Tensor:
         """``y_ND [G * C, D]`` (each row: this rank's weighted sum for that token) -> ``y_TD``,
         the sum over ranks in rank order (float32 accumulation with several ranks)."""
         T, G, C = meta.num_tokens, self.num_ranks, self.capacity
         D = y_ND.shape[-1]
-        back = self._back_for(D, y_ND.dtype, y_ND.device)
-        if self._communicate:
-            dist.all_to_all_single(back[: G * C], y_ND.contiguous(), group=self.group)
-        else:
-            back[: G * C].copy_(y_ND)
-        y_TGD = back.index_select(0, meta.row_TG.reshape(-1)).view(T, G, D)
         if G == 1:
-            return y_TGD.view(T, D)
-        return y_TGD.sum(dim=1, dtype=torch.float32).to(y_ND.dtype)
+            y_CD = y_ND
+            if self._communicate:
+                y_CD = self._back_for(D, y_ND.dtype, y_ND.device)
+                dist.all_to_all_single(y_CD, y_ND.contiguous(), group=self.group)
+            return y_CD[:T]
+        back = self._back_for(D, y_ND.dtype, y_ND.device)
+        dist.all_to_all_single(back, y_ND.contiguous(), group=self.group)
+        return back.view(G, C, D)[:, :T].sum(dim=0, dtype=torch.float32).to(y_ND.dtype)
+
+    def _back_for(self, D: int, dtype, device) -> torch.Tensor:
+        """The ``[G * C, D]`` receive buffer of the outputs, shared by the layers."""
+        key = (D, dtype, device)
+        back = self._back.get(key)
+        if back is None:
+            _refuse_first_use_in_capture(device)
+            back = self._back[key] = torch.zeros(self.num_ranks * self.capacity, D, dtype=dtype, device=device)
+        return back
+
+
+def _all_gather(out: torch.Tensor, part: torch.Tensor, group) -> None:
+    """``out [G * n, ...]`` <- every rank's ``part [n, ...]``, in rank order."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, part, group=group)
 
 
 def _refuse_first_use_in_capture(device) -> None:

@@ -195,7 +195,9 @@ class EPLBExperts(nn.Module):
         # Slot ids >= S mark pairs to skip (padding, another rank's pairs) where the module allows:
         # always (`_skips_plain`), or once marked expert-parallel (`_skips_marked`).
         self._was_expert_parallel = getattr(self.experts, "_is_expert_parallel", None)
+        self._marked: bool | None = None  # the last value set by _mark_expert_parallel
         self._skips_plain, self._skips_marked = self._probe_skipping()
+        self._combine_order = self.combine_order()  # read once: the forward is the hot path
         self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
         # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
         # with weight 0 when the module cannot skip unmarked.
@@ -406,7 +408,7 @@ class EPLBExperts(nn.Module):
         dispatcher = self.dispatcher
         if dispatcher is not None and dispatcher.token_level:
             return self._forward_tokens(x_TD, slots_TK, weights_TK)
-        if dispatcher is None and self.combine_order() == "topk":
+        if dispatcher is None and self._combine_order == "topk":
             return self._forward_direct(x_TD, slots_TK, weights_TK, ids_TK, padded)
         return self._forward_pairs(x_TD, slots_TK, weights_TK, ids_TK)
 
@@ -493,8 +495,9 @@ class EPLBExperts(nn.Module):
         return results[0], results[1]
 
     def _mark_expert_parallel(self, value: bool) -> None:
-        if self._was_expert_parallel is not None:
+        if self._was_expert_parallel is not None and value is not self._marked:
             self.experts._is_expert_parallel = value
+            self._marked = value
 
     def _collective(self, half: str, fn, *args):
         """``fn(*args)``, a dispatcher collective; with several ranks a backend failure (a peer
@@ -531,7 +534,7 @@ class EPLBExperts(nn.Module):
 
     def _combine(self, y_TKD, weights_TK, ids_TK, dtype) -> torch.Tensor:
         weighted_TKD = y_TKD * weights_TK.unsqueeze(-1)
-        if self.combine_order() == "topk":
+        if self._combine_order == "topk":
             return weighted_TKD.sum(dim=1).to(dtype)
         weighted_TKD = weighted_TKD.to(dtype)
         order_TK = torch.argsort(ids_TK, dim=1, stable=True)
