@@ -214,7 +214,7 @@ def run_row(row, model, args, T, device, dtype, group, rank, world, graph: bool,
                 if wrapper is not None:
                     wrapper.step()
 
-            reference_step = _capture(reference_forward, device) if reference is not None else None
+            reference_step = None if reference is None else capture_graph(reference_forward, device=device)[0].replay
         else:
             step, reference_step = forward, reference_forward
         walls, hosts = time_steps(step, args.iters, device, group if world > 1 else None)
