@@ -82,6 +82,7 @@ def test_stop_recording_is_idempotent_and_start_is_strict(tmp_path, caplog):
     _steps(wrapper, range(2))
     assert wrapper.stop_recording().steps == 2
     written = (tmp_path / "a.npz").read_bytes()
+    caplog.clear()
     with caplog.at_level("DEBUG", logger="eplb"):
         assert wrapper.stop_recording() is None  # a second stop: nothing runs, nothing to write
     assert not caplog.records and not wrapper.recording
