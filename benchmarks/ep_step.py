@@ -178,8 +178,8 @@ def run_row(row, model, args, T, device, dtype, group, rank, world, graph: bool,
         config = EPLBConfig(
             use_async=False, step_interval=10**9, window_size=max(4, args.warmup),
             num_redundant_experts=args.redundant if row.startswith("ep_eplb") else 0,
-            dispatcher="fixed_capacity" if ep else "auto",
-            max_tokens_per_rank=T if ep else None,
+            dispatcher=args.ep_dispatcher if ep else "auto",
+            max_tokens_per_rank=T if ep and args.ep_dispatcher == "fixed_capacity" else None,
             replica_choice="round_robin" if row == "ep_eplb_rr" else "hash",
         )
         wrapper = EPLBWrapper(model, config, ep_group=group if ep else None)
@@ -260,6 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skew", type=float, default=1.0, help="router logit bias of the hot experts")
     parser.add_argument("--redundant", type=int, default=8)
     parser.add_argument("--experts-implementation", default="grouped_mm")
+    parser.add_argument("--ep-dispatcher", choices=("fixed_capacity", "all_to_all"), default="fixed_capacity",
+                        help="dispatcher of the EP rows (all_to_all syncs the host per layer: eager rows only)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny sizes, gloo, few steps")
     parser.add_argument("--json", help="write the rows here (rank 0)")

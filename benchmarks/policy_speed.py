@@ -4,7 +4,8 @@ Run: ``python benchmarks/policy_speed.py [--repeats 10]``. Prints four tables:
 
 1. ``default`` and ``topk``: the median and fastest of ``--repeats`` timed calls after one
    warm-up call, for the registered (input-checked) policy and the bare algorithm (``policy.__wrapped__``).
-2. ``default`` against a comparison baseline, side by side on the same loads: DeepSeek's EPLB
+2. ``default`` against a comparison baseline, side by side on the same loads (each round times
+   the three one after the other; medians of ``--repeats`` rounds): DeepSeek's EPLB
    algorithm (github.com/deepseek-ai/EPLB, ``eplb.py``) written per layer in NumPy with a heap
    for the packing, the structure of vLLM's NumPy port. Two baselines, reimplemented in this
    script from the algorithm's description, only to measure against (eplb does not use them): A
@@ -47,9 +48,9 @@ def _time_ms(fn, repeats: int) -> tuple[float, float]:
     fn()  # warm-up: imports, allocator
     samples = []
     for _ in range(repeats):
-        start = time.process_time()
+        start = time.thread_time()
         fn()
-        samples.append((time.process_time() - start) * 1e3)
+        samples.append((time.thread_time() - start) * 1e3)
     return statistics.median(samples), min(samples)
 
 
@@ -188,12 +189,20 @@ def main() -> None:
             np.array_equal(ours.phy2log.numpy(), theirs[0]) and np.array_equal(ours.logcnt.numpy(), theirs[2])
             for theirs in (baseline_default(load.numpy(), P, groups, N, G, heap) for heap in (False, True))
         )
-        ours_ms, _ = _time_ms(lambda: policy(load, **kwargs), args.repeats)  # noqa: B023
-        base_ms = [
-            _time_ms(lambda: baseline_default(load.numpy(), P, groups, N, G, heap),  # noqa: B023
-                     max(args.repeats // 3, 2))[0]
-            for heap in (False, True)
-        ]
+        # Side by side: each round times eplb, then baseline A, then baseline B, on the same load,
+        # so a busy machine slows all three alike; medians over the rounds.
+        calls = (lambda: policy(load, **kwargs),  # noqa: B023
+                 lambda: baseline_default(load.numpy(), P, groups, N, G, False),  # noqa: B023
+                 lambda: baseline_default(load.numpy(), P, groups, N, G, True))  # noqa: B023
+        samples = [[], [], []]
+        for fn in calls:
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for fn, out in zip(calls, samples):
+                start = time.thread_time()
+                fn()
+                out.append((time.thread_time() - start) * 1e3)
+        ours_ms, *base_ms = (statistics.median(s) for s in samples)
         print(f"{shape_name:26} {ours_ms:16.2f} {base_ms[0]:14.2f} {base_ms[0] / ours_ms:8.1f}x "
               f"{base_ms[1]:14.2f} {base_ms[1] / ours_ms:8.1f}x {str(same):>18}")
 

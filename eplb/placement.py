@@ -88,7 +88,8 @@ class Placement:
         # ints). The position inside each expert's run is its replica index.
         small_LP = phy2log_LP.astype(np.int16 if num_logical < 2**15 else np.int32)
         order_LP = np.argsort(small_LP, axis=1, kind="stable")
-        sorted_F = (np.take_along_axis(phy2log_LP, order_LP, 1) + layer_base_L1).reshape(-1)
+        layer_slot_base_L1 = (np.arange(num_layers) * num_physical)[:, None]
+        sorted_F = (np.take(phy2log_LP, order_LP + layer_slot_base_L1) + layer_base_L1).reshape(-1)
         first_F = np.cumsum(logcnt_F) - logcnt_F
         replica_F = np.arange(sorted_F.size) - first_F[sorted_F]
         max_rep = max(int(logcnt_F.max()) if logcnt_F.size else 1, 1)

@@ -120,8 +120,10 @@ class AllToAllDispatcher(Dispatcher):
 
     Ranks may send different numbers of tokens, zero included, with no size limit; every rank
     of the group must call ``dispatch``/``combine`` the same number of times (they are
-    collectives). The split sizes are read on the host (``.tolist()``): one sync per layer, so
-    a step with it cannot be captured in a CUDA graph (use `FixedCapacityDispatcher`).
+    collectives). The split sizes are read on the host (one ``.tolist()`` of the send and receive
+    counts): one sync per layer, so a step with it cannot be captured in a CUDA graph (use
+    `FixedCapacityDispatcher`). Its work is proportional to the real pairs, so with large batches
+    in eager mode it realises a rebalance's predicted speed-up where the fixed blocks do not.
     """
 
     def __init__(self, group: dist.ProcessGroup | None):
@@ -131,17 +133,21 @@ class AllToAllDispatcher(Dispatcher):
 
     def dispatch(self, x_TD, slots_TK, slots_per_rank):
         T, K = slots_TK.shape
+        G = self.num_ranks
         flat = slots_TK.reshape(-1)
-        valid = (flat >= 0).nonzero().squeeze(1)
-        dest = flat[valid] // slots_per_rank
+        # Destination rank of every pair; padding (-1) gets G, so it sorts last and is not sent.
+        dest = torch.where(flat >= 0, torch.div(flat, slots_per_rank, rounding_mode="floor"), G)
         # Stable sort keeps pairs of one destination in (token, k) order: deterministic.
-        perm = torch.argsort(dest, stable=True)
-        order = valid[perm]
-        send_counts_G = torch.bincount(dest, minlength=self.num_ranks)
+        order_all = torch.argsort(dest, stable=True)
+        # Counts with scatter_add_ (bincount would read its maximum on the host).
+        counts = torch.zeros(G + 1, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, dest, torch.ones_like(dest))
+        send_counts_G = counts[:G]
         recv_counts_G = torch.empty_like(send_counts_G)
         dist.all_to_all_single(recv_counts_G, send_counts_G, group=self.group)
-        send_counts = tuple(send_counts_G.tolist())
-        recv_counts = tuple(recv_counts_G.tolist())
+        sizes = torch.cat([send_counts_G, recv_counts_G]).tolist()  # the one host sync per layer
+        send_counts, recv_counts = tuple(sizes[:G]), tuple(sizes[G:])
+        order = order_all[: sum(send_counts)]
         send_x = x_TD.index_select(0, torch.div(order, K, rounding_mode="floor"))
         send_slot = flat.index_select(0, order)
         recv_x = x_TD.new_empty((sum(recv_counts), x_TD.shape[-1]))
@@ -168,14 +174,30 @@ class _Buffers:
     addresses."""
 
     def __init__(self, G: int, C: int, S: int, D: int, K: int, rank: int, dtype, device, sentinel: int, meta_dtype):
-        self.send_x = torch.zeros(C, D, dtype=dtype, device=device)
-        self.recv_x = torch.zeros(G * C, D, dtype=dtype, device=device)
-        # Per row: K global slot ids (-1: padding), then the bits of the K routing weights (one
-        # exchange): int32 with float32 weights (exact for bf16/fp16 too), int64 with float64.
+        # Per row: the D activations, then K global slot ids (-1: padding) and the bits of the K
+        # routing weights: int32 with float32 weights (exact for bf16/fp16 too), int64 with
+        # float64. Both parts share one byte row, so one all-gather moves them, when the meta
+        # part's offset and the row length suit both dtypes (else two buffers, two all-gathers).
+        x_size = torch.empty((), dtype=dtype).element_size()
+        meta_size = torch.empty((), dtype=meta_dtype).element_size()
+        x_bytes, row = D * x_size, D * x_size + 2 * K * meta_size
+        self.packed = x_bytes % meta_size == 0 and row % x_size == 0 and row % meta_size == 0
         self.pad_meta = torch.zeros(C, 2 * K, dtype=meta_dtype, device=device)
         self.pad_meta[:, :K] = -1
-        self.send_meta = self.pad_meta.clone()
-        self.recv_meta = self.pad_meta.repeat(G, 1)
+        if self.packed:
+            self.send_bytes = torch.zeros(C, row, dtype=torch.uint8, device=device)
+            self.recv_bytes = torch.zeros(G * C, row, dtype=torch.uint8, device=device)
+            self.send_x = self.send_bytes[:, :x_bytes].view(dtype)  # [C, D], row stride row / x_size
+            self.send_meta = self.send_bytes[:, x_bytes:].view(meta_dtype)
+            self.recv_x = self.recv_bytes[:, :x_bytes].view(dtype)
+            self.recv_meta = self.recv_bytes[:, x_bytes:].view(meta_dtype)
+        else:
+            self.send_x = torch.zeros(C, D, dtype=dtype, device=device)
+            self.recv_x = torch.zeros(G * C, D, dtype=dtype, device=device)
+            self.send_meta = torch.zeros(C, 2 * K, dtype=meta_dtype, device=device)
+            self.recv_meta = torch.zeros(G * C, 2 * K, dtype=meta_dtype, device=device)
+        self.send_meta.copy_(self.pad_meta)
+        self.recv_meta.copy_(self.pad_meta.repeat(G, 1))
         # Per global slot, then one entry for padding (id -1 wraps to it): its local id on this
         # rank, or the sentinel when another rank owns it; and whether this rank owns it.
         slot_Q = torch.arange(G * S, device=device)
@@ -197,8 +219,8 @@ class FixedCapacityDispatcher(Dispatcher):
     counted or compacted, so no prefix sums, no counts exchanged, no sync: a whole step can be
     captured in a CUDA graph (with NCCL) and replayed. A destination cannot overflow (each rank
     sends ``C`` rows); a forward with more than ``C`` tokens raises `EPLBError` before anything
-    is sent. Per layer: two all-gathers (activations; slot ids + weights) and one all-to-all
-    (outputs), and six small kernels.
+    is sent. Per layer: one all-gather (activations, slot ids and weights share each row) and one
+    all-to-all (outputs), and about seven small kernels.
 
     Cost: each rank computes ``G * C`` rows per layer whatever the routing; the pairs of other
     ranks (sentinel ids) cost no GEMM when the experts module skips ids ``>= S`` (transformers
@@ -258,7 +280,9 @@ class FixedCapacityDispatcher(Dispatcher):
                 module (``S`` when it skips ids ``>= S``, else 0 with weight 0).
 
         Returns:
-            ``x_ND [G * C, D]`` (row ``g * C + t``: token ``t`` of rank ``g``), ``slots_NK
+            ``x_ND [G * C, D]`` (row ``g * C + t``: token ``t`` of rank ``g``; each row
+            contiguous, the row stride may exceed ``D``: the rows share a buffer with the slot
+            ids), ``slots_NK
             [G * C, K]`` int64 local slot ids (``sentinel`` where not this rank's),
             ``weights_NK [G * C, K]`` (0 where not this rank's), and the meta for
             `combine_tokens`. Rows past a rank's ``T`` are padding (stale activations, sentinel
@@ -285,18 +309,21 @@ class FixedCapacityDispatcher(Dispatcher):
         send_meta[:T, K:].view(w_dtype).copy_(weights_TK)
         if T < C:
             send_meta[T:].copy_(buf.pad_meta[T:])
-        if T == C and x_TD.is_contiguous():
+        if T == C and x_TD.is_contiguous() and not buf.packed:
             send_x = x_TD
         else:
             send_x = buf.send_x
             send_x[:T].copy_(x_TD)
         # Step 2: every rank gets every block (fixed sizes).
-        if self._communicate:
+        if not self._communicate:
+            x_ND, meta_N2K = send_x, send_meta
+        elif buf.packed:
+            _all_gather(buf.recv_bytes, buf.send_bytes, self.group)
+            x_ND, meta_N2K = buf.recv_x, buf.recv_meta
+        else:
             _all_gather(buf.recv_x, send_x, self.group)
             _all_gather(buf.recv_meta, send_meta, self.group)
             x_ND, meta_N2K = buf.recv_x, buf.recv_meta
-        else:
-            x_ND, meta_N2K = send_x, send_meta
         # Step 3: keep this rank's pairs (other ranks' slots and padding -> sentinel, weight 0).
         global_NK = meta_N2K[:, :K]
         slots_NK = buf.local_Q[global_NK]
@@ -305,7 +332,7 @@ class FixedCapacityDispatcher(Dispatcher):
 
     def combine_tokens(self, y_ND: torch.Tensor, meta: TokenDispatchMeta) -> torch.Tensor:
         """``y_ND [G * C, D]`` (each row: this rank's weighted sum for that token) -> ``y_TD``,
-        the sum over ranks in rank order (float32 accumulation with several ranks)."""
+        the sum over ranks in rank order (accumulated in float32, or float64 for float64 outputs)."""
         T, G, C = meta.num_tokens, self.num_ranks, self.capacity
         D = y_ND.shape[-1]
         if G == 1:
@@ -316,7 +343,10 @@ class FixedCapacityDispatcher(Dispatcher):
             return y_CD[:T]
         back = self._back_for(D, y_ND.dtype, y_ND.device)
         dist.all_to_all_single(back, y_ND.contiguous(), group=self.group)
-        return back.view(G, C, D)[:, :T].sum(dim=0, dtype=torch.float32).to(y_ND.dtype)
+        if G == 2:  # one add: computed in float32 and rounded once, as the sum below
+            return torch.add(back[:T], back[C : C + T])
+        wide = torch.promote_types(y_ND.dtype, torch.float32)
+        return back.view(G, C, D)[:, :T].sum(dim=0, dtype=wide).to(y_ND.dtype)
 
     def _back_for(self, D: int, dtype, device) -> torch.Tensor:
         """The ``[G * C, D]`` receive buffer of the outputs, shared by the layers."""

@@ -38,6 +38,7 @@ from eplb.comm.collectives import all_gather_rows
 from eplb.errors import EPLBError, peer_failure
 from eplb.moe.adapters import direct_tensors, replace_expert_tensors
 from eplb.moe.dispatch import Dispatcher, LocalDispatcher
+from eplb.moe.reference import SwiGLUExperts
 from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
 from eplb.tracker import check_num_valid_tokens
@@ -198,6 +199,9 @@ class EPLBExperts(nn.Module):
         self._marked: bool | None = None  # the last value set by _mark_expert_parallel
         self._skips_plain, self._skips_marked = self._probe_skipping()
         self._combine_order = self.combine_order()  # read once: the forward is the hot path
+        # Modules known to read hidden_states only by row indexing (transformers experts, eplb's
+        # SwiGLUExperts) take the token dispatcher's strided rows as they are; others get a copy.
+        self._gathers_rows = self._was_expert_parallel is not None or isinstance(self.experts, SwiGLUExperts)
         self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
         # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
         # with weight 0 when the module cannot skip unmarked.
@@ -436,6 +440,8 @@ class EPLBExperts(nn.Module):
             "dispatch all-to-all", self.dispatcher.dispatch_tokens, x_TD, slots_TK, weights_TK,
             self.slots_per_rank, sentinel,
         )
+        if not self._gathers_rows:
+            x_ND = x_ND.contiguous()  # the dispatcher's rows may have a row stride > D
         y_ND = self.experts(x_ND, slots_NK, weights_NK)
         return self._collective("combine all-to-all", self.dispatcher.combine_tokens, y_ND, meta)
 

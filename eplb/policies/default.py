@@ -37,18 +37,32 @@ from eplb.policies.local_search import limit_migration, refine_packing
 __all__ = ["default_policy", "pack", "replicate", "relabel"]
 
 
-def _argsort_descending(weight_Xn: np.ndarray) -> np.ndarray:
-    """``[X, n]`` -> ``[X, n]`` item indices by decreasing weight, ties by lowest index.
+def _gather(values_Xn: np.ndarray, index_Xm: np.ndarray) -> np.ndarray:
+    """``values[x, index[x, j]]`` as ``[X, m]``: `np.take_along_axis` along axis 1, through flat
+    indices (about twice as fast on these small arrays)."""
+    num_rows, n = values_Xn.shape
+    return np.take(values_Xn, index_Xm + (np.arange(num_rows) * n)[:, None])
 
-    Same result as a stable sort of ``-weight``, about twice as fast: an unstable float sort,
-    then an integer sort of (run of equal weights, index) keys, which are unique.
+
+def _argsort_descending(weight_Xn: np.ndarray) -> np.ndarray:
+    """``[X, n]`` -> ``[X, n]`` item indices by decreasing weight, ties by lowest index."""
+    return _sort_descending(weight_Xn)[0]
+
+
+def _sort_descending(weight_Xn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(order_Xn, sorted_Xn)``: item indices by decreasing weight (ties by lowest index) and the
+    weights in that order.
+
+    Same order as a stable sort of ``-weight``, faster: an unstable float sort, then an integer
+    sort of (run of equal weights, index) keys, which are unique. Reordering inside runs of equal
+    weights leaves the sorted weights as they are.
     """
     n = weight_Xn.shape[1]
     order_Xn = np.argsort(-weight_Xn, axis=1)
-    sorted_Xn = np.take_along_axis(weight_Xn, order_Xn, 1)
+    sorted_Xn = _gather(weight_Xn, order_Xn)
     run_Xn = np.zeros(weight_Xn.shape, dtype=np.int64)
     np.cumsum(sorted_Xn[:, 1:] != sorted_Xn[:, :-1], axis=1, out=run_Xn[:, 1:])
-    return np.sort(run_Xn * n + order_Xn, axis=1) % n
+    return np.sort(run_Xn * n + order_Xn, axis=1) % n, sorted_Xn
 
 
 def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
@@ -71,8 +85,8 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
     if n == num_packs:  # one item per pack: the reference keeps items in place (pack k gets item k)
         return np.broadcast_to(np.arange(n), (num_rows, n)).copy()
     cap = n // num_packs
-    order_Xn = _argsort_descending(weight_Xn)
-    weight_nX = np.ascontiguousarray(np.take_along_axis(weight_Xn, order_Xn, 1).T)
+    order_Xn, sorted_Xn = _sort_descending(weight_Xn)
+    weight_nX = np.ascontiguousarray(sorted_Xn.T)
     pack_weight_XK = np.zeros((num_rows, num_packs))
     pack_count_XK = np.zeros((num_rows, num_packs), dtype=np.int64)
     flat_weight = pack_weight_XK.reshape(-1)  # views: flat indices are cheaper than 2-D ones
@@ -101,7 +115,7 @@ def pack(weight_Xn: np.ndarray, num_packs: int) -> np.ndarray:
     # (a stable sort of small ints, which NumPy does as a radix sort).
     small = np.int16 if num_packs < 2**15 else np.int64
     sorted_of_slot_Xn = np.argsort(pack_nX.T.astype(small), axis=1, kind="stable")
-    return np.take_along_axis(order_Xn, sorted_of_slot_Xn, 1)
+    return _gather(order_Xn, sorted_of_slot_Xn)
 
 
 def replicate(weight_Xn: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
@@ -159,20 +173,20 @@ def _rebalance(
     )
 
     # Step 2: replicate experts within each node (rows: layers x nodes).
-    mlog_load_Xn = np.take_along_axis(load_LE, mlog2log_LE, 1).reshape(num_layers * num_nodes, log_per_node)
+    mlog_load_Xn = _gather(load_LE, mlog2log_LE).reshape(num_layers * num_nodes, log_per_node)
     phy2mlog_XM, mlogcnt_Xn = replicate(mlog_load_Xn, phy_per_node)
 
     # Step 3: pack each node's replicas onto its ranks.
-    phy_load_XM = np.take_along_axis(mlog_load_Xn / mlogcnt_Xn, phy2mlog_XM, 1)
+    phy_load_XM = _gather(mlog_load_Xn / mlogcnt_Xn, phy2mlog_XM)
     phy_of_pphy_XM = pack(phy_load_XM, num_ranks // num_nodes)
     if refine:  # Step 3b: swap replicas between the node's ranks while that lowers its heaviest rank.
-        perm_XM = refine_packing(np.take_along_axis(phy_load_XM, phy_of_pphy_XM, 1), num_ranks // num_nodes)
-        phy_of_pphy_XM = np.take_along_axis(phy_of_pphy_XM, perm_XM, 1)
-    pphy2mlog_XM = np.take_along_axis(phy2mlog_XM, phy_of_pphy_XM, 1)
+        perm_XM = refine_packing(_gather(phy_load_XM, phy_of_pphy_XM), num_ranks // num_nodes)
+        phy_of_pphy_XM = _gather(phy_of_pphy_XM, perm_XM)
+    pphy2mlog_XM = _gather(phy2mlog_XM, phy_of_pphy_XM)
     node_offset_N = np.arange(num_nodes) * log_per_node
     pphy2mlog_LNM = pphy2mlog_XM.reshape(num_layers, num_nodes, phy_per_node) + node_offset_N[:, None]
     pphy2mlog_LP = pphy2mlog_LNM.reshape(num_layers, num_physical)
-    return np.take_along_axis(mlog2log_LE, pphy2mlog_LP, 1)
+    return _gather(mlog2log_LE, pphy2mlog_LP)
 
 
 def _relabel(
@@ -283,7 +297,7 @@ def _copy_keys(ids_XB: np.ndarray, num_ids: int) -> tuple[np.ndarray, np.ndarray
     num_rows, block = ids_XB.shape
     # A stable sort of small ints per row is a radix sort: (id, position) order within each row.
     order_XB = np.argsort(ids_XB.astype(np.int16 if num_ids < 2**15 else np.int32), axis=1, kind="stable")
-    sorted_XB = np.take_along_axis(ids_XB, order_XB, 1)
+    sorted_XB = _gather(ids_XB, order_XB)
     pos_B = np.arange(block)
     run_start_XB = np.ones(ids_XB.shape, dtype=bool)
     run_start_XB[:, 1:] = sorted_XB[:, 1:] != sorted_XB[:, :-1]

@@ -93,6 +93,23 @@ def test_migration_budget_keeps_every_replica_of_a_group_on_its_node(problem, bu
         assert all(len(nodes) == 1 for nodes in node_of_group.values())
 
 
+@given(problems(hierarchical=True), st.floats(0.01, 1.0), st.sampled_from([0.2, 0.5, 1.0]), st.integers(0, 2**32 - 1))
+def test_migration_budget_exchanging_groups_between_nodes_keeps_every_promise(problem, budget, sigma, seed):
+    # A drifted hierarchical plan as the placement in effect: the budget may pay for exchanging
+    # whole groups between nodes. Within the budget, never less balanced than the stale plan,
+    # every group on one node.
+    shape, load = problem
+    drift = np.exp(sigma * np.random.default_rng(seed).standard_normal(tuple(load.shape)))
+    old = plan(shape, load * torch.from_numpy(drift))
+    placement = plan(shape, load, old, migration_budget=budget)
+    placement.validate(shape.num_ranks)
+    assert (moved_per_layer(placement, old, shape) <= math.floor(budget * shape.num_physical + 1e-9)).all()
+    G = shape.num_ranks
+    assert (max_rank_load(placement, load, G) <= max_rank_load(old, load, G) * (1 + TOL)).all()
+    for node_of_group in nodes_of_groups(placement, shape):
+        assert all(len(nodes) == 1 for nodes in node_of_group.values())
+
+
 @given(stale_problems(), st.floats(0.01, 1.0))
 def test_migration_budget_is_deterministic(problem, budget):
     shape, load, old = problem
