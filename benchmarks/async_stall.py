@@ -31,6 +31,7 @@ from eplb.executor import AsyncExecutor
 from eplb.moe.slot_layer import SlotStorage
 from eplb.placement import Placement
 from eplb.planner import Decision
+from eplb.testing import capture_graph
 
 
 class BenchLayer(SlotStorage):
@@ -116,15 +117,7 @@ def main() -> None:
         del w13_E, w2_E
         static_x = x_TD.clone()
         if cuda:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    forward(layers, static_x, rows_S)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = forward(layers, static_x, rows_S)
+            graph, static_out = capture_graph(lambda layers=layers, x=static_x: forward(layers, x, rows_S))
 
             def step(graph=graph):
                 graph.replay()

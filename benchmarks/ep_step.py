@@ -52,6 +52,8 @@ from torch import nn
 
 from eplb import EPLBConfig, EPLBWrapper
 from eplb.metrics import balancedness
+from eplb.moe import ResidualStack
+from eplb.testing import capture_graph
 
 ROWS = ("unwrapped", "wrapped", "ep", "ep_eplb", "ep_eplb_rr")
 
@@ -77,19 +79,6 @@ def _skew(model: nn.Module, hot: int, strength: float) -> None:
             module.forward = types.MethodType(_biased_router_forward, module)
 
 
-class Stack(nn.Module):
-    """``x + block_l(x)`` over MoE blocks; input and output ``[1, T, D]``."""
-
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
-
-
 def build(args, device, dtype) -> tuple[nn.Module, int]:
     """The model on ``device`` in ``dtype``, and its hidden size."""
     import transformers as tf
@@ -103,7 +92,7 @@ def build(args, device, dtype) -> tuple[nn.Module, int]:
         )
         config._experts_implementation = args.experts_implementation
         with torch.device(device):
-            model = Stack([Qwen3MoeSparseMoeBlock(config) for _ in range(args.stack_layers)])
+            model = ResidualStack([Qwen3MoeSparseMoeBlock(config) for _ in range(args.stack_layers)])
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02)
@@ -133,21 +122,6 @@ def make_input(args, rank: int, T: int, device, dtype) -> dict:
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _capture(fn, device):
-    """Capture ``fn`` in a CUDA graph after a warm-up on a side stream; returns ``replay``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    _sync(device)
-    return graph.replay
 
 
 def time_steps(step, iters: int, device, group) -> tuple[list[float], list[float]]:
@@ -233,14 +207,14 @@ def run_row(row, model, args, T, device, dtype, group, rank, world, graph: bool,
 
     try:
         if graph:
-            replay = _capture(forward, device)
+            replay = capture_graph(forward, device=device)[0].replay
 
             def step():
                 replay()
                 if wrapper is not None:
                     wrapper.step()
 
-            reference_step = _capture(reference_forward, device) if reference is not None else None
+            reference_step = None if reference is None else capture_graph(reference_forward, device=device)[0].replay
         else:
             step, reference_step = forward, reference_forward
         walls, hosts = time_steps(step, args.iters, device, group if world > 1 else None)

@@ -23,29 +23,22 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
-from torch import nn
 
 from eplb import meta_parameters
 from eplb.checkpoint import LogicalLoader
-from eplb.moe import EPLBExperts, MoE, find_moe_layers
+from eplb.moe import EPLBExperts, MoE, ResidualStack, find_moe_layers
 from eplb.placement import Placement
 
 
-class Stack(nn.Module):
-    def __init__(self, layers: int, experts: int, hidden: int, inter: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(MoE(hidden, inter, experts, 2) for _ in range(layers))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
+def stack(layers: int, experts: int, hidden: int, inter: int) -> ResidualStack:
+    """``layers`` residual `MoE` blocks (top-2)."""
+    return ResidualStack(MoE(hidden, inter, experts, 2) for _ in range(layers))
 
 
 def rank0_load(args, path: Path, num_ranks: int) -> tuple[int, int, int, float]:
     """(rows read, bytes read, slot bytes held, seconds) of rank 0 of ``num_ranks``."""
     with meta_parameters():
-        model = Stack(args.layers, args.experts, args.hidden, args.inter)
+        model = stack(args.layers, args.experts, args.hidden, args.inter)
     specs = find_moe_layers(model)
     num_physical = args.experts + num_ranks
     placement = Placement.initial(args.layers, args.experts, num_physical, num_ranks)
@@ -76,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    full = Stack(args.layers, args.experts, args.hidden, args.inter)
+    full = stack(args.layers, args.experts, args.hidden, args.inter)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.safetensors"
         save_model(full, str(path))

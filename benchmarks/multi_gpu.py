@@ -83,9 +83,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from eplb.moe.reference import ResidualStack
 from eplb.moe.slot_layer import SlotStorage
+from eplb.testing import capture_graph
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DSV3_HIDDEN, DSV3_INTER = 7168, 2048  # DeepSeek-V3 hidden size and MoE intermediate size
@@ -401,14 +402,13 @@ def dense_swiglu_experts():
     return DenseSwiGLUExperts
 
 
-class MoEStack(nn.Module):
+class MoEStack(ResidualStack):
     """``x + moe_l(x)`` over ``L`` `eplb.moe.MoE` layers; input and output ``[T, D]``."""
 
     def __init__(self, args, device: torch.device, dtype: torch.dtype):
         from eplb.moe import MoE
 
-        super().__init__()
-        self.blocks = nn.ModuleList(
+        super().__init__(
             MoE(args.hidden, args.inter, args.experts, args.topk, device=device, dtype=dtype)
             for _ in range(args.layers)
         )
@@ -418,11 +418,6 @@ class MoEStack(nn.Module):
                 experts = dense(args.experts, args.hidden, args.inter, device=device, dtype=dtype)
                 experts.load_state_dict(block.experts.state_dict())
                 block.experts = experts
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype, direction_D: torch.Tensor) -> MoEStack:
@@ -472,16 +467,8 @@ def _capture_step(wrapper, static_x: torch.Tensor, device: torch.device):
     """Capture ``wrapper(static_x)`` in a CUDA graph after a warm-up on a side stream (it
     allocates the dispatcher's buffers; those forwards count as steps), as
     docs/guide/fast-forward.md does. Returns (replay, the static output)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            wrapper(static_x)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_out = wrapper(static_x)  # a capture counts no step
-    _sync(device)
+    with torch.no_grad():
+        graph, static_out = capture_graph(lambda: wrapper(static_x), warmup=3, device=device)  # no step counted
     return graph.replay, static_out
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from eplb.atomic import critical_section
+from eplb.testing import capture_graph
 from eplb.tracker import LoadTracker
 
 
@@ -106,16 +107,11 @@ def time_cpu(fn, runs: int, inner: int = 1) -> list[float]:
 
 def graph_time(fn, runs: int, inner: int) -> float:
     """Median microseconds per call of ``fn`` when ``inner`` calls are replayed from one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def calls():
         for _ in range(inner):
             fn()
+
+    graph, _ = capture_graph(calls, warmup=1)
     return statistics.median(time_cuda(graph.replay, runs)) / inner
 
 

@@ -326,8 +326,9 @@ def _check_sizes(num_logical: int, redundant: int, ranks: int, nodes: int, group
         )
 
 
-def _check_initial(path: str, trace, redundant_values: list[int]) -> None:
-    """``--initial``: a placement for the trace's model, with as many slots as ``--redundant`` gives."""
+def _check_initial(path: str, trace, redundant_values: list[int], ranks_values: list[int]) -> None:
+    """``--initial``: a placement for the trace's model, with as many slots as ``--redundant`` gives,
+    planned for every ``--ranks`` value (when the file records its ranks, as ``eplb plan -o`` does)."""
     from eplb.errors import EPLBError
     from eplb.placement import Placement
 
@@ -344,6 +345,8 @@ def _check_initial(path: str, trace, redundant_values: list[int]) -> None:
             f"--initial {path} has {initial.num_physical} slots per layer ({fits} redundant) but --redundant is "
             f"{bad[0]}; pass --redundant {fits}"
         )
+    for ranks in ranks_values:
+        Placement.load(path, num_ranks=ranks)
 
 
 def _divisors_text(n: int, limit: int = 8) -> str:
@@ -432,7 +435,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     ):
         _check_sizes(trace.num_logical, redundant, ranks, nodes, groups)
     if args.initial:
-        _check_initial(args.initial, trace, axes["num_redundant_experts"])
+        _check_initial(args.initial, trace, axes["num_redundant_experts"], axes["num_ranks"])
     configs = [
         SimConfig(
             **dict(zip(axes, values)), bytes_per_expert=args.bytes_per_expert, initial_placement=args.initial

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = ["EPLBConfig", "AsyncErrorMode", "DispatcherKind", "ReplicaChoice"]
 
@@ -28,10 +29,32 @@ ReplicaChoice = Literal["hash", "round_robin"]
 average) or ``"round_robin"`` over the expert's pairs of the batch (equal shares in every batch)."""
 
 
+def reject_bool_numbers(model: type[BaseModel], value, info: ValidationInfo):
+    """A ``mode="before"`` field validator for every field of ``model``: a bool given to a number
+    field (``int``/``float``, optionally ``| None``) raises, naming the field, the value and the fix.
+    Pydantic's lax mode would read ``True`` as 1, so ``window_size=True`` would pass as a window of
+    one step; numeric strings (``"1000"``) and integral floats for int fields still parse, as in JSON.
+    """
+    if isinstance(value, bool):
+        annotation = model.model_fields[info.field_name].annotation
+        kinds = set(typing.get_args(annotation)) or {annotation}
+        if kinds & {int, float}:
+            name = info.field_name
+            kind = "a number" if float in kinds else "an int"
+            default = model.model_fields[name].default
+            example = f", e.g. {name}={default!r}" if type(default) in (int, float) else ""
+            raise ValueError(f"{name} ({value!r}) is a bool, but {name} takes {kind}; pass {kind}{example}")
+    return value
+
+
 class EPLBConfig(BaseModel):
     """Configuration of an `EPLBWrapper` (frozen; unknown fields are rejected).
 
     ``EPLBConfig.model_validate_json('{"use_async": false}')`` parses JSON.
+
+    Number fields take numbers, never a bool (``window_size=True`` is refused rather than read as
+    1). As in JSON parsing, an int field also takes a string or float holding a whole number
+    (``"1000"``, ``1000.0``) and stores the int; ``1000.5`` is refused.
 
     Raises:
         pydantic.ValidationError: a field out of its range, an unknown field or name, or an
@@ -147,6 +170,11 @@ class EPLBConfig(BaseModel):
                 "or use EPLBConfig(step_interval=...)"
             )
         return cls(**{**fields, "step_interval": None})
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info: ValidationInfo):
+        return reject_bool_numbers(cls, value, info)
 
     @field_validator("policy")
     @classmethod

@@ -300,7 +300,21 @@ class Placement:
             raise EPLBError(
                 f"{source} is malformed: 'phy2log' must be a list of rows of expert ids, one row per layer"
             )
+        expect = (data["num_layers"], data["num_physical"])
+        if len({len(row) for row in rows}) > 1:
+            raise EPLBError(f"{source}: phy2log rows have different lengths; every layer has num_physical slots")
+        shape = (len(rows), len(rows[0]) if rows else expect[1])
+        if shape != expect:
+            raise EPLBError(
+                f"{source}: phy2log has shape {shape} but the header says [num_layers, num_physical] = {list(expect)}"
+            )
         num_logical = data["num_logical"]
+        # Checked before any array of E entries is built: the header's E is bounded by the data's P.
+        if not 1 <= num_logical <= expect[1]:
+            raise EPLBError(
+                f"{source}: num_logical ({num_logical}) must be in [1, num_physical={expect[1]}]: every "
+                "logical expert needs at least one slot"
+            )
         for l, row in enumerate(rows):
             for s, value in enumerate(row):
                 # A float id would be silently truncated by a tensor conversion.
@@ -311,16 +325,11 @@ class Placement:
                         f"{source}: phy2log holds expert id {value} (layer {l}, slot {s}), outside "
                         f"[0, num_logical={num_logical})"
                     )
-        expect = (data["num_layers"], data["num_physical"])
-        if len({len(row) for row in rows}) > 1:
-            raise EPLBError(f"{source}: phy2log rows have different lengths; every layer has num_physical slots")
         phy2log = torch.tensor(rows, dtype=torch.int64) if rows else torch.empty(0, expect[1], dtype=torch.int64)
-        if phy2log.dim() != 2 or tuple(phy2log.shape) != expect:
-            raise EPLBError(
-                f"{source}: phy2log has shape {tuple(phy2log.shape)} but the header says "
-                f"[num_layers, num_physical] = {list(expect)}"
-            )
-        return cls.from_phy2log(phy2log, num_logical).validate()
+        try:
+            return cls.from_phy2log(phy2log, num_logical).validate()
+        except EPLBError as exc:  # e.g. an expert without a replica: say which file
+            raise EPLBError(f"{source}: {exc}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the placement as JSON (see `to_dict`)."""
@@ -328,12 +337,20 @@ class Placement:
             json.dump(self.to_dict(), f)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Placement:
-        """Read a placement written by `save`; validated.
+    def load(cls, path: str | os.PathLike, *, num_ranks: int | None = None) -> Placement:
+        """Read a placement written by `save` (or by ``eplb plan -o``); validated.
+
+        Args:
+            path: the JSON file.
+            num_ranks: ``G`` the placement is to be used with, or None. When given, ``P`` must be
+                a multiple of it, and a file that records the ranks it was planned for (the
+                ``"plan"`` record ``eplb plan -o`` writes) must have been planned for ``G`` ranks:
+                slot ``s`` lives on rank ``s // (P // G)``, so the same file spreads its experts
+                differently over another number of ranks.
 
         Raises `EPLBError` (one line, naming the file) for a missing or unreadable path, a folder,
-        a file that is not UTF-8 JSON, NaN or infinite values, JSON nested too deeply, and every
-        check of `from_dict`.
+        a file that is not UTF-8 JSON, NaN or infinite values, JSON nested too deeply, every
+        check of `from_dict` and `validate`, and a placement planned for other ranks.
         """
         name = f"placement file {str(path)!r}"
         try:
@@ -355,7 +372,22 @@ class Placement:
             raise EPLBError(f"{name} holds JSON nested too deeply; it is not a placement") from None
         except ValueError as exc:  # NaN / Infinity (from _reject_constant)
             raise EPLBError(f"{name}: {exc}") from None
-        return cls.from_dict(data, source=name)
+        placement = cls.from_dict(data, source=name)
+        if num_ranks is None:
+            return placement
+        plan = data.get("plan")
+        planned = plan.get("num_ranks") if isinstance(plan, dict) else None
+        if _is_int(planned) and planned != num_ranks:
+            raise EPLBError(
+                f"{name} was planned for {planned} EP ranks but is used with {num_ranks}: its "
+                f"{placement.num_physical} slots per layer are spread over the ranks in order, so another "
+                f"number of ranks holds other experts; use {planned} ranks or plan one for {num_ranks} "
+                f"(eplb plan --ranks {num_ranks} -o ...)"
+            )
+        try:
+            return placement.validate(num_ranks)
+        except EPLBError as exc:
+            raise EPLBError(f"{name}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"Placement(L={self.num_layers}, E={self.num_logical}, P={self.num_physical})"

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from eplb.config import reject_bool_numbers
 from eplb.errors import EPLBError
 from eplb.metrics import balancedness, rank_share
 from eplb.placement import Placement
@@ -52,7 +53,8 @@ class SimConfig(BaseModel):
     ``num_groups`` are the `EPLBWrapper` arguments of the same names. The sizes are checked
     against the trace when `simulate` starts, with the policies' own messages
     (``P = E + num_redundant_experts`` a multiple of ``num_ranks``, ``E`` a multiple of
-    ``num_groups``, ``num_ranks`` a multiple of ``num_nodes``).
+    ``num_groups``, ``num_ranks`` a multiple of ``num_nodes``). Number fields refuse bools, as
+    `EPLBConfig`'s do.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -101,6 +103,11 @@ class SimConfig(BaseModel):
     """Label in tables, plots and JSON; default built from the fields that differ between the
     configs of one `simulate` call."""
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info: ValidationInfo):
+        return reject_bool_numbers(cls, value, info)
+
     def resolved_initial(self, trace: Trace) -> Placement:
         """The placement at step 0 for ``trace`` (validated against its shape and ``num_ranks``)."""
         num_physical = trace.num_logical + self.num_redundant_experts
@@ -108,7 +115,7 @@ class SimConfig(BaseModel):
             return Placement.initial(trace.num_layers, trace.num_logical, num_physical, self.num_ranks)
         placement = self.initial_placement
         if not isinstance(placement, Placement):
-            placement = Placement.load(placement)
+            placement = Placement.load(placement, num_ranks=self.num_ranks)
         shape = (placement.num_layers, placement.num_logical, placement.num_physical)
         if shape != (trace.num_layers, trace.num_logical, num_physical):
             raise EPLBError(

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import uuid
 import weakref
@@ -559,8 +560,13 @@ class LoadRecorder:
 
     def stop(self) -> Trace | None:
         """End the recording and write the file. Returns the recorded `Trace` on rank 0; None on
-        the other ranks, when nothing was recording, or when no step was recorded (then no file
-        is written and a warning is logged)."""
+        the other ranks, or when no step was recorded (then no file is written and a warning is
+        logged).
+
+        Idempotent, like closing a file: with no recording running (never started, already
+        stopped, or ended by the wrapper's ``close``) it does nothing and returns None, so a
+        ``finally:`` block may call it unconditionally. `start` is the strict half: starting while
+        a recording runs raises `EPLBError`, since it would drop the running one."""
         path, writer = self._path, self._writer
         self._path = self._writer = None
         if writer is None:
@@ -775,6 +781,8 @@ _SPEC_KEYS: dict[str, dict[str, type]] = {
 }
 _RENAME = {"layers": "num_layers", "experts": "num_logical", "tokens": "tokens_per_step",
            "drift": "drift_sigma", "shifts": "shift_steps"}
+_SPEC_KEY_OF = {argument: key for key, argument in _RENAME.items()}
+_SPEC_NAMES = re.compile(r"\b(" + "|".join(_SPEC_KEY_OF) + r")\b")
 _SPEC_DEFAULTS = {"steps": 1000, "layers": 4, "experts": 64, "tokens": 4096, "top_k": 8, "seed": 0}
 
 
@@ -826,4 +834,9 @@ def synthetic_from_spec(spec: str) -> Trace:
     kwargs = {_RENAME.get(k, k): v for k, v in values.items() if k != "steps"}
     num_layers, num_logical = kwargs.pop("num_layers"), kwargs.pop("num_logical")
     generator = {"lognormal": lognormal, "zipf": zipf, "drift": drift, "hot_shift": hot_shift}[kind]
-    return generator(values["steps"], num_layers, num_logical, **kwargs)
+    try:
+        return generator(values["steps"], num_layers, num_logical, **kwargs)
+    except EPLBError as exc:
+        # The generators speak of their arguments (num_logical); the user wrote the spec's keys (experts).
+        message = _SPEC_NAMES.sub(lambda m: _SPEC_KEY_OF[m.group(0)], str(exc))
+        raise EPLBError(f"synthetic spec {spec!r}: {message}") from None

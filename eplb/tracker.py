@@ -27,12 +27,70 @@ from eplb.atomic import critical_section
 from eplb.comm.collectives import all_reduce_sum
 from eplb.errors import EPLBError
 
-__all__ = ["LoadTracker", "check_window_size"]
+__all__ = ["LoadTracker", "check_window_size", "check_num_valid_tokens"]
 
 _FORMAT = "eplb.load_tracker"
 _VERSION = 1
 MAX_WINDOW_COUNTERS = 2**28
 """Largest ``window_size * L * E`` a tracker allocates: 2 GiB of int64 counters per rank."""
+
+
+def check_num_valid_tokens(
+    num_valid_tokens: torch.Tensor | int, device: torch.device, num_tokens: int | None = None, *,
+    where: str = "the tracker",
+) -> torch.Tensor | int:
+    """Validate a count of real rows (rows ``>= num_valid_tokens`` are padding) without a device sync.
+
+    Args:
+        num_valid_tokens: an int, or a one-element (``0-d`` or ``[1]``) integer tensor on ``device``.
+        device: where the rows live; a tensor must be there (graph replays read it there).
+        num_tokens: ``T``, the rows of the batch it applies to, when known.
+        where: what lives on ``device``, for the message.
+
+    Returns:
+        The int, or the tensor reshaped to ``0-d``.
+
+    Raises:
+        EPLBError: a bool, a float, another type, a tensor of more than one element or on
+            another device; a count ``< 0`` or ``> num_tokens``. The count's value is checked
+            for an int and for a CPU tensor; a tensor on an accelerator is read only by the
+            kernels (checking it would sync the host at every forward): a negative value then
+            marks every row as padding and a value above ``T`` marks none.
+    """
+    n = num_valid_tokens
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1 or n.dim() > 1 or n.dtype.is_floating_point or n.is_complex() or n.dtype == torch.bool:
+            raise EPLBError(
+                f"num_valid_tokens must be a one-element integer tensor, got shape {tuple(n.shape)} and dtype "
+                f"{n.dtype}; use torch.tensor(k, device=...)"
+            )
+        if n.device != torch.device(device):
+            raise EPLBError(
+                f"num_valid_tokens is on {n.device} but {where} is on {device}; create it there so graph "
+                "replays read it there"
+            )
+        n = n.reshape(())
+        if n.device.type != "cpu":
+            return n
+        value = int(n)
+    else:
+        try:
+            if isinstance(n, bool):
+                raise TypeError
+            value = n = operator.index(n)
+        except TypeError:
+            raise EPLBError(
+                f"num_valid_tokens must be an int tensor or an int, got {type(n).__name__} ({n!r}); pass the "
+                "number of real rows"
+            ) from None
+    if value < 0:
+        raise EPLBError(f"num_valid_tokens ({value}) must be >= 0: it counts the real rows of the batch")
+    if num_tokens is not None and value > num_tokens:
+        raise EPLBError(
+            f"num_valid_tokens ({value}) must be <= the batch's {num_tokens} rows (rows from num_valid_tokens on "
+            f"are padding); set it to the number of real rows, at most {num_tokens}"
+        )
+    return n
 
 
 def check_window_size(window_size: int, num_layers: int, num_logical: int) -> None:
@@ -122,8 +180,9 @@ class LoadTracker:
             topk_ids: ``[T, K]`` int — logical expert chosen for each (token, k); negative ids
                 are padding and are ignored.
             num_valid_tokens: optional ``0-d``/``[1]`` int tensor on the tracker's device (or a
-                Python int) — rows ``>= num_valid_tokens`` are ignored. A tensor can be updated
-                in place between CUDA-graph replays of a padded batch.
+                Python int) ``>= 0`` — rows ``>= num_valid_tokens`` are ignored. A tensor can be
+                updated in place between CUDA-graph replays of a padded batch; its value is checked
+                only on the CPU (see `check_num_valid_tokens`).
             trusted: the caller guarantees ids in ``[-1, E)`` (a router's top-k output, as the
                 EPLB expert layer passes it): skips the clamping kernel, so recording is one
                 kernel launch. An id outside that range is then miscounted or faults.
@@ -328,15 +387,9 @@ class LoadTracker:
 
     def _mask_rows(self, col_TK: torch.Tensor, num_valid_tokens) -> torch.Tensor:
         T = col_TK.shape[0]
-        if isinstance(num_valid_tokens, torch.Tensor):
-            n = num_valid_tokens
-            if n.numel() != 1 or n.dtype.is_floating_point or n.dtype == torch.bool:
-                raise EPLBError(
-                    f"num_valid_tokens must be a one-element integer tensor, got shape {tuple(n.shape)} "
-                    f"and dtype {n.dtype}"
-                )
-            if n.device != self.device:
-                raise EPLBError(f"num_valid_tokens is on {n.device} but the tracker is on {self.device}")
+        # A count above T marks no row (the tracker records any batch); the layer refuses one.
+        n = check_num_valid_tokens(num_valid_tokens, self.device)
+        if isinstance(n, torch.Tensor):
             # rows >= n -> padding, computed on the device so graph replays can change n.
             if self._row_ids_N1.shape[0] >= T:
                 rows_T1 = self._row_ids_N1[:T]
@@ -346,19 +399,11 @@ class LoadTracker:
                 if not (col_TK.is_cuda and torch.cuda.is_current_stream_capturing()):
                     self._row_ids_N1 = rows_T1
             # Out of place: col_TK may be the caller's own ids (trusted, int64).
-            return col_TK.masked_fill(rows_T1 >= n.reshape(()), -1)
-        try:
-            n_int = operator.index(num_valid_tokens)
-        except TypeError:
-            raise EPLBError(
-                f"num_valid_tokens must be an int tensor or an int, got {type(num_valid_tokens).__name__}"
-            ) from None
-        if n_int < 0:
-            raise EPLBError(f"num_valid_tokens ({n_int}) must be >= 0")
-        if n_int >= col_TK.shape[0]:
+            return col_TK.masked_fill(rows_T1 >= n, -1)
+        if n >= T:
             return col_TK
         col_TK = col_TK.clone()  # never write into the caller's ids
-        col_TK[n_int:] = -1
+        col_TK[n:] = -1
         return col_TK
 
     def _source(self, numel: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from eplb.planner import Decision, PlanOptions, plan, skip_empty_window
 from eplb.policies import check_policy_inputs, get_policy
 from eplb.runtime import Runtime, Topology, build_executor, build_runtime, rebuild_groups
 from eplb.traces import LoadRecorder, Trace
-from eplb.tracker import check_window_size
+from eplb.tracker import check_num_valid_tokens, check_window_size
 
 __all__ = ["EPLBWrapper"]
 
@@ -322,9 +322,18 @@ class EPLBWrapper:
             The keys of `eplb.metrics.compute_stats` (``step``, ``avg_tokens_per_rank``,
             ``max_tokens_per_rank``, ``balancedness``, ``imbalance``, ``steps_to_next_rebalance``,
             None with a static placement), plus ``balancedness_per_layer`` (list),
-            ``num_rebalances``, ``last_predicted_gain`` and ``last_rebalance_<field>`` for every
-            `eplb.executor.RebalanceReport` field (None before the first rebalance); with
-            ``num_ranks``, also ``num_ranks`` and ``planned_balancedness`` (None without load).
+            ``num_rebalances`` (rebalances that moved weights), ``bytes_moved_total``,
+            ``last_predicted_gain`` and ``last_rebalance_<field>`` for every
+            `eplb.executor.RebalanceReport` field (``layers``, ``slots_changed``,
+            ``network_transfers``, ``local_copies``, ``bytes_moved``, ``seconds``, ``skipped``,
+            ``reason``); with ``num_ranks``, also ``num_ranks`` and ``planned_balancedness``
+            (None without load).
+
+            Before the first rebalance (done, skipped or aborted) every ``last_rebalance_<field>``
+            and ``last_predicted_gain`` is None — ``last_rebalance_skipped`` too, not False — while
+            ``num_rebalances`` and ``bytes_moved_total`` are 0. A skipped or aborted rebalance
+            sets them (``last_rebalance_skipped`` True, ``last_rebalance_reason`` says why);
+            ``last_predicted_gain`` stays None until a policy has planned.
         """
         ranks = self._num_ranks if num_ranks is None else _preview_ranks(num_ranks, self._num_physical,
                                                                           self._num_logical)
@@ -427,7 +436,12 @@ class EPLBWrapper:
 
     def stop_recording(self) -> Trace | None:
         """Stop the recording and write its file; returns the `eplb.traces.Trace` on rank 0
-        (None on other ranks, or when no recording ran or no step was recorded)."""
+        (None on other ranks, or when no step was recorded).
+
+        Idempotent: with no recording running (never started, already stopped, or ended by
+        `close`) it does nothing and returns None, so a ``finally:`` block may call it
+        unconditionally; `start_recording` while one runs raises `EPLBError` instead, since it
+        would drop the running recording."""
         return self._recorder.stop()
 
     @property
@@ -663,29 +677,21 @@ class EPLBWrapper:
         zero (the rest of the model still runs on them); real rows give exactly what they give
         without padding. With transformers experts padding costs no expert GEMM.
 
+        What is checked (`eplb.tracker.check_num_valid_tokens`), without ever syncing with the
+        device: the type, shape, dtype and device here; the value of an int or of a CPU tensor
+        here (``>= 0``) and at every forward (``<= T``, the rows of each MoE layer's input). A
+        tensor on an accelerator is read only by the kernels: a negative value there marks every
+        row as padding and one above ``T`` marks none.
+
         Raises:
-            EPLBError: a negative int, a tensor that is not a one-element integer tensor on the
-                experts' device, or any other type.
+            EPLBError: a bool, a float or any other type; a tensor that is not a one-element
+                integer tensor on the experts' device; a count ``< 0`` (at this call) or ``> T``
+                (at the forward).
         """
         self._check_open()
         n = num_valid_tokens
-        if isinstance(n, torch.Tensor):
-            if n.numel() != 1 or n.dim() > 1 or n.dtype.is_floating_point or n.dtype == torch.bool:
-                raise EPLBError(
-                    f"num_valid_tokens must be a 0-d integer tensor, got shape {tuple(n.shape)} and dtype "
-                    f"{n.dtype}; use torch.tensor(k, device=...)"
-                )
-            if n.device != self.tracker.device:
-                raise EPLBError(
-                    f"num_valid_tokens is on {n.device} but the experts are on {self.tracker.device}; "
-                    "create it on the experts' device so graph replays read it there"
-                )
-            n = n.reshape(())
-        elif n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise EPLBError(
-                f"num_valid_tokens ({n!r}) must be None, an int >= 0 or a 0-d integer tensor on the "
-                "experts' device"
-            )
+        if n is not None:
+            n = check_num_valid_tokens(n, self.tracker.device, where="the experts")
         for layer in self._layers:
             layer.valid_tokens = n
 

@@ -22,30 +22,23 @@ import logging
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from eplb import EPLBConfig, EPLBWrapper
-from eplb.moe import MoE
+from eplb.moe import MoE, ResidualStack
 
 HIDDEN, INTER, EXPERTS, TOP_K, LAYERS = 32, 64, 8, 2, 2
 HOT_EXPERTS = 3  # the router prefers experts 0..2
 
 
-class TinyMoEModel(nn.Module):
-    """``LAYERS`` residual MoE blocks."""
+class TinyMoEModel(ResidualStack):
+    """``LAYERS`` residual MoE blocks (``x + block(x)``)."""
 
     def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(MoE(HIDDEN, INTER, EXPERTS, TOP_K) for _ in range(LAYERS))
+        super().__init__(MoE(HIDDEN, INTER, EXPERTS, TOP_K) for _ in range(LAYERS))
         with torch.no_grad():
             for block in self.blocks:
                 # Inputs have a positive mean: these gate rows then win most tokens.
                 block.gate.weight[:HOT_EXPERTS] += 0.2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block(x)
-        return x
 
 
 def batch(rank: int, step: int, num_ranks: int) -> torch.Tensor:

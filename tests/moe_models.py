@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eplb.moe import MoE
+from eplb.moe import MoE, ResidualStack  # noqa: F401  (ResidualStack: tests use mm.ResidualStack)
 from eplb.placement import Placement
 from eplb.policies import available_policies, get_policy, register_policy
 
@@ -156,19 +156,6 @@ class SigmoidRoutedBlock(ModuleListMoEBlock):
             token, k_pos = torch.where(ids_TK == e)
             out_TD.index_add_(0, token, expert(x_TD[token]) * weights_TK[token, k_pos, None])
         return out_TD.reshape(hidden_states.shape)
-
-
-class ResidualStack(nn.Module):
-    """``x + block_l(x)`` over a list of MoE blocks; input and output ``[B, T, D]``."""
-
-    def __init__(self, blocks: list[nn.Module]):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
 
 
 def build_module_list_model(seed: int = 0, num_layers: int = 2) -> nn.Module:

@@ -1,6 +1,6 @@
 """benchmarks/ep_step.py runs at a tiny size on the CPU over gloo: one process, and two ranks
 under torchrun (every row, so the multi-GPU run only has to launch it); benchmarks/load_checkpoint.py
-runs at a tiny size."""
+runs at a tiny size; the GPU session script checks its arguments before running anything."""
 
 import json
 import subprocess
@@ -58,3 +58,13 @@ def test_load_checkpoint_runs_tiny(tmp_path):
     assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
         (g, (16 + g) // g, 2 * 2 * min((16 + g) // g, 16)) for g in (1, 2, 4, 8, 16)
     ]
+
+
+def test_the_gpu_session_script_refuses_an_unknown_part_before_running_anything(tmp_path):
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "run_gpu_checks.sh"), "tests", "ep_stpe"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "OUT": "logs"},
+    )
+    assert result.returncode == 2
+    assert "unknown part 'ep_stpe'; pass any of: tests async_stall ep_step" in result.stderr
+    assert not (tmp_path / "logs").exists() and not result.stdout  # nothing ran, nothing was written

@@ -37,3 +37,12 @@ def test_readme_and_distributed_guide_say_what_has_run_on_gpus():
         assert "2 H200 GPUs" in section
         assert "Not run yet: 4 GPUs" in section or "4 GPUs or several hosts**: not run yet" in section
         assert "gloo between CPU processes" in section
+
+
+def test_design_and_fault_guide_state_the_exit_join_cap():
+    from eplb.executor.async_executor import EXIT_JOIN_CAP_S
+
+    cap = f"at most {EXIT_JOIN_CAP_S:g} s"
+    for page in (ROOT / "docs" / "design.md", ROOT / "docs" / "guide" / "faults.md"):
+        text = " ".join(page.read_text().split())
+        assert f"`async_timeout_s` + 1 s, {cap}" in text, page.name

@@ -20,11 +20,12 @@ from eplb.moe.adapters import (
 )
 from eplb.moe.layer import EPLBExperts
 from eplb.moe.probe import verify_expert_tensors
-from eplb.moe.reference import MoE, SwiGLUExperts
+from eplb.moe.reference import MoE, ResidualStack, SwiGLUExperts
 from eplb.moe.slot_layer import PreparedCommit, SlotLayer
 
 __all__ = [
     "MoE",
+    "ResidualStack",
     "SwiGLUExperts",
     "EPLBExperts",
     "SlotLayer",

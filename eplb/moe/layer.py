@@ -41,6 +41,7 @@ from eplb.moe.dispatch import Dispatcher, LocalDispatcher
 from eplb.moe.reference import SwiGLUExperts
 from eplb.moe.slot_layer import PreparedCommit
 from eplb.placement import Placement
+from eplb.tracker import check_num_valid_tokens
 
 if TYPE_CHECKING:
     from eplb.tracker import LoadTracker
@@ -400,6 +401,8 @@ class EPLBExperts(nn.Module):
         self._check_grad(x_TD)
         padded = self.valid_tokens is not None
         if padded:
+            if not isinstance(self.valid_tokens, torch.Tensor) or self.valid_tokens.device.type == "cpu":
+                check_num_valid_tokens(self.valid_tokens, x_TD.device, x_TD.shape[0], where="the layer's input")
             rows_T1 = self._grown("_row_ids_T1", x_TD.shape[0], lambda n: torch.arange(n, device=x_TD.device)[:, None])
             ids_TK = torch.where(rows_T1 < self.valid_tokens, ids_TK, -1)
         if self.tracker is not None:

@@ -4,8 +4,9 @@ Legend: T tokens, K top-k, E experts, D hidden size, I expert intermediate size,
 
 Its experts module, `SwiGLUExperts`, follows the transformers (>= 5) experts convention —
 ``experts(hidden_states, top_k_index, top_k_weights)`` with stacked parameters ``[E, ...]`` — so
-the built-in stacked-experts adapter wraps it with no special code. Examples, tests and
-benchmarks use it as a model that needs no download.
+the built-in stacked-experts adapter wraps it with no special code. `ResidualStack` chains MoE
+blocks with residual connections (``x + block(x)``): a model of MoE layers alone. Examples, tests
+and benchmarks use them as models that need no download.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MoE", "SwiGLUExperts"]
+__all__ = ["MoE", "ResidualStack", "SwiGLUExperts"]
 
 
 class SwiGLUExperts(nn.Module):
@@ -121,3 +122,23 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         ids_TK, weights_TK = self.route(x_TD)
         return self.experts(x_TD, ids_TK, weights_TK).reshape(x.shape)
+
+
+class ResidualStack(nn.Module):
+    """``x + block_l(x)`` over a list of MoE blocks, in order: a model of MoE layers alone.
+
+    Args:
+        blocks: the blocks (`MoE`, or any module mapping ``[..., D] -> [..., D]``), kept in
+            ``self.blocks`` (an ``nn.ModuleList``).
+
+    ``forward(x [..., D]) -> [..., D]``.
+    """
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x

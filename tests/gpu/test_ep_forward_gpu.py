@@ -28,6 +28,7 @@ from harness import run_ranks  # noqa: E402
 
 from eplb import EPLBConfig, EPLBWrapper  # noqa: E402
 from eplb.moe.dispatch import FixedCapacityDispatcher  # noqa: E402
+from eplb.testing import capture_graph  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -70,20 +71,6 @@ def batch(seed: int, tokens: int = T) -> torch.Tensor:
     return torch.randn(1, tokens, D, generator=gen).to("cuda", torch.bfloat16)
 
 
-def capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
 def _check_wrapped(wrapper, reference, *, rebalance_between_replays):
     """Eager equality, a sync-free step, a graph that survives rebalances, padding in the graph."""
     with torch.no_grad():
@@ -106,7 +93,7 @@ def _check_wrapped(wrapper, reference, *, rebalance_between_replays):
         def forward():
             static_out["y"] = wrapper(static_x)
 
-        graph = capture(forward)
+        graph, _ = capture_graph(forward)
         for step in range(6):
             static_x.copy_(batch(100 + step))
             graph.replay()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from eplb.errors import EPLBError
+from eplb.testing import capture_graph
 from eplb.tracker import LoadTracker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -52,17 +53,7 @@ def test_captured_record_and_step_replay_with_new_ids():
         tracker.step()
 
     # Warm up on a side stream (as torch.cuda.graphs recommends), then forget the warm-up.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            one_step()
-    torch.cuda.current_stream().wait_stream(side)
-    tracker.reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        one_step()
-    torch.cuda.synchronize()
+    graph, _ = capture_graph(one_step, warmup=3, before_capture=tracker.reset)
     assert tracker.steps_recorded == 0  # capture ran nothing
 
     gen = torch.Generator().manual_seed(1)

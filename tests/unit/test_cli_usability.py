@@ -128,3 +128,18 @@ def test_an_initial_placement_that_does_not_fit_names_the_flags(capsys, tmp_path
     Placement.initial(2, 8, 8, 2).save(tmp_path / "small.json")
     code, _, err = _run(capsys, "simulate", "example", "--initial", str(tmp_path / "small.json"))
     _one_line_error(code, err, 1, "is for 2 layers of 8 experts but the trace has 4 of 64")
+
+
+def test_an_initial_placement_planned_for_other_ranks_is_refused(capsys, tmp_path):
+    path = str(tmp_path / "p4.json")
+    code, _, err = _run(capsys, "plan", "example", "--ranks", "4", "-o", path)
+    assert code == 0, err
+    # 64 slots divide over 8 ranks as well, but this plan spread its experts over 4.
+    code, _, err = _run(capsys, "simulate", "example", "--initial", path, "--ranks", "8", "--no-progress")
+    _one_line_error(code, err, 1, "was planned for 4 EP ranks but is used with 8")
+    assert "use 4 ranks or plan one for 8 (eplb plan --ranks 8" in err
+    code, _, err = _run(capsys, "simulate", "example", "--initial", path, "--ranks", "4", "--ranks", "8",
+                        "--no-progress")
+    _one_line_error(code, err, 1, "was planned for 4 EP ranks but is used with 8")
+    code, out, err = _run(capsys, "simulate", "example", "--initial", path, "--ranks", "4", "--no-progress")
+    assert code == 0, err

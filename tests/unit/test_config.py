@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -84,6 +86,36 @@ def test_each_constraint_names_the_field_and_the_rule(field, value, match):
     with pytest.raises(ValidationError, match=match) as info:
         EPLBConfig(**kwargs)
     assert field in str(info.value)
+
+
+NUMBER_FIELDS = sorted(
+    name for name, field in EPLBConfig.model_fields.items()
+    if ({int, float} & (set(typing.get_args(field.annotation)) or {field.annotation}))
+)
+
+
+def test_the_number_fields_are_the_ones_the_docs_list():
+    assert "window_size" in NUMBER_FIELDS and "async_timeout_s" in NUMBER_FIELDS
+    assert not {"use_async", "refine", "log_balancedness"} & set(NUMBER_FIELDS)
+
+
+@pytest.mark.parametrize("field", NUMBER_FIELDS)
+@pytest.mark.parametrize("value", [True, False])
+def test_a_bool_is_refused_for_every_number_field(field, value):
+    with pytest.raises(ValidationError, match=rf"{field} \({value}\) is a bool, but {field} takes an? (int|number)"):
+        EPLBConfig(**{field: value, "use_async": False})
+    with pytest.raises(ValidationError, match=f"{field} \\({value}\\) is a bool"):
+        EPLBConfig.model_validate_json(f'{{"{field}": {str(value).lower()}, "use_async": false}}')
+
+
+@given(st.integers(1, 10**6))
+def test_ints_and_whole_number_strings_still_parse_for_int_fields(n):
+    for value in (n, str(n), float(n)):
+        config = EPLBConfig(window_size=value, log_balancedness_interval=value, max_tokens_per_rank=value)
+        assert config.window_size == config.log_balancedness_interval == config.max_tokens_per_rank == n
+        assert type(config.window_size) is int
+    with pytest.raises(ValidationError, match="window_size"):
+        EPLBConfig(window_size=n + 0.5)
 
 
 def test_async_rejects_any_policy_but_default():

@@ -112,13 +112,36 @@ def test_transformers_experts_with_padding_rows_equal_the_model_on_the_real_rows
 
 
 @pytest.mark.parametrize(
-    "bad", [-1, 2.0, True, torch.tensor([1, 2]), torch.tensor(1.0), torch.tensor(True), "3"]
+    "bad", [-1, 2.0, True, torch.tensor([1, 2]), torch.tensor(1.0), torch.tensor(True), "3", torch.tensor(-1),
+            torch.tensor([[3]])]
 )
 def test_set_valid_tokens_refuses_bad_values(bad):
     wrapper = EPLBWrapper(mm.build_reference_model(), EPLBConfig(use_async=False))
     with pytest.raises(EPLBError, match="num_valid_tokens"):
         wrapper.set_valid_tokens(bad)
     assert all(layer.valid_tokens is None for layer in wrapper.eplb_layers)  # nothing half-applied
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_count_outside_the_batch_is_refused_at_the_forward(as_tensor):
+    wrapper = EPLBWrapper(mm.build_reference_model(), EPLBConfig(use_async=False))
+    x = mm.hidden_batch(0, batch=1, length=8)  # 8 rows reach each MoE layer
+    n = torch.tensor(8) if as_tensor else 9
+    wrapper.set_valid_tokens(n)
+    for value in (9, -1) if as_tensor else (9,):
+        if as_tensor:
+            n.fill_(value)  # in place, as between graph replays: a CPU tensor is read at every forward
+        with pytest.raises(EPLBError, match=rf"num_valid_tokens \({value}\) must be "):
+            with torch.no_grad():
+                wrapper(x)
+    assert wrapper.steps == 0 and int(wrapper.tracker.window_load().sum()) == 0  # nothing counted
+    if as_tensor:
+        n.fill_(8)
+    else:
+        wrapper.set_valid_tokens(8)
+    with torch.no_grad():
+        wrapper(x)
+    assert wrapper.steps == 1
 
 
 # ------------------------------------------------------------------------------------ capacity

@@ -181,6 +181,46 @@ def test_load_rejects_bad_files(tmp_path):
         Placement.load(tmp_path / "missing.json")
 
 
+def _bad_placements():
+    good = example().to_dict()  # L=2, E=3, P=4
+    return [
+        ("{not json", None, r"is not valid JSON"),
+        ("[1, NaN]", None, r"NaN is not an expert id"),
+        ("[" * 100_000 + "]" * 100_000, None, r"nested too deeply"),
+        ([1, 2, 3], None, r"is not an eplb placement"),
+        ({**good, "version": 99}, None, r"has placement format version 99"),
+        ({**good, "num_layers": True}, None, r"'num_layers' \(True\) must be an int >= 0"),
+        ({**good, "phy2log": "0 1 2 0"}, None, r"'phy2log' must be a list of rows"),
+        ({**good, "phy2log": [[0, 1, 2, 0], [0, 1]]}, None, r"rows have different lengths"),
+        ({**good, "num_physical": 5}, None, r"phy2log has shape \(2, 4\) but the header says"),
+        ({**good, "phy2log": [[0, 1, 2, 0.0], [0, 1, 2, 0]]}, None, r"phy2log\[0\]\[3\] \(0.0\) must be an int"),
+        ({**good, "phy2log": [[0, 1, 2, 7], [0, 1, 2, 0]]}, None, r"expert id 7"),
+        ({**good, "phy2log": [[0, 0, 0, 0], [0, 1, 2, 0]]}, None, r"logical expert 1 has no replica"),
+        ({**good, "num_logical": 0, "num_layers": 0, "phy2log": []}, None, r"num_logical \(0\) must be in \[1, "),
+        ({**good, "num_logical": 2**70}, None, r"num_logical \(\d+\) must be in \[1, num_physical=4\]"),
+        (good, 3, r"num_physical \(4\) must be a multiple of num_ranks \(3\)"),
+        ({**good, "plan": {"num_ranks": 4}}, 2, r"was planned for 4 EP ranks but is used with 2"),
+    ]
+
+
+@pytest.mark.parametrize(("content", "num_ranks", "match"), _bad_placements())
+def test_every_load_error_names_the_file(tmp_path, content, num_ranks, match):
+    path = _write(tmp_path, content)
+    with pytest.raises(EPLBError, match=match) as info:
+        Placement.load(path, num_ranks=num_ranks)
+    assert str(info.value).startswith(f"placement file {path!r}")
+    assert "\n" not in str(info.value)
+
+
+def test_load_for_the_ranks_a_file_was_planned_for(tmp_path):
+    path = _write(tmp_path, {**example().to_dict(), "plan": {"num_ranks": 2}})
+    assert Placement.load(path, num_ranks=2).equals(example())
+    assert Placement.load(path).equals(example())  # the ranks are checked only when given
+    saved = tmp_path / "saved.json"
+    example().save(saved)  # no plan record: any G dividing P
+    assert Placement.load(saved, num_ranks=4).equals(example())
+
+
 def test_a_placement_never_aliases_the_tensor_it_was_built_from():
     row = torch.tensor([[0, 1, 2, 3, 0, 1]])
     placement = Placement.from_phy2log(row, 4)

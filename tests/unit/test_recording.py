@@ -76,6 +76,27 @@ def test_start_and_stop_recording_at_run_time(tmp_path):
     assert Trace.load(tmp_path / "b.npz").steps == 1
 
 
+def test_stop_recording_is_idempotent_and_start_is_strict(tmp_path, caplog):
+    wrapper = _wrapper()
+    wrapper.start_recording(tmp_path / "a.npz")
+    _steps(wrapper, range(2))
+    assert wrapper.stop_recording().steps == 2
+    written = (tmp_path / "a.npz").read_bytes()
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="eplb"):
+        assert wrapper.stop_recording() is None  # a second stop: nothing runs, nothing to write
+    assert not caplog.records and not wrapper.recording
+    _steps(wrapper, [2])
+    assert (tmp_path / "a.npz").read_bytes() == written  # neither rewritten nor appended to
+    wrapper.start_recording(tmp_path / "b.npz")  # a new recording starts as usual
+    with pytest.raises(EPLBError, match="already recording"):
+        wrapper.start_recording(tmp_path / "c.npz")
+    _steps(wrapper, [3])
+    wrapper.close()  # ends the recording
+    assert wrapper.stop_recording() is None and Trace.load(tmp_path / "b.npz").steps == 1
+    assert not (tmp_path / "c.npz").exists()
+
+
 def test_stopping_before_any_step_writes_nothing(tmp_path, caplog):
     wrapper = _wrapper()
     wrapper.start_recording(tmp_path / "a.npz")

@@ -268,3 +268,22 @@ def test_a_window_without_load_skips_the_rebalance_as_the_wrapper_does(spy_polic
                    progress=False).runs[0]
     (rebalance,) = run.rebalances
     assert rebalance.step == 2 and rebalance.skipped and calls == []
+
+
+def test_an_initial_placement_file_planned_for_other_ranks_is_refused(tmp_path):
+    trace = _constant(3, [3, 3, 1, 1])
+    planned = {**Placement.initial(1, 4, 4, 2).to_dict(), "plan": {"num_ranks": 2}}
+    (tmp_path / "p.json").write_text(json.dumps(planned))
+    config = SimConfig(step_interval=10, num_ranks=4, initial_placement=tmp_path / "p.json")
+    with pytest.raises(EPLBError, match=r"p.json' was planned for 2 EP ranks but is used with 4"):
+        simulate(trace, config, progress=False)
+    assert simulate(trace, config.model_copy(update={"num_ranks": 2}), progress=False).runs
+
+
+@pytest.mark.parametrize("field", ["window_size", "num_ranks", "min_improvement", "bytes_per_expert"])
+def test_sim_config_refuses_a_bool_for_a_number(field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=rf"{field} \(True\) is a bool"):
+        SimConfig(**{field: True})
+    assert SimConfig(refine=True).refine is True

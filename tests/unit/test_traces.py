@@ -304,6 +304,24 @@ def test_bad_specs_give_one_clear_error(spec, match):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("synthetic:lognormal?experts=0", r"experts \(0\) must be a positive integer"),
+        ("synthetic:lognormal?layers=0", r"layers \(0\) must be a positive integer"),
+        ("synthetic:zipf?tokens=0", r"tokens \(0\) must be a positive integer"),
+        ("synthetic:lognormal?experts=4&top_k=8", r"top_k \(8\) must be <= experts \(4\)"),
+        ("synthetic:hot_shift?sigma=0.5&drift=1", r"drift \(1.0\) must be <= sigma \(0.5\)"),
+    ],
+)
+def test_a_bad_spec_value_is_named_by_the_key_the_user_wrote(spec, match):
+    with pytest.raises(EPLBError, match=match) as info:
+        synthetic_from_spec(spec)
+    message = str(info.value)
+    assert message.startswith(f"synthetic spec {spec!r}: ")
+    assert not any(name in message for name in ("num_logical", "num_layers", "tokens_per_step", "drift_sigma"))
+
+
 def test_bundled_example_trace_is_small_and_loads():
     assert example_trace_path().stat().st_size < 200_000
     trace = load_trace("example")

@@ -211,6 +211,8 @@ def test_record_rejects_bad_input(layer, ids, match):
         (torch.tensor([1, 2]), "one-element integer tensor"),
         (torch.tensor(1.0), "one-element integer tensor"),
         (-1, r"num_valid_tokens \(-1\) must be >= 0"),
+        (torch.tensor(-2), r"num_valid_tokens \(-2\) must be >= 0"),
+        (True, "must be an int tensor or an int, got bool"),
         ("3", "must be an int tensor or an int"),
     ],
 )

@@ -136,6 +136,27 @@ def test_stats_report_balancedness_and_the_last_rebalance():
     assert stats["avg_tokens_per_rank"] == 2 * 32 * mm.TOP_K
 
 
+def test_stats_about_the_last_rebalance_are_none_before_the_first_one_as_documented():
+    from dataclasses import fields
+
+    from eplb.executor import RebalanceReport
+
+    wrapper = EPLBWrapper(mm.build_reference_model(), _config())
+    stats = wrapper.stats()
+    last = {key for key in stats if key.startswith("last_")}
+    assert last == {f"last_rebalance_{f.name}" for f in fields(RebalanceReport)} | {"last_predicted_gain"}
+    assert all(stats[key] is None for key in last)  # last_rebalance_skipped too: None, not False
+    assert stats["num_rebalances"] == 0 and stats["bytes_moved_total"] == 0
+    doc = " ".join(EPLBWrapper.stats.__doc__.split())
+    assert "Before the first rebalance (done, skipped or aborted) every ``last_rebalance_<field>``" in doc
+    for key in stats:  # every key is named in the docstring
+        assert f"``{key}``" in doc or f"``{key.removeprefix('last_rebalance_')}``" in doc, key
+    wrapper.rebalance()  # an empty window: skipped, which sets the keys
+    stats = wrapper.stats()
+    assert stats["last_rebalance_skipped"] is True and stats["last_rebalance_reason"]
+    assert stats["num_rebalances"] == 0 and stats["last_predicted_gain"] is None
+
+
 def test_min_improvement_and_an_empty_window_skip_the_rebalance(caplog):
     wrapper = EPLBWrapper(mm.build_reference_model(), _config(min_improvement=0.5))
     with caplog.at_level(logging.INFO, logger="eplb"):
