@@ -392,16 +392,20 @@ def default_policy(
     )
     if refine:
         # The search aims at the refined fresh plan, which can lead it elsewhere than the plain
-        # one within the budget: run it for both and keep, per layer, the less loaded busiest
-        # rank (the plain one on ties), so refine never ends below the same call without it.
+        # one within the budget: run it towards the plain plan too (on the layers where the two
+        # differ) and keep, per layer, the less loaded busiest rank (the plain end on ties), so
+        # refine never ends below the same call without it.
         plain_LP = _relabel(
             _rebalance(load_LE, num_physical, num_groups, num_nodes, num_ranks), old_LP, num_logical, num_nodes,
             num_ranks,
         )
-        plain_LP = limit_migration(
-            load_LE, old_LP, plain_LP, migration_budget, num_ranks=num_ranks, num_nodes=num_nodes,
-            num_groups=num_groups,
-        )
-        worse_L = _max_rank_load(load_LE, budgeted_LP, num_ranks) >= _max_rank_load(load_LE, plain_LP, num_ranks)
-        budgeted_LP[worse_L] = plain_LP[worse_L]
+        rows = np.nonzero((plain_LP != phy2log_LP).any(1))[0]
+        if rows.size:
+            plain_XP = limit_migration(
+                load_LE[rows], old_LP[rows], plain_LP[rows], migration_budget, num_ranks=num_ranks,
+                num_nodes=num_nodes, num_groups=num_groups,
+            )
+            worse_X = (_max_rank_load(load_LE[rows], budgeted_LP[rows], num_ranks)
+                       >= _max_rank_load(load_LE[rows], plain_XP, num_ranks))
+            budgeted_LP[rows[worse_X]] = plain_XP[worse_X]
     return Placement._of_valid(budgeted_LP, num_logical)
