@@ -145,9 +145,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="skip a rebalance whose predicted balancedness gain is below X (default 0)")
     p.add_argument("--migration-budget", action="append", type=_budget, metavar="X",
                    help="policy option: at most this fraction (0, 1] of each layer's slots receive a new "
-                        "expert per rebalance (repeat to compare)")
+                        "expert per rebalance, at least 1/P (repeat to compare); applies to the --policy "
+                        "values that accept it (default does, topk does not)")
     p.add_argument("--refine", action="store_true",
-                   help="policy option: swap search after packing, in every config")
+                   help="policy option: swap search after packing, in every config whose --policy accepts "
+                        "it (default does, topk does not)")
     p.add_argument("--bytes-per-expert", type=_byte_size, default=0, metavar="BYTES",
                    help="bytes of one expert's weights, e.g. 44M, to report bytes moved (default 0)")
     p.add_argument("--initial", metavar="PLACEMENT.json",
@@ -429,6 +431,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         _no_repeats(_FLAGS[key], values)
     for name in axes["policy"]:
         _check_policy(name)
+    _check_option_flags(axes)
     trace = load_trace(args.trace)
     for redundant, ranks, nodes, groups in itertools.product(
         axes["num_redundant_experts"], axes["num_ranks"], axes["num_nodes"], axes["num_groups"]
@@ -436,11 +439,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         _check_sizes(trace.num_logical, redundant, ranks, nodes, groups)
     if args.initial:
         _check_initial(args.initial, trace, axes["num_redundant_experts"], axes["num_ranks"])
+    for budget in args.migration_budget or []:
+        _check_budget_flag(budget, trace.num_logical, axes["num_redundant_experts"])
     configs = [
-        SimConfig(
-            **dict(zip(axes, values)), bytes_per_expert=args.bytes_per_expert, initial_placement=args.initial
-        )
-        for values in itertools.product(*axes.values())
+        SimConfig(**fields, bytes_per_expert=args.bytes_per_expert, initial_placement=args.initial)
+        for fields in _option_combinations(axes)
     ]
     # A bar only on a terminal: in a log file it is a line of carriage returns.
     result = simulate(trace, configs, progress=not args.no_progress and sys.stderr.isatty())
@@ -456,6 +459,61 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         result.plot(args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+_OPTION_DEFAULTS = {"migration_budget": None, "refine": False}
+"""Policy options (`eplb.policies.POLICY_OPTIONS`) set by simulate flags, and their unset values."""
+
+
+def _check_option_flags(axes: dict[str, list]) -> None:
+    """``--migration-budget`` / ``--refine`` apply to the ``--policy`` values that accept them; at
+    least one must, else the flag would be silently ignored."""
+    from eplb.errors import EPLBError
+    from eplb.policies import available_policies, policy_options
+
+    for option, default in _OPTION_DEFAULTS.items():
+        values = [v for v in axes[option] if v != default]
+        if values and not any(option in policy_options(name) for name in axes["policy"]):
+            flag = _FLAGS[option]
+            takers = [name for name in available_policies() if option in policy_options(name)]
+            given = ", ".join(f"'{name}'" for name in axes["policy"])
+            raise EPLBError(
+                f"{flag}: no --policy given accepts it: policy {given} does not accept the option "
+                f"{option}={values[0]!r}; add --policy {' or --policy '.join(takers)}, or drop {flag}"
+            )
+
+
+def _check_budget_flag(budget: float, num_logical: int, redundant_values: list[int]) -> None:
+    """``--migration-budget X`` must let at least one slot of a layer move (``X >= 1 / P``)."""
+    from eplb.errors import EPLBError
+    from eplb.policies import budget_slots, smallest_budget
+
+    for redundant in redundant_values:
+        num_physical = num_logical + redundant
+        if budget_slots(budget, num_physical) < 1:
+            raise EPLBError(
+                f"--migration-budget {budget:g} lets no slot of a layer move: the trace's {num_logical} experts + "
+                f"--redundant {redundant} make {num_physical} slots, and floor({budget:g} * {num_physical}) = 0; "
+                f"pass --migration-budget {smallest_budget(num_physical):.6g} (1/{num_physical}) or more"
+            )
+
+
+def _option_combinations(axes: dict[str, list]) -> list[dict]:
+    """Every combination of the axes, as `SimConfig` fields; the policy options only for the
+    policies that accept them (for the others they stay unset, and the combinations they would
+    have multiplied collapse into one)."""
+    from eplb.policies import policy_options
+
+    combos: list[dict] = []
+    for values in itertools.product(*axes.values()):
+        fields = dict(zip(axes, values))
+        accepted = policy_options(fields["policy"])
+        for option, default in _OPTION_DEFAULTS.items():
+            if option not in accepted:
+                fields[option] = default
+        if fields not in combos:
+            combos.append(fields)
+    return combos
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

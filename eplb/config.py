@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-__all__ = ["EPLBConfig", "AsyncErrorMode", "DispatcherKind", "ReplicaChoice"]
+__all__ = ["EPLBConfig", "AsyncErrorMode", "DispatcherKind", "ReplicaChoice", "check_policy_option_field"]
 
 MAX_REDUNDANT_EXPERTS = 1023
 """Upper bound of ``num_redundant_experts`` (vLLM's bound: at most 1024 replicas of an expert)."""
@@ -45,6 +45,31 @@ def reject_bool_numbers(model: type[BaseModel], value, info: ValidationInfo):
             example = f", e.g. {name}={default!r}" if type(default) in (int, float) else ""
             raise ValueError(f"{name} ({value!r}) is a bool, but {name} takes {kind}; pass {kind}{example}")
     return value
+
+
+def check_policy_option_field(value, info: ValidationInfo):
+    """A ``mode="before"`` field validator of the policy options ``migration_budget`` and ``refine``
+    (`EPLBConfig`, `eplb.simulate.SimConfig`): the checks of the policies
+    (`eplb.policies.check_migration_budget`, `eplb.policies.check_refine`), with their messages
+    naming the field, the value, the rule and the fix. As for other number fields, a string holding
+    a number (``"0.25"``, as in JSON) is read as that number."""
+    from eplb.errors import EPLBError
+    from eplb.policies import check_migration_budget, check_refine
+
+    try:
+        if info.field_name == "migration_budget":
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(
+                        f"migration_budget ({value!r}) is not a number; pass a fraction in (0, 1], e.g. "
+                        "migration_budget=0.25, or None for no limit"
+                    ) from None
+            return check_migration_budget(value)
+        return check_refine(value)
+    except EPLBError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class EPLBConfig(BaseModel):
@@ -95,10 +120,12 @@ class EPLBConfig(BaseModel):
     """Name of a registered policy (see ``eplb.available_policies()``). Plug-ins must be
     registered before the config is built."""
 
-    migration_budget: float | None = Field(None, gt=0.0, le=1.0)
+    migration_budget: float | None = None
     """Policy option: at most this fraction of each layer's slots may receive an expert their rank
     did not hold before a rebalance (the rest of the plan is the best found within that limit).
-    Bounds the bytes moved per rebalance; ``None`` moves whatever the plan needs."""
+    Bounds the bytes moved per rebalance; ``None`` moves whatever the plan needs. A number in
+    ``(0, 1]``, at least ``1 / P`` (checked when the wrapper knows ``P``: a smaller budget lets
+    no slot move)."""
 
     refine: bool = False
     """Policy option: a swap search after packing that lowers the heaviest rank's load without
@@ -175,6 +202,11 @@ class EPLBConfig(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, value, info: ValidationInfo):
         return reject_bool_numbers(cls, value, info)
+
+    @field_validator("migration_budget", "refine", mode="before")
+    @classmethod
+    def _policy_option(cls, value, info: ValidationInfo):
+        return check_policy_option_field(value, info)
 
     @field_validator("policy")
     @classmethod

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from eplb.config import reject_bool_numbers
+from eplb.config import check_policy_option_field, reject_bool_numbers
 from eplb.errors import EPLBError
 from eplb.metrics import balancedness, rank_share
 from eplb.placement import Placement
@@ -85,9 +85,10 @@ class SimConfig(BaseModel):
     min_improvement: float = Field(0.0, ge=0.0, lt=1.0)
     """Skip a rebalance whose predicted balancedness gain is below this (as ``EPLBConfig.min_improvement``)."""
 
-    migration_budget: float | None = Field(None, gt=0.0, le=1.0)
+    migration_budget: float | None = None
     """Policy option (``EPLBConfig.migration_budget``): at most this fraction of each layer's slots
-    may receive an expert their rank did not hold."""
+    may receive an expert their rank did not hold; in ``(0, 1]`` and at least ``1 / P`` (checked
+    against the trace when `simulate` starts)."""
 
     refine: bool = False
     """Policy option (``EPLBConfig.refine``): swap search after packing."""
@@ -107,6 +108,24 @@ class SimConfig(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, value, info: ValidationInfo):
         return reject_bool_numbers(cls, value, info)
+
+    @field_validator("migration_budget", "refine", mode="before")
+    @classmethod
+    def _policy_option(cls, value, info: ValidationInfo):
+        return check_policy_option_field(value, info)
+
+    @model_validator(mode="after")
+    def _policy_accepts_options(self) -> SimConfig:
+        """A registered policy must accept the options set (as `EPLBConfig` checks); an unknown
+        name is reported by `simulate`, which lists the registered ones."""
+        from eplb.policies import available_policies
+
+        if self.policy in available_policies():
+            try:
+                check_policy_options(self.policy, _policy_options(self))
+            except EPLBError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
     def resolved_initial(self, trace: Trace) -> Placement:
         """The placement at step 0 for ``trace`` (validated against its shape and ``num_ranks``)."""
@@ -382,7 +401,7 @@ def simulate(
     for cfg, name in zip(configs, names):
         try:
             get_policy(cfg.policy)
-            check_policy_options(cfg.policy, _policy_options(cfg))
+            check_policy_options(cfg.policy, _policy_options(cfg), trace.num_logical + cfg.num_redundant_experts)
             check_policy_inputs(
                 total_LE, num_physical=trace.num_logical + cfg.num_redundant_experts,
                 num_groups=cfg.num_groups, num_nodes=cfg.num_nodes, num_ranks=cfg.num_ranks,

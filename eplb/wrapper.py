@@ -36,7 +36,7 @@ from eplb.moe.adapters import direct_tensors
 from eplb.moe.layer import not_copyable_message
 from eplb.placement import Placement, _redundant_fixes
 from eplb.planner import Decision, PlanOptions, plan, skip_empty_window
-from eplb.policies import check_policy_inputs, get_policy
+from eplb.policies import check_policy_inputs, check_policy_options, get_policy
 from eplb.runtime import Runtime, Topology, build_executor, build_runtime, rebuild_groups
 from eplb.traces import LoadRecorder, Trace
 from eplb.tracker import check_num_valid_tokens, check_window_size
@@ -116,6 +116,8 @@ class EPLBWrapper:
             num_physical = num_logical + config.num_redundant_experts
             num_groups = _resolve_num_groups(model, num_groups)
             _check_sizes(num_layers, num_logical, num_physical, num_groups, num_nodes, num_ranks)
+            # P is known only now: a migration budget below 1 / P would let no slot move.
+            check_policy_options(config.policy, config.policy_options(), num_physical)
             placement = _initial_placement(
                 initial_placement, num_layers, num_logical, num_physical, num_ranks
             )

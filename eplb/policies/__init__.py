@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from eplb.errors import EPLBError
@@ -26,7 +29,8 @@ from eplb.placement import Placement, _check_sizes
 
 __all__ = [
     "Policy", "register_policy", "get_policy", "available_policies", "check_policy_inputs",
-    "policy_options", "check_policy_options", "set_options", "POLICY_OPTIONS",
+    "policy_options", "check_policy_options", "resolve_policy_options", "set_options", "POLICY_OPTIONS",
+    "check_migration_budget", "check_refine", "smallest_budget", "budget_slots",
 ]
 
 ENTRY_POINT_GROUP = "eplb.policies"
@@ -64,7 +68,8 @@ def check_policy_inputs(
 ) -> torch.Tensor:
     """Validate a policy call; return ``load`` as a contiguous float64 CPU tensor ``[L, E]``.
 
-    Raises `EPLBError` for: a load that is not 2-D, negative/NaN/inf loads, ``num_physical < E``,
+    Raises `EPLBError` for: a load that is not 2-D, negative/NaN/inf loads, sizes that are not
+    positive ints (bools and floats included), ``old`` that is not a `Placement`, ``num_physical < E``,
     ``num_physical % num_ranks != 0``, ``E % num_groups != 0``, ``num_ranks % num_nodes != 0``,
     or an ``old`` placement of another shape.
     """
@@ -83,9 +88,19 @@ def check_policy_inputs(
     num_logical = load.shape[1]
     if num_logical == 0:
         raise EPLBError("load has no experts (shape [L, 0]); pass one column per logical expert")
-    for name, value in (("num_groups", num_groups), ("num_nodes", num_nodes), ("num_ranks", num_ranks)):
-        if int(value) <= 0:
+    for name, value in (("num_physical", num_physical), ("num_groups", num_groups), ("num_nodes", num_nodes),
+                        ("num_ranks", num_ranks)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            fix = (f"pass {name}={int(value)}" if isinstance(value, float) and value.is_integer()
+                   else "pass a positive int")
+            raise EPLBError(f"{name} ({value!r}) is a {type(value).__name__}, but it takes an int; {fix}")
+        if value <= 0:
             raise EPLBError(f"{name} ({value}) must be > 0")
+    if old is not None and not isinstance(old, Placement):
+        raise EPLBError(
+            f"old ({type(old).__name__}) must be the Placement in force or None; wrap a phy2log tensor with "
+            "Placement.from_phy2log(phy2log, num_logical)"
+        )
     _check_sizes(num_logical, num_physical, num_ranks)
     if num_logical % num_groups:
         raise EPLBError(
@@ -95,7 +110,8 @@ def check_policy_inputs(
     if num_ranks % num_nodes:
         raise EPLBError(
             f"num_ranks ({num_ranks}) must be a multiple of num_nodes ({num_nodes}); "
-            "every node holds the same number of ranks"
+            f"every node holds the same number of ranks: set num_nodes to a divisor of {num_ranks} "
+            f"({', '.join(str(d) for d in range(1, num_ranks + 1) if num_ranks % d == 0)})"
         )
     if old is not None and (old.num_layers, old.num_logical, old.num_physical) != (
         load.shape[0], num_logical, num_physical
@@ -110,29 +126,63 @@ def check_policy_inputs(
 _POLICY_KEYWORDS = ("num_physical", "num_groups", "num_nodes", "num_ranks", "old")
 
 
-def _check_signature(name: str, fn) -> None:
-    """A policy must take the load positionally and every keyword of `Policy` (or ``**kwargs``):
-    checked at registration, so a wrong signature fails there rather than at the first rebalance."""
+def _check_signature(name: str, fn, options: Iterable[str] = ()) -> None:
+    """A policy must take the load positionally and every keyword of `Policy` (or ``**kwargs``),
+    and every option it declares as a keyword: checked at registration, so a wrong signature fails
+    there rather than at the first rebalance."""
     if not callable(fn):
         raise EPLBError(f"policy {name!r} must be a callable, got {type(fn).__name__}")
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # a callable whose signature Python cannot read: trust it
         return
+    options = sorted(options)
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        named = set(_POLICY_KEYWORDS)
+        named = set(_POLICY_KEYWORDS) | set(options)
     else:
         named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
     missing = [k for k in _POLICY_KEYWORDS if k not in named]
+    signature = f"{getattr(fn, '__name__', 'policy')}{inspect.signature(fn)}"
     if missing or not positional:
         raise EPLBError(
-            f"policy {name!r} has the signature {getattr(fn, '__name__', 'policy')}{inspect.signature(fn)}; "
+            f"policy {name!r} has the signature {signature}; "
             f"a policy takes (load, *, num_physical, num_groups, num_nodes, num_ranks, old=None)"
             + (f" and lacks {', '.join(missing)}" if missing else " and lacks the load argument")
             + "; add them (old is the placement in force, None when there is none)"
         )
+    lacking = [o for o in options if o not in named]
+    if lacking:
+        defaults = {"migration_budget": "migration_budget=None", "refine": "refine=False"}
+        raise EPLBError(
+            f"policy {name!r} declares the option(s) {', '.join(lacking)} but its signature {signature} "
+            f"does not take them; add the keyword argument(s) {', '.join(defaults[o] for o in lacking)} "
+            "(or **options), or leave them out of options="
+        )
 
+
+def _option_names(name: str, options: object) -> frozenset[str]:
+    """``options`` of `register_policy` as a set of names; a bare string is refused (it would be
+    read as its letters)."""
+    if isinstance(options, (str, bytes)):
+        raise EPLBError(
+            f"policy {name!r}: options must be a tuple of option names, got the string {options!r}; "
+            f"write options=({options!r},)"
+        )
+    try:
+        names = frozenset(options)
+    except TypeError:
+        raise EPLBError(
+            f"policy {name!r}: options must be a tuple of option names ({', '.join(POLICY_OPTIONS)}), "
+            f"got {type(options).__name__}"
+        ) from None
+    unknown = sorted(map(repr, names - set(POLICY_OPTIONS)))
+    if unknown:
+        raise EPLBError(
+            f"policy {name!r} declares unknown option(s) {', '.join(unknown)}; "
+            f"options are {', '.join(POLICY_OPTIONS)}"
+        )
+    return names
 
 
 def set_options(*, migration_budget: float | None = None, refine: bool = False) -> dict[str, object]:
@@ -145,17 +195,121 @@ def set_options(*, migration_budget: float | None = None, refine: bool = False) 
     return options
 
 
-def check_policy_options(name: str, options: dict) -> None:
-    """Raise `EPLBError` unless policy ``name`` accepts every option in ``options``."""
+def smallest_budget(num_physical: int) -> float:
+    """``1 / P``: the smallest ``migration_budget`` that lets one slot of a layer change."""
+    return 1.0 / num_physical
+
+
+def budget_slots(migration_budget: float, num_physical: int) -> int:
+    """``floor(migration_budget * P)``: the slots per layer a budget lets receive a new expert
+    (with a tolerance of 1e-9 slot, so ``k / P`` allows exactly ``k``)."""
+    return math.floor(migration_budget * num_physical + 1e-9)
+
+
+def check_migration_budget(value: object, num_physical: int | None = None) -> float | None:
+    """Validate a ``migration_budget``: None, or a real number (not a bool) in ``(0, 1]`` that, when
+    ``num_physical`` (``P``) is given, lets at least one slot of a layer change (``>= 1 / P``).
+
+    Returns:
+        The budget as a float (None stays None).
+
+    Raises:
+        EPLBError: naming the value, the rule and the fix.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise EPLBError(
+            f"migration_budget ({value!r}) is a {type(value).__name__}, but migration_budget takes a number in "
+            "(0, 1]: the fraction of each layer's slots that may receive a new expert; pass e.g. "
+            "migration_budget=0.25, or None for no limit"
+        )
+    budget = float(value)
+    if not 0 < budget <= 1:  # NaN fails this too
+        raise EPLBError(
+            f"migration_budget ({value!r}) must be in (0, 1]: the fraction of each layer's slots that may "
+            "receive a new expert; pass e.g. migration_budget=0.25, or None for no limit"
+        )
+    if num_physical is not None and budget_slots(budget, num_physical) < 1:
+        raise EPLBError(
+            f"migration_budget ({value!r}) lets floor({value!r} * {num_physical}) = 0 of the {num_physical} "
+            f"slots of a layer change, so no rebalance could move anything; pass at least "
+            f"1/{num_physical} = {smallest_budget(num_physical):.6g} (one slot per layer), or None for no limit"
+        )
+    return budget
+
+
+def check_refine(value: object) -> bool:
+    """Validate ``refine``: a bool (None reads as False). Raises `EPLBError` for anything else
+    (a string such as ``"no"`` would otherwise be truth-tested and turn the search on)."""
+    if value is None:
+        return False
+    if not isinstance(value, (bool, np.bool_)):
+        raise EPLBError(
+            f"refine ({value!r}, of type {type(value).__name__}) is not a bool; it takes True or False: pass "
+            "refine=True for the swap search after packing, refine=False (the default) for the reference plan"
+        )
+    return bool(value)
+
+
+_OPTION_CHECKS = {"migration_budget": check_migration_budget, "refine": lambda value, _: check_refine(value)}
+
+
+def resolve_policy_options(name: str, options: dict, num_physical: int | None = None) -> dict[str, object]:
+    """Validate the options of a call of policy ``name``; return those to pass (the set ones).
+
+    Every option must be one of `POLICY_OPTIONS` with a valid value (`check_migration_budget`,
+    `check_refine`). A value that asks for nothing (``migration_budget=None``, ``refine=False`` or
+    None) is dropped, for every policy; one that asks for a feature the policy does not accept
+    raises.
+
+    Raises:
+        EPLBError: an unknown option, a bad value, or an option policy ``name`` does not accept.
+    """
     accepted = _OPTIONS.get(name, frozenset())
-    for option in options:
+    out: dict[str, object] = {}
+    for option, value in options.items():
+        if option not in _OPTION_CHECKS:
+            raise EPLBError(
+                f"policy {name!r} got the unknown option {option}={value!r}; policy options are "
+                f"{', '.join(POLICY_OPTIONS)}"
+            )
+        value = _OPTION_CHECKS[option](value, num_physical)
+        if value is None or value is False:
+            continue  # the option's default: asks for nothing, fine for any policy
         if option not in accepted:
             takes = f"accepts {', '.join(sorted(accepted))}" if accepted else "accepts no options"
             raise EPLBError(
-                f"policy {name!r} does not accept the option {option}={options[option]!r} (it {takes}); "
+                f"policy {name!r} does not accept the option {option}={value!r} (it {takes}); "
                 f"unset {option} or choose a policy that accepts it (the default policy accepts "
                 f"{', '.join(POLICY_OPTIONS)})"
             )
+        out[option] = value
+    return out
+
+
+def check_policy_options(name: str, options: dict, num_physical: int | None = None) -> None:
+    """Raise `EPLBError` unless policy ``name`` accepts every option in ``options`` that is set
+    (see `resolve_policy_options`)."""
+    resolve_policy_options(name, options, num_physical)
+
+
+def _check_budget_kept(name: str, out: Placement, old: Placement, budget: float, num_ranks: int) -> None:
+    """A plug-in that accepts ``migration_budget`` must keep it: at most ``floor(budget * P)``
+    slots per layer receive an expert their rank did not hold in ``old``."""
+    from eplb.policies.local_search import moved_slots
+
+    limit = budget_slots(budget, out.num_physical)
+    moved_L = moved_slots(out.phy2log.numpy(), old.phy2log.numpy(), out.num_logical, num_ranks).sum(1)
+    over = np.nonzero(moved_L > limit)[0]
+    if over.size:
+        layer = int(over[0])
+        raise EPLBError(
+            f"policy {name!r} was given migration_budget={budget!r} (at most {limit} of {out.num_physical} "
+            f"slots per layer may receive an expert their rank did not hold) but its placement moves "
+            f"{int(moved_L[layer])} slots in layer {layer}; a policy that accepts migration_budget must keep it "
+            "(see eplb.policies.local_search.moved_slots)"
+        )
 
 
 def _checked(name: str, fn: Callable[..., Placement], *, trusted: bool = False) -> Callable[..., Placement]:
@@ -164,11 +318,11 @@ def _checked(name: str, fn: Callable[..., Placement], *, trusted: bool = False) 
 
     @functools.wraps(fn)
     def policy(load, *, num_physical, num_groups=1, num_nodes=1, num_ranks=1, old=None, **options):
-        check_policy_options(name, options)
         load = check_policy_inputs(
             load, num_physical=num_physical, num_groups=num_groups, num_nodes=num_nodes,
             num_ranks=num_ranks, old=old,
         )
+        options = resolve_policy_options(name, options, num_physical)
         out = fn(load, num_physical=num_physical, num_groups=num_groups, num_nodes=num_nodes,
                  num_ranks=num_ranks, old=old, **options)
         if trusted:
@@ -184,6 +338,8 @@ def _checked(name: str, fn: Callable[..., Placement], *, trusted: bool = False) 
             out.validate(num_ranks)
         except EPLBError as exc:
             raise EPLBError(f"policy {name!r} returned an invalid placement: {exc}") from None
+        if old is not None and options.get("migration_budget") is not None:
+            _check_budget_kept(name, out, old, options["migration_budget"], num_ranks)
         return out
 
     return policy
@@ -213,20 +369,14 @@ def _register(
 ) -> Callable[[Callable[..., Placement]], Callable[..., Placement]]:
     if not isinstance(name, str) or not name:
         raise EPLBError(f"policy name must be a non-empty string, got {name!r}")
-    options = frozenset(options)
-    unknown = sorted(options - set(POLICY_OPTIONS))
-    if unknown:
-        raise EPLBError(
-            f"policy {name!r} declares unknown option(s) {', '.join(unknown)}; "
-            f"options are {', '.join(POLICY_OPTIONS)}"
-        )
+    options = _option_names(name, options)
 
     def decorator(fn: Callable[..., Placement]) -> Callable[..., Placement]:
         if not trusted:
             _load_builtins()
         if name in _REGISTRY and not override:
             raise EPLBError(f"policy {name!r} is already registered; pass override=True to replace it")
-        _check_signature(name, fn)
+        _check_signature(name, fn, options)
         _REGISTRY[name] = _checked(name, fn, trusted=trusted)
         _OPTIONS[name] = options
         return fn

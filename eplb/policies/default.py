@@ -31,8 +31,8 @@ from scipy.optimize import linear_sum_assignment
 
 from eplb.errors import EPLBError
 from eplb.placement import Placement
-from eplb.policies import POLICY_OPTIONS, _register
-from eplb.policies.local_search import limit_migration, refine_packing
+from eplb.policies import POLICY_OPTIONS, _register, check_migration_budget, check_refine
+from eplb.policies.local_search import _max_rank_load, limit_migration, refine_packing
 
 __all__ = ["default_policy", "pack", "replicate", "relabel"]
 
@@ -360,31 +360,52 @@ def default_policy(
         old: placement in effect; when given, the plan is relabeled to move as little as possible.
         migration_budget: with ``old``, at most ``floor(migration_budget * P)`` slots per layer
             receive an expert their rank did not hold (see `limit_migration`); ``None``: no limit.
-            Ignored without ``old``.
+            A real number in ``[1 / P, 1]`` (smaller lets no slot move). Ignored without ``old``.
         refine: swap search after packing (`refine_packing`): never less balanced, not identical
-            to the reference algorithm any more.
+            to the reference algorithm any more. A bool (None reads as False). With
+            ``migration_budget``, the budgeted search runs towards both the refined and the plain
+            fresh plan and each layer keeps the better result, so it is never less balanced than
+            the same call without ``refine`` and keeps the budget.
 
     Returns:
         `Placement` with ``phy2log: [L, num_physical]``.
 
     Raises:
-        EPLBError: ``migration_budget`` outside ``(0, 1]``.
+        EPLBError: ``migration_budget`` not a number in ``[1 / P, 1]``, ``refine`` not a bool.
     """
-    if migration_budget is not None and not 0 < migration_budget <= 1:
-        raise EPLBError(
-            f"migration_budget ({migration_budget}) must be in (0, 1]: the fraction of each layer's "
-            "slots that may receive a new expert; use None for no limit"
-        )
+    migration_budget = check_migration_budget(migration_budget, num_physical)
+    refine = check_refine(refine)
     if num_groups % num_nodes:
         num_groups, num_nodes = 1, 1
     load_LE = np.asarray(load, dtype=np.float64)
+    num_logical = load_LE.shape[1]
     phy2log_LP = _rebalance(load_LE, num_physical, num_groups, num_nodes, num_ranks, refine)
-    if old is not None:
-        old_LP = old.phy2log.numpy()
-        phy2log_LP = _relabel(phy2log_LP, old_LP, load_LE.shape[1], num_nodes, num_ranks)
-        if migration_budget is not None:
-            phy2log_LP = limit_migration(
-                load_LE, old_LP, phy2log_LP, migration_budget, num_ranks=num_ranks, num_nodes=num_nodes,
-                num_groups=num_groups,
+    if old is None:
+        return Placement._of_valid(phy2log_LP, num_logical)
+    old_LP = old.phy2log.numpy()
+    phy2log_LP = _relabel(phy2log_LP, old_LP, num_logical, num_nodes, num_ranks)
+    if migration_budget is None:
+        return Placement._of_valid(phy2log_LP, num_logical)
+    budgeted_LP = limit_migration(
+        load_LE, old_LP, phy2log_LP, migration_budget, num_ranks=num_ranks, num_nodes=num_nodes,
+        num_groups=num_groups,
+    )
+    if refine:
+        # The search aims at the refined fresh plan, which can lead it elsewhere than the plain
+        # one within the budget: run it towards the plain plan too (on the layers where the two
+        # differ) and keep, per layer, the less loaded busiest rank (the plain end on ties), so
+        # refine never ends below the same call without it.
+        plain_LP = _relabel(
+            _rebalance(load_LE, num_physical, num_groups, num_nodes, num_ranks), old_LP, num_logical, num_nodes,
+            num_ranks,
+        )
+        rows = np.nonzero((plain_LP != phy2log_LP).any(1))[0]
+        if rows.size:
+            plain_XP = limit_migration(
+                load_LE[rows], old_LP[rows], plain_LP[rows], migration_budget, num_ranks=num_ranks,
+                num_nodes=num_nodes, num_groups=num_groups,
             )
-    return Placement._of_valid(phy2log_LP, load_LE.shape[1])
+            worse_X = (_max_rank_load(load_LE[rows], budgeted_LP[rows], num_ranks)
+                       >= _max_rank_load(load_LE[rows], plain_XP, num_ranks))
+            budgeted_LP[rows[worse_X]] = plain_XP[worse_X]
+    return Placement._of_valid(budgeted_LP, num_logical)

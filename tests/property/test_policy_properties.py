@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from property.strategies import LOAD_KINDS, loads, nodes_of_groups, one_per_pack_shapes, placements, problems, shapes
 from reference_policy import reference_default
@@ -116,6 +116,7 @@ def test_scaling_by_a_power_of_two_changes_nothing(name, problem, exponent):
     # Power-of-two scaling is exact in floating point, so even tied loads must give the same plan.
     shape, load = problem
     scaled = load * 2.0**exponent
+    assume(torch.equal(scaled * 2.0**-exponent, load))  # exact only without underflow (subnormals) or overflow
     assert plan(name, shape, scaled).equals(plan(name, shape, load))
 
 

@@ -75,8 +75,8 @@ def test_is_frozen_and_rejects_unknown_fields():
         ("async_layers_per_step", 0, "greater than 0"),
         ("async_on_error", "ignore", "'log' or 'raise'"),
         ("max_transfer_bytes", 0, "greater than 0"),
-        ("migration_budget", 0.0, "greater than 0"),
-        ("migration_budget", 1.5, "less than or equal to 1"),
+        ("migration_budget", 0.0, r"migration_budget \(0.0\) must be in \(0, 1\].*pass e.g. migration_budget=0.25"),
+        ("migration_budget", 1.5, r"migration_budget \(1.5\) must be in \(0, 1\].*or None for no limit"),
         ("communicator", "mpi", r"communicator 'mpi' is unknown; use one of auto, .*torch_gloo, torch_nccl"),
         ("policy", "nope", "policy 'nope' is not registered"),
     ],
@@ -236,9 +236,10 @@ def test_a_plugin_declares_the_options_it_accepts():
         return eplb.get_policy("default")(load, num_physical=num_physical, num_ranks=num_ranks)
 
     try:
-        config = EPLBConfig(policy="budget_aware", use_async=False, migration_budget=0.1)
+        # P = 2 slots: the smallest useful budget is 1/2
+        config = EPLBConfig(policy="budget_aware", use_async=False, migration_budget=0.5)
         eplb.get_policy("budget_aware")([[1.0, 2.0]], num_physical=2, num_ranks=1, **config.policy_options())
-        assert seen == {"budget": 0.1}
+        assert seen == {"budget": 0.5}
         with pytest.raises(ValidationError, match="does not accept the option refine=True"):
             EPLBConfig(policy="budget_aware", use_async=False, refine=True)
         with pytest.raises(eplb.EPLBError, match="does not accept the option refine"):
