@@ -264,7 +264,9 @@ def test_torch_gloo_times_out_instead_of_hanging():
 
 
 def test_distributed_example_runs_under_torchrun():
-    """examples/distributed_ep.py on 4 CPU ranks: it checks its outputs against the unwrapped model."""
+    """examples/distributed_ep.py on 4 CPU ranks: it checks its outputs against the unwrapped model,
+    and every rank exits with status 0 (three runs: a wrapper left to the interpreter's teardown
+    once aborted about 1 exit in 4 inside gloo)."""
     root = Path(__file__).resolve().parents[2]
     cmd = [
         sys.executable,
@@ -275,7 +277,8 @@ def test_distributed_example_runs_under_torchrun():
         "4",
         str(root / "examples" / "distributed_ep.py"),
     ]
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "every output equals the unwrapped model's" in done.stdout
-    assert "rebalanced" in done.stdout
+    for _ in range(3):
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "every output equals the unwrapped model's" in done.stdout
+        assert "rebalanced" in done.stdout
