@@ -214,7 +214,16 @@ class Placement:
         return Placement(phy2log=self.phy2log.clone(), log2phy=self.log2phy.clone(), logcnt=self.logcnt.clone())
 
     def equals(self, other: Placement) -> bool:
-        """True when both describe the same slot contents."""
+        """True when both describe the same slot contents (``phy2log [L, P]`` equal).
+
+        Raises:
+            EPLBError: ``other`` is not a `Placement`.
+        """
+        if not isinstance(other, Placement):
+            raise EPLBError(
+                f"Placement.equals compares two placements; got {type(other).__name__}: build one with "
+                "Placement.from_phy2log(phy2log, num_logical)"
+            )
         return self.phy2log.shape == other.phy2log.shape and bool(torch.equal(self.phy2log, other.phy2log))
 
     def experts_of_rank(self, layer: int, rank: int, num_ranks: int) -> list[int]:

@@ -143,6 +143,9 @@ def test_layer_replace_layer_and_equals():
     assert swapped.equals(Placement.from_phy2log(torch.tensor([PHY2LOG[1]] * 2), 3))
     assert not swapped.equals(placement)
     assert not placement.equals(placement.layer(0))
+    for other in (None, placement.phy2log):
+        with pytest.raises(EPLBError, match="Placement.equals compares two placements"):
+            placement.equals(other)
 
 
 # ---------------------------------------------------------------------- save / load
