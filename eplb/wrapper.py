@@ -212,6 +212,7 @@ class EPLBWrapper:
         self._last_gain: float | None = None
         self._closed = False
         self._unwrapped = False
+        self._in_collectives = False  # inside a sequence of eplb's collectives (see _begin_collectives)
 
         # Step 3: install (the only step that modifies the model).
         for spec, layer in zip(specs, self._layers):
@@ -343,8 +344,13 @@ class EPLBWrapper:
         """
         ranks = self._num_ranks if num_ranks is None else _preview_ranks(num_ranks, self._num_physical,
                                                                           self._num_logical)
-        group = self._collective_group if reduce else None
-        load_LE = self.tracker.window_load(group=group)
+        if reduce:
+            self._begin_collectives()
+            load_LE = self._collective("the load all-reduce of stats(reduce=True)", self.tracker.window_load,
+                                       self._collective_group)
+            self._in_collectives = False
+        else:
+            load_LE = self.tracker.window_load(group=None)
         b = balancedness(load_LE, self._placement, ranks)
         out = stats_of(b, step=self._steps, steps_to_next_rebalance=self._steps_to_next_rebalance())
         out["balancedness_per_layer"] = b.per_layer.tolist()
@@ -535,16 +541,23 @@ class EPLBWrapper:
             report at once.
         """
         self._check_open()
-        self._recover_groups()
+        self._begin_collectives()
         if self.async_in_flight:
-            self.synchronize()
-        return self._start_rebalance()
+            self._synchronize()
+        report = self._start_rebalance()
+        self._in_collectives = False
+        return report
 
     def synchronize(self) -> RebalanceReport | None:
         """Drive an in-flight async rebalance to completion, blocking (collective: every rank must
         call it). Returns its report, or None when nothing was in flight (always, in sync mode)."""
         self._check_open()
-        self._recover_groups()
+        self._begin_collectives()
+        report = self._synchronize()
+        self._in_collectives = False
+        return report
+
+    def _synchronize(self) -> RebalanceReport | None:
         if not self.async_in_flight:
             return None
         try:
@@ -668,6 +681,7 @@ class EPLBWrapper:
         ``dispatcher="fixed_capacity"``); see docs/guide/fast-forward.md for the recipe.
         """
         self._check_open()
+        self._begin_collectives()
         self._on_step()
 
     def set_valid_tokens(self, num_valid_tokens: torch.Tensor | int | None) -> None:
@@ -702,7 +716,26 @@ class EPLBWrapper:
             layer.valid_tokens = n
 
     def _before_forward(self, module, args) -> None:
+        self._begin_collectives()
+
+    def _begin_collectives(self) -> None:
+        """Start a sequence of eplb's collectives on this rank (a forward and its step, a
+        rebalance, synchronize, unwrap): every rank issues the same collectives in the same order.
+
+        A sequence that ended by an exception (a ``KeyboardInterrupt`` from Ctrl-C, an error of
+        the model's own code, one rank's bad input) left this rank's collectives out of step with
+        its peers': a peer may wait in a collective this rank will never issue, and this rank's
+        next collective would meet a different one of the peer's (gloo then aborts the process on
+        the size mismatch, or pairs the wrong data). So the groups are marked broken
+        (`eplb.comm.recovery.GroupHealth.left`) and rebuilt, as after a lost peer; the peer's
+        collective times out within ``async_timeout_s`` and it rebuilds too."""
+        health = self._health
+        if health is None:
+            return
+        if self._in_collectives:  # the last sequence did not end: it was cut
+            health.left()
         self._recover_groups()
+        self._in_collectives = True
 
     def _recover_groups(self) -> None:
         """After a peer stopped answering (a failed collective marked the groups broken): once
@@ -748,13 +781,16 @@ class EPLBWrapper:
             if not torch.equal(placement.phy2log[layer.layer_index], self._placement.phy2log[layer.layer_index])
         ]
         # Step 4: new groups (bounded by async_timeout_s; a rank that does not come makes it fail).
-        try:
-            runtime = rebuild_groups(self._runtime, health, prefix)
-        except Exception as exc:
-            health.give_up(prefix)
-            raise EPLBError(f"{where}: creating the new groups failed ({type(exc).__name__}: {exc}); "
-                            "the next forward tries again") from exc
+        # Ctrl-C is held from here to the end: a rank interrupted after its new groups exist but
+        # before it recorded them would stay a generation behind the others, and the ranks would
+        # never meet again. The hold lasts at most the groups' creation (async_timeout_s each).
         with critical_section():
+            try:
+                runtime = rebuild_groups(self._runtime, health, prefix)
+            except Exception as exc:
+                health.give_up(prefix)
+                raise EPLBError(f"{where}: creating the new groups failed ({type(exc).__name__}: {exc}); "
+                                "the next forward tries again") from exc
             for layer, prepared in commits:
                 layer.apply_commit(prepared, None)
             self._placement = placement
@@ -770,6 +806,7 @@ class EPLBWrapper:
 
     def _forward_hook(self, module, args, output) -> None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self._in_collectives = False
             return  # a capture is not a step; replays are counted by step()
         self._on_step()
 
@@ -803,6 +840,7 @@ class EPLBWrapper:
                     )
             else:
                 self._start_rebalance()
+        self._in_collectives = False  # the step's collectives are done: the sequence ended cleanly
 
     # ------------------------------------------------------------------ ending
     def close(self) -> None:
@@ -822,15 +860,15 @@ class EPLBWrapper:
         the slots over the EP group (every rank must call it). The wrapper is closed afterwards."""
         if self._unwrapped:
             raise EPLBError("this EPLBWrapper was already unwrapped")
+        self._begin_collectives()
         if not self._closed:
-            self.synchronize()
-        else:
-            self._recover_groups()
+            self._synchronize()
         # On eplb's timeout-bounded group where there is one (gloo); a failure names the operation.
         restored = [
             self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
             for layer in self._layers
         ]
+        self._in_collectives = False
         self.close()
         self._state_hook.remove()
         if self._unloaded_hook is not None:

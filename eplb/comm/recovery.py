@@ -138,6 +138,17 @@ class GroupHealth:
             self._silent = None
         return self._silent
 
+    def left(self) -> None:
+        """Mark the groups broken because this rank left a sequence of collectives in the middle
+        (an exception or Ctrl-C on this rank, not a failed collective): its peers may wait in a
+        collective it will never issue. Answers this generation's roll call at once, without
+        waiting, so a peer whose collective times out learns that this rank is alive."""
+        self.broken = True
+        try:
+            _store().set(f"{self.key}/roll-call/{self.generation}/{self.rank}", json.dumps(1))
+        except Exception:  # noqa: BLE001 - the store's host is gone: the rebuild says so
+            pass
+
     def meet(self, payload) -> tuple[list, str]:
         """The rendezvous of a rebuild: publish ``payload`` (JSON-serialisable) and wait, at most
         ``timeout_s``, for every rank's. Returns the payloads in rank order and a store prefix
@@ -192,7 +203,7 @@ class GroupHealth:
             names = ", ".join(map(str, silent))
             return f"rank {names} did not answer" if len(silent) == 1 else f"ranks {names} did not answer"
         return ("every rank answered a roll call afterwards: one was frozen or slow past async_timeout_s "
-                "(perhaps this one)")
+                "(perhaps this one), or left the collective (an exception or Ctrl-C on that rank)")
 
 
 def missing_ranks_error(what: str, exc: NotEveryRank, timeout_s: float) -> EPLBError:

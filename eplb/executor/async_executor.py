@@ -290,10 +290,20 @@ class AsyncExecutor:
         stalled = owed and time.monotonic() - self._last_progress > self.timeout_s
         mine = Flags(failed_rank=self.rank + 1 if failed else 0, timed_out=int(stalled), ready=ready,
                      planned=int(planned), transfer_failed=int(transfer_failed))
-        try:
-            flags = self._agree(mine)
-        except PeerLost as exc:
-            return self._abort(job, peer_lost=exc)
+        # The agreement and what it decides (commits, finish, abort) form one section under Ctrl-C:
+        # a rank interrupted after agreeing but before committing would hold other layers than its
+        # peers (a mixed placement that may lack a logical expert on every rank). The hold costs
+        # nothing: a Ctrl-C cannot cut the all-reduce itself (Python runs its handler only once
+        # the gloo call returns), and the commits after it are in-place copies.
+        with critical_section():
+            try:
+                flags = self._agree(mine)
+            except PeerLost as exc:
+                return self._abort(job, peer_lost=exc)
+            return self._decided(job, flags)
+
+    def _decided(self, job: _Job, flags: Flags) -> StepOutcome:
+        """Carry out the group's ``flags`` for ``job`` on this rank (inside `_advance`'s section)."""
         if flags.transfer_failed and self.health is not None:
             self.health.broken = True  # every rank at this step: the transfer group is closed
         if flags.failed_rank:
