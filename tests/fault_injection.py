@@ -1,4 +1,4 @@
-"""Fault injection for the test suite: a Ctrl-C at every line of a function.
+"""Fault injection for the test suite: a Ctrl-C at every line of a function, and at random moments.
 
 `interrupt_at_every_line` runs an action once per line that the chosen functions execute, and at
 that line raises ``SIGINT`` in the process (``signal.raise_signal``: exactly what Ctrl-C does,
@@ -8,11 +8,13 @@ or the one after it, never a mix.
 
 The line events come from a ``sys.settrace`` tracer, counted in the frames of the chosen
 functions (``deep=True``: also in every Python frame they call, torch's included). Importable
-from any test: ``tests/`` is on ``sys.path``.
+from any test: ``tests/`` is on ``sys.path``. `random_interrupts` sends real ``SIGINT``s at
+random moments instead, for soaks.
 """
 
 from __future__ import annotations
 
+import random
 import signal
 import sys
 import threading
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["interrupt_at_every_line", "assert_old_or_new", "same_state"]
+__all__ = ["interrupt_at_every_line", "assert_old_or_new", "same_state", "random_interrupts"]
 
 
 class _InterruptAt:
@@ -159,3 +161,47 @@ def assert_old_or_new(
     runs = interrupt_at_every_line(functions, setup, action, check, deep=deep)
     assert seen == ({"old", "new"} if both else {"old"}), f"only the {seen} state was seen in {runs} interrupted runs"
     return runs
+
+
+class random_interrupts:  # noqa: N801 - used as a statement: ``with random_interrupts(...) as armed:``
+    """Context manager: a thread sends the main thread a real ``SIGINT`` at random moments,
+    ``gap_s = (low, high)`` seconds apart (uniform, from ``random.Random(seed)``).
+
+    The ``SIGINT`` raises ``KeyboardInterrupt`` only while armed (``armed.on()`` before the
+    calls under test, ``armed.off()`` after), once per arming, so the test's own lines are never
+    interrupted. Leaving stops the thread and restores the previous handler and grad mode (an
+    interrupt inside ``torch.no_grad``'s exit can flip it)."""
+
+    def __init__(self, gap_s: tuple[float, float], seed: int = 0):
+        self._gap_s, self._rng = gap_s, random.Random(seed)
+        self._armed = False
+        self._stop = threading.Event()
+
+    def on(self) -> None:
+        self._armed = True
+
+    def off(self) -> None:
+        self._armed = False
+
+    def _handler(self, signum, frame) -> None:
+        if self._armed:
+            self._armed = False
+            raise KeyboardInterrupt
+
+    def _send(self, main_thread: int) -> None:
+        while not self._stop.wait(self._rng.uniform(*self._gap_s)):
+            signal.pthread_kill(main_thread, signal.SIGINT)
+
+    def __enter__(self) -> random_interrupts:
+        self._grad_enabled = torch.is_grad_enabled()
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        self._thread = threading.Thread(target=self._send, args=(threading.main_thread().ident,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._armed = False
+        self._stop.set()
+        self._thread.join()
+        signal.signal(signal.SIGINT, self._previous)
+        torch.set_grad_enabled(self._grad_enabled)

@@ -16,6 +16,7 @@ import moe_models as mm
 import pytest
 import torch
 import torch.distributed as dist
+from fault_injection import random_interrupts
 from harness import spawn_ranks
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper
@@ -468,7 +469,6 @@ def _soak_rank(rank, world_size, duration_s):
     rebalances every 3 steps; the rank catches KeyboardInterrupt and EPLBError and keeps
     stepping. Every completed forward must equal the unwrapped model, and after each failure the
     placement must match what the layers hold."""
-    import random
     import threading
 
     baseline_threads = threading.active_count()
@@ -476,53 +476,30 @@ def _soak_rank(rank, world_size, duration_s):
     config = EPLBConfig(num_redundant_experts=4, step_interval=3, window_size=4, async_timeout_s=SOAK_TIMEOUT_S,
                         min_improvement=0.0)
     wrapper = EPLBWrapper(copy.deepcopy(reference), config, ep_group=dist.group.WORLD)
-    main_thread = threading.main_thread().ident
-    stop = threading.Event()
-    rng = random.Random(1000 + rank)
-    armed = [False]
-
-    def on_sigint(signum, frame):
-        if armed[0]:  # one-shot: the driver's own lines are never interrupted
-            armed[0] = False
-            raise KeyboardInterrupt
-
-    def interrupter():
-        while not stop.wait(rng.uniform(*SOAK_GAP_S)):
-            signal.pthread_kill(main_thread, signal.SIGINT)
 
     def layer_rows():
         return torch.stack([layer.placement_row() for layer in wrapper.eplb_layers])
 
     counts = {"forwards": 0, "interrupts": 0, "errors": 0}
     seed = iter(range(10**9))
-    grad_enabled = torch.is_grad_enabled()
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    thread = threading.Thread(target=interrupter, daemon=True)
     deadline = time.monotonic() + duration_s
-    thread.start()
-    try:
+    with random_interrupts(SOAK_GAP_S, seed=1000 + rank) as armed:
         while time.monotonic() < deadline:
             x = mm.hidden_batch(next(seed) * 2 + rank, batch=1, length=6)
             with torch.no_grad():
                 expected = reference(x)
             try:
-                armed[0] = True
+                armed.on()
                 with torch.no_grad():
                     out = wrapper(x)
-                armed[0] = False
+                armed.off()
             except (KeyboardInterrupt, EPLBError) as exc:
-                armed[0] = False
+                armed.off()
                 counts["interrupts" if isinstance(exc, KeyboardInterrupt) else "errors"] += 1
                 assert torch.equal(wrapper.placement.phy2log, layer_rows()), counts
                 continue
             torch.testing.assert_close(out, expected, msg=lambda m: f"{counts}: {m}")
             counts["forwards"] += 1
-    finally:
-        armed[0] = False
-        stop.set()
-        thread.join()
-        signal.signal(signal.SIGINT, previous)
-        torch.set_grad_enabled(grad_enabled)
     soak_rebalances = wrapper.stats()["num_rebalances"]
     recoveries = wrapper._health.generation
     # No more interrupts here. The ranks agree on a last step through the job's store (each left

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import pickle
-import random
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ import moe_models as mm
 import numpy as np
 import pytest
 import torch
-from fault_injection import assert_old_or_new, interrupt_at_every_line, same_state
+from fault_injection import assert_old_or_new, interrupt_at_every_line, random_interrupts, same_state
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper, Placement
 from eplb.atomic import critical_section
@@ -493,49 +492,24 @@ def test_random_interrupts_while_stepping_async_never_leave_a_wrong_output():
         copy.deepcopy(reference),
         EPLBConfig(num_redundant_experts=4, step_interval=3, window_size=4, async_timeout_s=5.0),
     )
-    main_thread = threading.main_thread().ident
-    stop = threading.Event()
-    rng = random.Random(0)
-    armed = [False]
-
-    def on_sigint(signum, frame):
-        # One-shot: raises once per arming, so the driver's own lines are never interrupted.
-        if armed[0]:
-            armed[0] = False
-            raise KeyboardInterrupt
-
-    def interrupter():
-        while not stop.wait(rng.uniform(0.001, 0.005)):
-            signal.pthread_kill(main_thread, signal.SIGINT)
-
-    grad_enabled = torch.is_grad_enabled()  # an interrupt inside torch.no_grad's exit can flip it
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    thread = threading.Thread(target=interrupter, daemon=True)
     forwards = interrupts = 0
     deadline = time.monotonic() + duration_s
-    thread.start()
-    try:
+    with random_interrupts((0.001, 0.005), seed=0) as armed:
         while time.monotonic() < deadline:
             x = mm.hidden_batch(forwards % 7)
             with torch.no_grad():
                 expected = reference(x)
             try:
-                armed[0] = True
+                armed.on()
                 with torch.no_grad():
                     out = wrapper(x)
-                armed[0] = False
+                armed.off()
             except KeyboardInterrupt:
                 interrupts += 1
                 assert torch.equal(wrapper.placement.phy2log, _layer_rows(wrapper)), f"after interrupt {interrupts}"
                 continue
             torch.testing.assert_close(out, expected)
             forwards += 1
-    finally:
-        armed[0] = False
-        stop.set()
-        thread.join()
-        signal.signal(signal.SIGINT, previous)
-        torch.set_grad_enabled(grad_enabled)
     report = wrapper.synchronize()
     _outputs_match(wrapper, reference, seeds=(11,))
     wrapper.close()
