@@ -201,7 +201,7 @@ class EPLBExperts(nn.Module):
         self._combine_order = self.combine_order()  # read once: the forward is the hot path
         # Modules known to read hidden_states only by row indexing (transformers experts, eplb's
         # SwiGLUExperts) take the token dispatcher's strided rows as they are; others get a copy.
-        self._gathers_rows = self._was_expert_parallel is not None or isinstance(self.experts, SwiGLUExperts)
+        self._gathers_rows = self._was_expert_parallel is not None or type(self.experts) is SwiGLUExperts
         self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
         # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
         # with weight 0 when the module cannot skip unmarked.
