@@ -206,7 +206,7 @@ class EPLBExperts(nn.Module):
         # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
         # with weight 0 when the module cannot skip unmarked.
         pad_slot = -1 if dispatcher is not None else (S if self._skips_plain else 0)
-        self._replica_HC[:, 0] = pad_slot
+        self._replica_HC[:, num_logical] = pad_slot
 
     # ------------------------------------------------------------------ SlotLayer (the executors' contract)
     def slot_tensors(self) -> dict[str, torch.Tensor]:
@@ -319,8 +319,8 @@ class EPLBExperts(nn.Module):
     # ------------------------------------------------------------------ forward
     def _init_replica_choice(self, device) -> None:
         E = self.num_logical
-        # replica_HC[h, 1 + e]: global slot of expert e for hash bucket h; column 0: what padding
-        # ids (-1) map to. Read flat: slot = replica_HC.take(base_T1 + id) with base = h * (E + 1) + 1.
+        # replica_HC[h, e]: global slot of expert e for hash bucket h; column E: what padding ids
+        # map to (indexing wraps an id of -1 to it).
         self.register_buffer(
             "_replica_HC", torch.full((_BUCKETS, E + 1), -1, dtype=torch.int64, device=device), persistent=False
         )
@@ -330,14 +330,14 @@ class EPLBExperts(nn.Module):
         self.register_buffer(
             "_rr_offset_E", _mix32((torch.arange(E, device=device) + self._hash_salt) & _HASH_MASK), persistent=False
         )
-        self._base_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
+        self._bucket_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
         self._retired: list[torch.Tensor] = []  # outgrown caches (about as large as the current ones)
         self._positions_M = torch.arange(0, device=device)  # grows to the largest T * K
 
     def _refresh_replica_table(self) -> None:
         """Derive the hash table from ``replica_slots``/``logcnt`` (device ops, in place: graph-safe)."""
         replica_HE = self._bucket_H1 % self.logcnt.unsqueeze(0)
-        self._replica_HC[:, 1:] = self.replica_slots[self._expert_1E, replica_HE]
+        self._replica_HC[:, : self.num_logical] = self.replica_slots[self._expert_1E, replica_HE]
 
     def _grown(self, name: str, size: int, make) -> torch.Tensor:
         """The first ``size`` rows of the cached tensor ``name``, remade larger by ``make(n)`` when
@@ -352,11 +352,10 @@ class EPLBExperts(nn.Module):
             setattr(self, name, fresh)
         return fresh[:size]
 
-    def _make_bases(self, size: int) -> torch.Tensor:
-        """``[size, 1]`` int64: where token index ``t``'s row of the flat hash table starts, plus one
-        (its bucket is a hash of ``t``, salted per rank and layer)."""
+    def _make_buckets(self, size: int) -> torch.Tensor:
+        """``[size, 1]`` int64: the hash bucket of token index ``t`` (salted per rank and layer)."""
         key = (torch.arange(size, device=self.replica_slots.device) + self._hash_salt) & _HASH_MASK
-        return ((_mix32(key) % _BUCKETS) * (self.num_logical + 1) + 1).unsqueeze(1)
+        return (_mix32(key) % _BUCKETS).unsqueeze(1)
 
     def choose_slots(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """``[T, K]`` logical ids -> ``[T, K]`` global physical slots, one replica per pair.
@@ -371,8 +370,7 @@ class EPLBExperts(nn.Module):
         ids_TK = topk_ids_TK if topk_ids_TK.dtype == torch.int64 else topk_ids_TK.long()
         T, K = ids_TK.shape
         if self.replica_choice == "hash":
-            # Two light kernels (an add and a flat take), cheaper than one two-index gather.
-            return self._replica_HC.take(self._grown("_base_T1", T, self._make_bases) + ids_TK)
+            return self._replica_HC[self._grown("_bucket_T1", T, self._make_buckets), ids_TK]
         M = T * K
         positions_M = self._grown("_positions_M", M, lambda n: torch.arange(n, device=ids_TK.device))
         ids_M = ids_TK.reshape(M)
@@ -383,7 +381,7 @@ class EPLBExperts(nn.Module):
         # Step 2: replica = (rank + salted start) mod replica count.
         replica_TK = (rank_M.view(T, K) + self._rr_offset_E[ids_TK]) % self.logcnt[ids_TK]
         slots_TK = self.replica_slots[ids_TK, replica_TK]
-        return torch.where(ids_TK >= 0, slots_TK, self._replica_HC[0, 0])
+        return torch.where(ids_TK >= 0, slots_TK, self._replica_HC[0, self.num_logical])
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index=None, top_k_weights=None, **kwargs
