@@ -151,8 +151,7 @@ class LoadTracker:
         self._current_LC = torch.zeros(L, E + 2, **opts)
         self._window_WLE = torch.zeros(W, L, E, **opts)
         self._counters_2 = torch.zeros(2, **opts)  # [ring row the next step() writes, steps done]
-        # The put_ source is this flag expanded to [T * K]: 1 counts, 0 records nothing. It costs
-        # no kernel over a ones tensor and can be flipped without re-capturing a graph.
+        # The recording gate: 1 counts, 0 records nothing; flipped without re-capturing a graph.
         self._enabled = torch.ones((), **opts)
         self._enabled_host = True
         # Views of the buffers above, made once: each view costs a dispatcher call on the hot path.
@@ -161,7 +160,11 @@ class LoadTracker:
         self._out_of_range_L = self._current_LC[:, E]
         self._pos_1 = self._counters_2[:1]
         self._steps = self._counters_2[1]
-        self._sources: dict[int, torch.Tensor] = {}  # numel -> self._enabled expanded
+        # The put_ source: the gate's value in a contiguous buffer (an expanded view would cost
+        # put_ a copy kernel per record); outgrown buffers stay alive for graphs that read them.
+        self._flags_N = torch.ones(0, **opts)
+        self._retired_flags: list[torch.Tensor] = []
+        self._retired_rows: list[torch.Tensor] = []
         self._row_ids_N1 = torch.arange(0, device=self.device).unsqueeze(1)  # grows to the largest T
 
     # ------------------------------------------------------------------ hot path
@@ -268,7 +271,7 @@ class LoadTracker:
         value = bool(value)
         with critical_section():
             self._enabled_host = value
-            self._enabled.fill_(int(value))
+            self._fill_gate(int(value))
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -350,7 +353,7 @@ class LoadTracker:
             self._pos_1.fill_(staged["position"])
             self._steps.fill_(staged["steps"])
             self._enabled_host = staged["enabled"]
-            self._enabled.fill_(int(staged["enabled"]))
+            self._fill_gate(int(staged["enabled"]))
 
     def __repr__(self) -> str:
         return (
@@ -397,6 +400,7 @@ class LoadTracker:
                 rows_T1 = torch.arange(T, device=col_TK.device).unsqueeze(1)
                 # A tensor made during capture holds no values until replay: never keep it.
                 if not (col_TK.is_cuda and torch.cuda.is_current_stream_capturing()):
+                    self._retired_rows.append(self._row_ids_N1)  # a graph captured before may read it
                     self._row_ids_N1 = rows_T1
             # Out of place: col_TK may be the caller's own ids (trusted, int64).
             return col_TK.masked_fill(rows_T1 >= n, -1)
@@ -407,13 +411,24 @@ class LoadTracker:
         return col_TK
 
     def _source(self, numel: int) -> torch.Tensor:
-        src_N = self._sources.get(numel)
-        if src_N is None:
-            if len(self._sources) >= 4096:  # batch sizes keep changing: stay bounded
-                self._sources.clear()
-            # A view of the persistent flag (no kernel, no new memory): safe to cache even in capture.
-            src_N = self._sources[numel] = self._enabled.expand(numel)
-        return src_N
+        """``[numel]`` — the gate's value, contiguous (put_'s source)."""
+        flags = self._flags_N
+        if flags.numel() >= numel:
+            return flags[:numel]
+        if flags.is_cuda and torch.cuda.is_current_stream_capturing():
+            # A buffer filled in a capture holds values only once replayed: read the gate itself.
+            return self._enabled.expand(numel)
+        fresh = self._enabled.expand(max(numel, 2 * flags.numel(), 1024)).clone()
+        self._retired_flags.append(flags)
+        self._flags_N = fresh
+        return fresh[:numel]
+
+    def _fill_gate(self, value: int) -> None:
+        """Set the recording gate, and every put_ source a captured graph may read."""
+        self._enabled.fill_(value)
+        self._flags_N.fill_(value)
+        for old in self._retired_flags:
+            old.fill_(value)
 
     def _raise_on_out_of_range(self) -> None:
         bad = int(self._out_of_range_L.sum().item())

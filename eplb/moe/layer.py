@@ -201,7 +201,7 @@ class EPLBExperts(nn.Module):
         self._combine_order = self.combine_order()  # read once: the forward is the hot path
         # Modules known to read hidden_states only by row indexing (transformers experts, eplb's
         # SwiGLUExperts) take the token dispatcher's strided rows as they are; others get a copy.
-        self._gathers_rows = self._was_expert_parallel is not None or isinstance(self.experts, SwiGLUExperts)
+        self._gathers_rows = self._was_expert_parallel is not None or type(self.experts) is SwiGLUExperts
         self._row_ids_T1 = torch.arange(0, device=device).unsqueeze(1)  # grows to the largest T
         # Padding ids (-1) map to: nothing for a dispatcher (-1), a skipped slot (S), or slot 0
         # with weight 0 when the module cannot skip unmarked.
@@ -331,6 +331,7 @@ class EPLBExperts(nn.Module):
             "_rr_offset_E", _mix32((torch.arange(E, device=device) + self._hash_salt) & _HASH_MASK), persistent=False
         )
         self._bucket_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
+        self._retired: list[torch.Tensor] = []  # outgrown caches (about as large as the current ones)
         self._positions_M = torch.arange(0, device=device)  # grows to the largest T * K
 
     def _refresh_replica_table(self) -> None:
@@ -346,6 +347,8 @@ class EPLBExperts(nn.Module):
             return cached[:size]
         fresh = make(max(size, 2 * cached.shape[0], 64))
         if not (fresh.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # The old tensor stays alive: a graph captured earlier still reads its address.
+            self._retired.append(cached)
             setattr(self, name, fresh)
         return fresh[:size]
 

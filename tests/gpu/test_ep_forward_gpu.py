@@ -71,8 +71,10 @@ def batch(seed: int, tokens: int = T) -> torch.Tensor:
     return torch.randn(1, tokens, D, generator=gen).to("cuda", torch.bfloat16)
 
 
-def _check_wrapped(wrapper, reference, *, rebalance_between_replays):
-    """Eager equality, a sync-free step, a graph that survives rebalances, padding in the graph."""
+def _check_wrapped(wrapper, reference, *, rebalance_between_replays, grow_after_capture=False):
+    """Eager equality, a sync-free step, a graph that survives rebalances, padding in the graph;
+    with ``grow_after_capture``, an eager batch larger than any before (the layers' and tracker's
+    caches grow) between replays, with the freed memory reused: the graph still reads valid data."""
     with torch.no_grad():
         for seed in range(2):
             torch.testing.assert_close(wrapper(batch(seed)), reference(batch(seed)), **TOL)
@@ -101,6 +103,11 @@ def _check_wrapped(wrapper, reference, *, rebalance_between_replays):
             torch.testing.assert_close(static_out["y"], reference(static_x), **TOL, msg=f"replay {step}")
             if step in (1, 3):
                 rebalance_between_replays()
+            if step == 2 and grow_after_capture:
+                wrapper(batch(300, tokens=8 * T))
+                wrapper.tracker.reset()
+                torch.cuda.empty_cache()
+                torch.full((1 << 24,), -7, dtype=torch.int64, device="cuda")  # reuse what was freed
         # Padding: 3 real rows of T, no re-capture; real rows unchanged, the MoE gives the rest zero.
         wrapper.tracker.reset()
         n_valid.fill_(3)
@@ -132,7 +139,7 @@ def test_one_rank_forward_is_sync_free_and_graph_safe_across_async_commits():
         wrapper.rebalance()  # async: plans on the worker, commits at the next steps
         placements.append(wrapper.placement)
 
-    _check_wrapped(wrapper, reference, rebalance_between_replays=rebalance_async)
+    _check_wrapped(wrapper, reference, rebalance_between_replays=rebalance_async, grow_after_capture=True)
     wrapper.synchronize()
     assert wrapper.stats()["num_rebalances"] >= 1
     wrapper.close()

@@ -54,6 +54,29 @@ def test_every_path_equals_the_replaced_module(path, replica_choice):
         torch.testing.assert_close(layer(x_TD, ids_TK, w_TK), experts(x_TD, ids_TK, w_TK))
 
 
+class _FlatExperts(SwiGLUExperts):
+    """An experts module eplb does not know: it refuses rows that are not one contiguous block
+    (as a kernel reading ``hidden_states.data_ptr()`` would need)."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        assert hidden_states.is_contiguous(), "rows with a stride"
+        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+def test_fixed_capacity_rows_are_contiguous_for_an_unknown_experts_module():
+    experts = _experts()
+    flat = _FlatExperts(E, D, 24).eval()
+    flat.load_state_dict(experts.state_dict())
+    known = _layer(experts, dispatcher=FixedCapacityDispatcher(None, 20))
+    unknown = _layer(flat, dispatcher=FixedCapacityDispatcher(None, 20))
+    x_TD, ids_TK, w_TK = _routing(13, seed=5)
+    want = experts(x_TD, ids_TK, w_TK)
+    torch.testing.assert_close(unknown(x_TD, ids_TK, w_TK), want)
+    torch.testing.assert_close(known(x_TD, ids_TK, w_TK), want)
+    # eplb's own module takes the dispatcher's strided rows as they are (no copy).
+    assert known._gathers_rows and not unknown._gathers_rows
+
+
 @pytest.mark.parametrize("path", ["direct", "fixed_capacity", "pairs"])
 def test_padding_ids_are_not_recorded_and_contribute_zero(path):
     experts = _experts()
