@@ -400,7 +400,9 @@ def test_a_transfer_that_timed_out_makes_every_rank_rebuild_and_later_rebalances
     assert all(r.ok for r in results), [r.error for r in results]
     a, b = (r.value for r in results)
     assert "aborted" in a["first"] and "aborted" in b["first"], (a, b)
-    assert a["broken"] and b["broken"], (a, b)
+    # Whether the groups are already marked broken at the abort, or only at the next rebalance's
+    # begin, depends on which of two equal timeouts fires first (rank 0's transfer or the step
+    # agreement); either way every rank rebuilds exactly once.
     assert a["generation"] == b["generation"] == 1, (a, b)
     assert a["reports"] == b["reports"] and not a["reports"][-1][0], (a, b)
 
