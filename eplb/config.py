@@ -72,7 +72,22 @@ def check_policy_option_field(value, info: ValidationInfo):
         raise ValueError(str(exc)) from None
 
 
-class EPLBConfig(BaseModel):
+class CheckedFields(BaseModel):
+    """Field checks shared by `EPLBConfig` and `eplb.simulate.SimConfig`: no bool where a number
+    is expected, and clear messages for the policy options (``migration_budget``, ``refine``)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info: ValidationInfo):
+        return reject_bool_numbers(cls, value, info)
+
+    @field_validator("migration_budget", "refine", mode="before", check_fields=False)
+    @classmethod
+    def _policy_option(cls, value, info: ValidationInfo):
+        return check_policy_option_field(value, info)
+
+
+class EPLBConfig(CheckedFields):
     """Configuration of an `EPLBWrapper` (frozen; unknown fields are rejected).
 
     ``EPLBConfig.model_validate_json('{"use_async": false}')`` parses JSON.
@@ -197,16 +212,6 @@ class EPLBConfig(BaseModel):
                 "or use EPLBConfig(step_interval=...)"
             )
         return cls(**{**fields, "step_interval": None})
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, value, info: ValidationInfo):
-        return reject_bool_numbers(cls, value, info)
-
-    @field_validator("migration_budget", "refine", mode="before")
-    @classmethod
-    def _policy_option(cls, value, info: ValidationInfo):
-        return check_policy_option_field(value, info)
 
     @field_validator("policy")
     @classmethod

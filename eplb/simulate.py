@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from eplb.config import check_policy_option_field, reject_bool_numbers
+from eplb.config import CheckedFields
 from eplb.errors import EPLBError
 from eplb.metrics import balancedness, rank_share
 from eplb.placement import Placement
@@ -46,7 +46,7 @@ _CHUNK_STEPS = 1024  # steps multiplied at once: bounds memory to ~chunk * L * (
 _PROGRESS_MIN_STEPS = 2000  # a progress bar below this many (steps x configs) is only noise
 
 
-class SimConfig(BaseModel):
+class SimConfig(CheckedFields):
     """One configuration to replay a trace through (frozen; unknown fields are rejected).
 
     The knobs an `EPLBConfig` also has carry its field names; ``num_ranks``, ``num_nodes`` and
@@ -103,16 +103,6 @@ class SimConfig(BaseModel):
     name: str | None = None
     """Label in tables, plots and JSON; default built from the fields that differ between the
     configs of one `simulate` call."""
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, value, info: ValidationInfo):
-        return reject_bool_numbers(cls, value, info)
-
-    @field_validator("migration_budget", "refine", mode="before")
-    @classmethod
-    def _policy_option(cls, value, info: ValidationInfo):
-        return check_policy_option_field(value, info)
 
     @model_validator(mode="after")
     def _policy_accepts_options(self) -> SimConfig:
