@@ -11,6 +11,8 @@ and benchmarks use them as models that need no download.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -134,7 +136,7 @@ class ResidualStack(nn.Module):
     ``forward(x [..., D]) -> [..., D]``.
     """
 
-    def __init__(self, blocks):
+    def __init__(self, blocks: Iterable[nn.Module]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
