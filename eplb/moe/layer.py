@@ -26,6 +26,8 @@ and they contribute zero. They cost no expert compute where the experts module s
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -488,7 +490,7 @@ class EPLBExperts(nn.Module):
                 results.append(False)
                 continue
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _uninitialized_memory_as_nan():
                     self._mark_expert_parallel(marked)
                     both = self.experts(x_TD, ids_TK, w_TK)
                     alone = self.experts(x_TD[:1], ids_TK[:1, :1], w_TK[:1, :1])
@@ -627,6 +629,28 @@ class EPLBExperts(nn.Module):
             f"layer_index={self.layer_index}, num_logical={self.num_logical}, "
             f"num_physical={self.num_physical}, num_ranks={self.num_ranks}, rank={self.rank}"
         )
+
+
+@contextlib.contextmanager
+def _uninitialized_memory_as_nan():
+    """While active, memory PyTorch allocates without writing it (``torch.empty``, also inside
+    ops) holds NaN: PyTorch's deterministic mode with ``fill_uninitialized_memory``, warnings only.
+
+    The skipping probe needs it: a module that leaves the rows of skipped ids unwritten would
+    otherwise pass whenever that memory happens to be zero (fresh pages often are), and then
+    return garbage for them later."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = True
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
 
 def not_copyable_message(num_ranks: int) -> str:

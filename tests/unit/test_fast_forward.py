@@ -224,3 +224,33 @@ def test_replica_choice_follows_a_commit_in_place():
         x_TD, ids_TK, w_TK = _routing(50, seed=1)
         assert torch.equal(new_row[layer.choose_slots(ids_TK)], ids_TK)
         torch.testing.assert_close(layer(x_TD, ids_TK, w_TK), experts(x_TD, ids_TK, w_TK))
+
+
+class _UnwrittenSkips(torch.nn.Module):
+    """Experts that skip slot ids >= E by leaving their rows unwritten (``torch.empty``), with no
+    masking: the outputs of those pairs are whatever the memory held. Probed like transformers
+    experts (it has ``config.hidden_size``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"hidden_size": D})()
+        self.weight = torch.nn.Parameter(torch.randn(E, D, D) / D)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        T, K = top_k_index.shape
+        out_TKD = torch.empty(T, K, D)
+        for t in range(T):
+            for k in range(K):
+                e = int(top_k_index[t, k])
+                if e < self.weight.shape[0]:
+                    out_TKD[t, k] = hidden_states[t] @ self.weight[e]
+        return (out_TKD * top_k_weights.unsqueeze(-1)).sum(1)
+
+
+def test_the_skipping_probe_is_not_fooled_by_memory_that_happens_to_be_zero():
+    # Fresh memory is often zero, so unwritten rows could pass for skipped ones; the probe reads
+    # them as NaN (PyTorch's deterministic fill), so such a module never counts as skipping.
+    for _ in range(5):
+        layer = EPLBExperts(_UnwrittenSkips(), ("weight",), layer_index=0, phy2log=ROW)
+        assert (layer._skips_plain, layer._skips_marked) == (False, False)
+    assert not torch.are_deterministic_algorithms_enabled()  # the probe restores the setting
