@@ -15,6 +15,7 @@ Everything that can be wrong with the inputs is checked before the model is modi
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import os
@@ -345,10 +346,9 @@ class EPLBWrapper:
         ranks = self._num_ranks if num_ranks is None else _preview_ranks(num_ranks, self._num_physical,
                                                                           self._num_logical)
         if reduce:
-            self._begin_collectives()
-            load_LE = self._collective("the load all-reduce of stats(reduce=True)", self.tracker.window_load,
-                                       self._collective_group)
-            self._in_collectives = False
+            with self._collective_sequence():
+                load_LE = self._collective("the load all-reduce of stats(reduce=True)", self.tracker.window_load,
+                                           self._collective_group)
         else:
             load_LE = self.tracker.window_load(group=None)
         b = balancedness(load_LE, self._placement, ranks)
@@ -541,21 +541,17 @@ class EPLBWrapper:
             report at once.
         """
         self._check_open()
-        self._begin_collectives()
-        if self.async_in_flight:
-            self._synchronize()
-        report = self._start_rebalance()
-        self._in_collectives = False
-        return report
+        with self._collective_sequence():
+            if self.async_in_flight:
+                self._synchronize()
+            return self._start_rebalance()
 
     def synchronize(self) -> RebalanceReport | None:
         """Drive an in-flight async rebalance to completion, blocking (collective: every rank must
         call it). Returns its report, or None when nothing was in flight (always, in sync mode)."""
         self._check_open()
-        self._begin_collectives()
-        report = self._synchronize()
-        self._in_collectives = False
-        return report
+        with self._collective_sequence():
+            return self._synchronize()
 
     def _synchronize(self) -> RebalanceReport | None:
         if not self.async_in_flight:
@@ -737,6 +733,14 @@ class EPLBWrapper:
         self._recover_groups()
         self._in_collectives = True
 
+    @contextlib.contextmanager
+    def _collective_sequence(self):
+        """A sequence of eplb's collectives (see `_begin_collectives`) that is one call: it ends
+        cleanly only when its body returns; an exception leaves it open, so the next one rebuilds."""
+        self._begin_collectives()
+        yield
+        self._in_collectives = False
+
     def _recover_groups(self) -> None:
         """After a peer stopped answering (a failed collective marked the groups broken): once
         every rank is back, agree on what each holds and rebuild eplb's gloo groups.
@@ -860,15 +864,14 @@ class EPLBWrapper:
         the slots over the EP group (every rank must call it). The wrapper is closed afterwards."""
         if self._unwrapped:
             raise EPLBError("this EPLBWrapper was already unwrapped")
-        self._begin_collectives()
-        if not self._closed:
-            self._synchronize()
-        # On eplb's timeout-bounded group where there is one (gloo); a failure names the operation.
-        restored = [
-            self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
-            for layer in self._layers
-        ]
-        self._in_collectives = False
+        with self._collective_sequence():
+            if not self._closed:
+                self._synchronize()
+            # On eplb's timeout-bounded group where there is one (gloo); a failure names the operation.
+            restored = [
+                self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
+                for layer in self._layers
+            ]
         self.close()
         self._state_hook.remove()
         if self._unloaded_hook is not None:
