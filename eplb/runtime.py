@@ -36,9 +36,10 @@ class Topology:
         rank: this process's rank in the group (``0 .. G-1``).
         num_ranks: ``G``.
         num_nodes: ``N``, hosts the ranks span (``G % N == 0``; hierarchical policies use it).
-        control_group: a gloo group over the same ranks for the async executor's step-boundary
-            agreement (never an NCCL forward group); None until `build_runtime` creates it. Its
-            timeout is ``async_timeout_s``.
+        control_group: a gloo group over the same ranks for the executors' commit agreements
+            (async: at every step boundary; sync: before each layer's commit; never an NCCL
+            forward group); None until `build_runtime` creates it. Its timeout is
+            ``async_timeout_s``.
         forward_group: the group as given, kept with one rank too: the fixed-capacity dispatcher
             runs the expert-parallel forward over it (a group of one checks that code path). With
             a gloo EP group of several ranks the forward runs on the control group instead (see
@@ -123,7 +124,7 @@ def build_runtime(
     group = topology.group
     tracker = LoadTracker(num_layers, num_logical, config.window_size, device)
     gloo = group is not None and "gloo" in str(dist.get_backend(group)).lower()
-    if group is not None and topology.control_group is None and (config.use_async or gloo):
+    if group is not None and topology.control_group is None:
         topology = dataclasses.replace(
             topology, control_group=dedicated_group(group, "gloo", config.async_timeout_s)
         )
@@ -148,7 +149,7 @@ def build_executor(
     topology: Topology, config: EPLBConfig, device: torch.device, health: GroupHealth | None = None
 ) -> tuple[Communicator, Executor]:
     """The communicator and executor ``config`` asks for on ``topology`` (whose control group
-    `build_runtime` created when async with several ranks). Collective: it creates groups."""
+    `build_runtime` created with several ranks). Collective: it creates groups."""
     group = topology.group
     communicator = select_communicator(
         config.communicator, use_async=config.use_async, device=device, group=group,
@@ -157,7 +158,7 @@ def build_executor(
     if not config.use_async:
         executor: Executor = SyncExecutor(
             rank=topology.rank, num_ranks=topology.num_ranks, communicator=communicator,
-            max_transfer_bytes=config.max_transfer_bytes,
+            max_transfer_bytes=config.max_transfer_bytes, control_group=topology.control_group, health=health,
         )
     else:
         executor = AsyncExecutor(

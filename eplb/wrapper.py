@@ -557,12 +557,11 @@ class EPLBWrapper:
         if not self.async_in_flight:
             return None
         try:
-            outcome = self._executor.drain()
+            self._executor.drain(self._apply)  # applied inside each commit's critical section
         except BaseException:
             # Layers committed by this call before the failure hold the new rows: record what is there.
             self._placement = self._committed_placement()
             raise
-        self._apply(outcome)
         return self._last_report
 
     @property
@@ -572,7 +571,10 @@ class EPLBWrapper:
 
     def _apply(self, outcome: StepOutcome) -> None:
         """Take over what the executor committed, finished or aborted: the placement the layers
-        hold (read back from them by the executor), the report and the decision."""
+        hold (read back from them by the executor), the report, the decision and the counters.
+        The executors call it (their ``settle``) inside the critical section of the agreement and
+        commits that decided ``outcome``: every rank counts the same rebalances, whatever Ctrl-C
+        interrupts. Assignments only: it cannot fail."""
         if outcome.placement is not None:
             self._placement = outcome.placement
         if outcome.decision is not None and outcome.decision.gain is not None:
@@ -607,9 +609,8 @@ class EPLBWrapper:
                 self._last_report = self._executor.last_report
             return None
         try:
-            outcome = self._executor.drain()  # sync: begin + drain
-            with critical_section():
-                self._apply(outcome)
+            # Sync: begin + drain; the last commit and _apply share one critical section.
+            outcome = self._executor.drain(self._apply)
         except BaseException as exc:
             # Committed layers hold the new rows, the others the old: record what is really there.
             self._placement = self._committed_placement()
@@ -829,7 +830,7 @@ class EPLBWrapper:
             )
         if self.async_in_flight:
             try:
-                self._apply(self._executor.on_step())
+                self._executor.on_step(self._apply)  # applied inside the agreement's critical section
             except BaseException:
                 # An interrupt between a commit and _apply must not leave a stale placement here.
                 self._placement = self._committed_placement()

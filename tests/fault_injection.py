@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["interrupt_at_every_line", "assert_old_or_new", "same_state", "random_interrupts"]
+__all__ = ["interrupt_at_every_line", "interrupt_at_line", "count_lines", "assert_old_or_new", "same_state",
+           "random_interrupts"]
 
 
 class _InterruptAt:
@@ -112,6 +113,42 @@ def interrupt_at_every_line(
         check(obj, tracer.fired_at)
         runs += 1
     raise AssertionError(f"more than {limit} line events; raise limit or choose narrower functions")
+
+
+class interrupt_at_line:  # noqa: N801 - used as a statement: ``with interrupt_at_line(...) as where:``
+    """Context manager: a Ctrl-C (``SIGINT``) at the ``target``-th line event of ``functions``
+    executed inside the block (``deep``: also in every Python function they call). ``fired_at``
+    names the line once it fired (None: the block executed fewer lines). For a test that drives
+    the runs itself, e.g. one rank of several interrupted at one line per run."""
+
+    def __init__(self, functions: Iterable[Callable], target: int, *, deep: bool = False):
+        self._tracer = _InterruptAt({getattr(f, "__func__", f).__code__ for f in functions}, target, deep)
+
+    @property
+    def fired_at(self) -> str | None:
+        return self._tracer.fired_at
+
+    @property
+    def lines(self) -> int:
+        """Line events of ``functions`` counted so far."""
+        return self._tracer.count
+
+    def __enter__(self) -> interrupt_at_line:
+        self._previous = sys.gettrace()
+        self._grad_enabled = torch.is_grad_enabled()
+        sys.settrace(self._tracer)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        sys.settrace(self._previous)
+        torch.set_grad_enabled(self._grad_enabled)
+
+
+def count_lines(functions: Iterable[Callable], action: Callable[[], Any], *, deep: bool = False) -> int:
+    """The line events of ``functions`` that ``action()`` executes (no interrupt)."""
+    with interrupt_at_line(functions, -1, deep=deep) as counter:
+        action()
+    return counter.lines
 
 
 def same_state(a: Any, b: Any) -> bool:

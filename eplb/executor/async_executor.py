@@ -21,7 +21,7 @@ from eplb.atomic import critical_section
 from eplb.comm.base import CommunicationError, Communicator
 from eplb.errors import EPLBError, peer_failure
 from eplb.executor.agreement import Agreement, Flags, PeerLost
-from eplb.executor.report import RebalanceReport, StepOutcome, Tally
+from eplb.executor.report import RebalanceReport, Settle, StepOutcome, Tally, ignore_outcome
 from eplb.executor.staging import (
     StagedLayer,
     StagingPool,
@@ -222,19 +222,25 @@ class AsyncExecutor:
             self._live.update(job=job, thread=thread)
             thread.start()
 
-    def on_step(self) -> StepOutcome:
-        """Commit what every rank has ready; finish or abort the rebalance when due. Call once per step."""
+    def on_step(self, settle: Settle | None = None) -> StepOutcome:
+        """Commit what every rank has ready; finish or abort the rebalance when due. Call once per step.
+
+        ``settle(outcome)`` (optional) runs inside the critical section that decided the outcome
+        (see `eplb.executor.Executor`): an interrupt never separates a commit or a finish from the
+        owner's bookkeeping of it."""
         if self._job is not None:
             self.steps_in_flight += 1
-        return self._advance()
+        return self._advance(settle or ignore_outcome)
 
-    def drain(self) -> StepOutcome:
-        """Drive the in-flight rebalance to its end (blocking); collective like `on_step`."""
+    def drain(self, settle: Settle | None = None) -> StepOutcome:
+        """Drive the in-flight rebalance to its end (blocking); collective like `on_step`, and
+        ``settle`` is called as there, once per step boundary that did something."""
+        settle = settle or ignore_outcome
         outcome = StepOutcome()
         committed: list[int] = []
         placement = None
         while self._job is not None:
-            outcome = self._advance()  # not a forward step: steps_in_flight stays
+            outcome = self._advance(settle)  # not a forward step: steps_in_flight stays
             committed.extend(outcome.committed)
             placement = outcome.placement or placement
             if self._job is not None and not outcome.committed:
@@ -275,7 +281,7 @@ class AsyncExecutor:
         return peer_failure(f"rank {self.rank}: {operation}", step=None, rank=None, cause=exc.__cause__ or exc,
                             who=exc.who)
 
-    def _advance(self) -> StepOutcome:
+    def _advance(self, settle: Settle) -> StepOutcome:
         job = self._job
         if job is None:
             return StepOutcome()
@@ -290,17 +296,21 @@ class AsyncExecutor:
         stalled = owed and time.monotonic() - self._last_progress > self.timeout_s
         mine = Flags(failed_rank=self.rank + 1 if failed else 0, timed_out=int(stalled), ready=ready,
                      planned=int(planned), transfer_failed=int(transfer_failed))
-        # The agreement and what it decides (commits, finish, abort) form one section under Ctrl-C:
-        # a rank interrupted after agreeing but before committing would hold other layers than its
-        # peers (a mixed placement that may lack a logical expert on every rank). The hold costs
-        # nothing: a Ctrl-C cannot cut the all-reduce itself (Python runs its handler only once
-        # the gloo call returns), and the commits after it are in-place copies.
+        # The agreement, what it decides (commits, finish, abort) and the owner's bookkeeping of it
+        # (settle: placement, report, counters) form one section under Ctrl-C: a rank interrupted
+        # after agreeing but before committing would hold other layers than its peers (a mixed
+        # placement that may lack a logical expert on every rank), and one interrupted before its
+        # bookkeeping would count other rebalances than its peers. The hold costs nothing: a Ctrl-C
+        # cannot cut the all-reduce itself (Python runs its handler only once the gloo call
+        # returns), and the commits after it are in-place copies.
         with critical_section():
             try:
                 flags = self._agree(mine)
             except PeerLost as exc:
                 return self._abort(job, peer_lost=exc)
-            return self._decided(job, flags)
+            outcome = self._decided(job, flags)
+            settle(outcome)
+            return outcome
 
     def _decided(self, job: _Job, flags: Flags) -> StepOutcome:
         """Carry out the group's ``flags`` for ``job`` on this rank (inside `_advance`'s section)."""
@@ -375,8 +385,8 @@ class AsyncExecutor:
         if peer_lost is not None:
             who = peer_lost.who or "the other ranks did not answer"
             raise EPLBError(
-                f"async rebalance aborted on rank {self.rank}: {who}, within async_timeout_s ({self.timeout_s} s) "
-                f"({peer_lost}). Committed layers keep the new placement, the others the old one; eplb rebuilds "
+                f"rank {self.rank}: the step agreement of an async rebalance failed: {who}, within async_timeout_s "
+                f"({self.timeout_s} s) ({peer_lost}); the rebalance is aborted. Committed layers keep the new placement, the others the old one; eplb rebuilds "
                 "its groups at the next forward or rebalance once every rank is back"
             ) from peer_lost.__cause__
         if timed_out:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from eplb.executor.report import RebalanceReport, StepOutcome
+from eplb.executor.report import RebalanceReport, Settle, StepOutcome
 from eplb.moe.slot_layer import SlotLayer
 from eplb.placement import Placement
 from eplb.planner import Decision
@@ -25,6 +25,12 @@ class Executor(Protocol):
     - `on_step` runs at every step boundary: commits what is ready everywhere, finishes or aborts.
     - `drain` drives the rebalance in flight to its end, blocking. The sync executor does all
       its work here: a sync rebalance is ``begin`` + ``drain``.
+    - Both take ``settle`` (an `eplb.executor.report.Settle`): the owner's bookkeeping of an
+      outcome (placement, report, counters), called inside the critical section in which the
+      ranks agreed on the outcome and committed it, so that a Ctrl-C never lands between a
+      commit (or the end of a rebalance) and its bookkeeping: every rank counts the same
+      rebalances. Commits are collective (a layer is committed on every rank or on none): the
+      async executor agrees at every step boundary, the sync executor before each layer's commit.
     - `close` aborts what is in flight (locally) and releases the worker.
     - `abandon` and `replace_groups`: after a peer stopped answering, forget the work in flight
       and take the rebuilt groups (`eplb.comm.recovery`).
@@ -43,10 +49,10 @@ class Executor(Protocol):
     def begin(self, layers: list[SlotLayer], old: Placement, decide: Callable[[], Decision]) -> None:
         ...
 
-    def on_step(self) -> StepOutcome:
+    def on_step(self, settle: Settle | None = None) -> StepOutcome:
         ...
 
-    def drain(self) -> StepOutcome:
+    def drain(self, settle: Settle | None = None) -> StepOutcome:
         ...
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,7 +11,7 @@ from eplb.placement import Placement
 from eplb.planner import Decision
 from eplb.transfer import LayerTransferPlan, bytes_per_expert
 
-__all__ = ["RebalanceReport", "StepOutcome", "Tally"]
+__all__ = ["RebalanceReport", "StepOutcome", "Tally", "Settle", "ignore_outcome"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,3 +83,13 @@ class StepOutcome:
     placement: Placement | None = None
     report: RebalanceReport | None = None
     decision: Decision | None = None
+
+
+Settle = Callable[[StepOutcome], None]
+"""``settle(outcome)``: the owner's bookkeeping of a `StepOutcome` (placement, report, counters),
+called by an executor inside the critical section that decided the outcome (see
+`eplb.executor.Executor`). It must not fail: assignments only."""
+
+
+def ignore_outcome(outcome: StepOutcome) -> None:
+    """The `Settle` of an owner that keeps no bookkeeping (it reads the returned outcome)."""
