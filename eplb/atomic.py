@@ -10,8 +10,9 @@ Every change of eplb's state that a user's interrupt (Ctrl-C: ``SIGINT``, raised
    tensors and attribute assignments, nothing that can fail on valid input and nothing that
    waits on another rank (two exceptions, where a rank interrupted half-way would part from its
    peers: an executor's commit agreement with the commits it decides and the owner's bookkeeping
-   of them, and the creation of rebuilt groups; see docs/design.md). A ``SIGINT`` that arrives meanwhile is held and delivered again when
-   the section ends, so the interrupt lands after the change, never inside it.
+   of them, and the creation of rebuilt groups; see docs/design.md). A ``SIGINT`` that arrives
+   meanwhile is held and delivered again when the section ends, so the interrupt lands after the
+   change, never inside it.
 
 The callers are the tracker's step and state loading, a layer's commit (slot weights and maps
 together) and the wrapper's state loading. A section costs one ``getsignal`` and two ``signal``

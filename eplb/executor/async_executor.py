@@ -386,8 +386,9 @@ class AsyncExecutor:
             who = peer_lost.who or "the other ranks did not answer"
             raise EPLBError(
                 f"rank {self.rank}: the step agreement of an async rebalance failed: {who}, within async_timeout_s "
-                f"({self.timeout_s} s) ({peer_lost}); the rebalance is aborted. Committed layers keep the new placement, the others the old one; eplb rebuilds "
-                "its groups at the next forward or rebalance once every rank is back"
+                f"({self.timeout_s} s) ({peer_lost}); async rebalance aborted. Committed layers keep the new "
+                "placement, the others the old one; eplb rebuilds its groups at the next forward or rebalance "
+                "once every rank is back"
             ) from peer_lost.__cause__
         if timed_out:
             reason = (
