@@ -154,16 +154,10 @@ class LoadTracker:
         # The recording gate: 1 counts, 0 records nothing; flipped without re-capturing a graph.
         self._enabled = torch.ones((), **opts)
         self._enabled_host = True
-        # Views of the buffers above, made once: each view costs a dispatcher call on the hot path.
-        self._rows_C = list(self._current_LC.unbind(0))
-        self._current_1LE = self._current_LC[:, :E].unsqueeze(0)
-        self._out_of_range_L = self._current_LC[:, E]
-        self._pos_1 = self._counters_2[:1]
-        self._steps = self._counters_2[1]
         # The put_ source: the gate's value in a contiguous buffer (an expanded view would cost
         # put_ a copy kernel per record); outgrown buffers stay alive for graphs that read them.
         self._flags_N = torch.ones(0, **opts)
-        self._sources: dict[int, torch.Tensor] = {}  # numel -> view of _flags_N
+        self._make_views()
         self._retired_flags: list[torch.Tensor] = []
         self._retired_rows: list[torch.Tensor] = []
         self._row_ids_N1 = torch.arange(0, device=self.device).unsqueeze(1)  # grows to the largest T
@@ -276,13 +270,26 @@ class LoadTracker:
             torch.cuda.current_stream().wait_stream(stream)
         return graph
 
+    def _make_views(self) -> None:
+        """Views of the buffers, made once: each view costs a dispatcher call on the hot path."""
+        E = self.num_logical
+        self._rows_C = list(self._current_LC.unbind(0))
+        self._current_1LE = self._current_LC[:, :E].unsqueeze(0)
+        self._out_of_range_L = self._current_LC[:, E]
+        self._pos_1 = self._counters_2[:1]
+        self._steps = self._counters_2[1]
+        self._sources: dict[int, torch.Tensor] = {}  # numel -> view of _flags_N
+
+    _VIEWS = ("_rows_C", "_current_1LE", "_out_of_range_L", "_pos_1", "_steps", "_sources", "_step_graph")
+
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_step_graph"] = None  # a CUDA graph neither copies nor pickles: captured again
-        return state
+        # Views and the step graph are made again: pickle would turn each view into a detached
+        # copy (records would land where nothing reads them), and a CUDA graph does not copy.
+        return {k: v for k, v in self.__dict__.items() if k not in self._VIEWS}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._make_views()
         self._step_graph = self._capture_step()
 
     # ------------------------------------------------------------------ reading

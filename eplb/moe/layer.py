@@ -316,7 +316,14 @@ class EPLBExperts(nn.Module):
         dispatcher holds the process group, so the copy could compute nothing alone."""
         if self.num_ranks > 1:
             raise EPLBError(not_copyable_message(self.num_ranks))
-        return super().__getstate__()
+        state = super().__getstate__()
+        state = dict(state)
+        del state["_slots_C"]  # a view: pickle would detach it from the table commits update
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._slots_C = self._replica_HC[0]
 
     # ------------------------------------------------------------------ forward
     def _init_replica_choice(self, device) -> None:
@@ -431,6 +438,9 @@ class EPLBExperts(nn.Module):
             slots_TK = torch.take(self._slots_C, ids_TK)  # choose_slots' one-copy case, inlined
         else:
             slots_TK = self.choose_slots(ids_TK)
+        return self._forward_slots(x_TD, slots_TK, weights_TK, ids_TK, padded)
+
+    def _forward_slots(self, x_TD, slots_TK, weights_TK, ids_TK, padded: bool) -> torch.Tensor:
         dispatcher = self.dispatcher
         if dispatcher is not None and dispatcher.token_level:
             return self._forward_tokens(x_TD, slots_TK, weights_TK)
