@@ -18,6 +18,7 @@ would be baked into the graph at capture time.
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -28,6 +29,8 @@ from eplb.comm.collectives import all_reduce_sum
 from eplb.errors import EPLBError
 
 __all__ = ["LoadTracker", "check_window_size", "check_num_valid_tokens"]
+
+logger = logging.getLogger("eplb")
 
 _FORMAT = "eplb.load_tracker"
 _VERSION = 1
@@ -249,6 +252,13 @@ class LoadTracker:
         """
         if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return None
+        try:
+            return self._capture_step_kernels()
+        except RuntimeError as exc:  # a platform without graph capture: the kernels one by one
+            logger.debug("the tracker's step runs without a CUDA graph: %s", exc)
+            return None
+
+    def _capture_step_kernels(self) -> torch.cuda.CUDAGraph:
         with torch.cuda.device(self.device):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
