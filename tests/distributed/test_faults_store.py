@@ -20,18 +20,14 @@ from datetime import timedelta
 
 import moe_models as mm
 import pytest
-import torch
 import torch.distributed as dist
 from harness import spawn_ranks
+from test_faults_ep import MARGIN_S, TIMEOUT_S, _forward, _time_the_failure, _until_it_runs
 
-from eplb import EPLBConfig, EPLBError, EPLBWrapper
+from eplb import EPLBConfig, EPLBWrapper
 from eplb.comm.recovery import ROLL_CALL_S, BoundedStore, StoreSilent
 
 pytestmark = pytest.mark.distributed
-
-TIMEOUT_S = 2.0  # async_timeout_s of these tests: small, so the suite stays fast
-MARGIN_S = 3.0  # what a loaded CI machine may add to it
-
 
 # ------------------------------------------------------------------------------ one store, one process
 def _frozen_store_server():
@@ -109,35 +105,6 @@ def test_a_store_without_clone_is_used_as_it_is():
 
 
 # ------------------------------------------------------------------------------ ranks over gloo
-def _forward(wrapper, reference, seed, rank):
-    x = mm.hidden_batch(seed * 10 + rank, batch=1, length=6)
-    with torch.no_grad():
-        torch.testing.assert_close(wrapper(x), reference(x))
-
-
-def _time_the_failure(fn) -> dict:
-    start = time.monotonic()
-    try:
-        fn()
-    except EPLBError as exc:
-        return {
-            "seconds": time.monotonic() - start, "message": str(exc),
-            "cause": type(exc.__cause__).__name__ if exc.__cause__ is not None else None,
-        }
-    return {"seconds": time.monotonic() - start, "message": None, "cause": None}
-
-
-def _until_it_runs(fn, attempts: int = 12) -> list[str]:
-    errors = []
-    for _ in range(attempts):
-        try:
-            fn()
-            return errors
-        except EPLBError as exc:
-            errors.append(str(exc))
-    raise AssertionError(f"still failing after {attempts} calls: {errors}")
-
-
 def _store_host_frozen(rank, world_size, when):
     """Global rank 0 freezes itself at step 3 (before the forward, before a sync rebalance, or
     with an async rebalance in flight); rank 1 resumes it after two failed calls. Then every rank

@@ -49,10 +49,11 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 def _rank_env(rank: int, shared_gpu: bool) -> dict[str, str]:
-    env = {**NO_MULTICAST, "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": str(DUMP_WAIT_MS)}
+    env = {**NO_MULTICAST, "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": str(DUMP_WAIT_MS), "NCCL_DEBUG": "WARN"}
     if shared_gpu:
         env.update({
             "NCCL_HOSTID": f"eplb-nccl-fault-rank-{rank}",  # two "hosts": no duplicate-GPU refusal
+            "NCCL_NET": "Socket",  # NCCL's own socket transport between the two "hosts", on loopback
             "NCCL_IB_DISABLE": "1",
             "NCCL_SOCKET_IFNAME": "lo",
             "NCCL_MNNVL_ENABLE": "0",
