@@ -18,6 +18,7 @@ would be baked into the graph at capture time.
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -28,6 +29,8 @@ from eplb.comm.collectives import all_reduce_sum
 from eplb.errors import EPLBError
 
 __all__ = ["LoadTracker", "check_window_size", "check_num_valid_tokens"]
+
+logger = logging.getLogger("eplb")
 
 _FORMAT = "eplb.load_tracker"
 _VERSION = 1
@@ -124,8 +127,8 @@ class LoadTracker:
     Buffers (all int64, allocated once, updated in place):
         current ``[L, C]`` — the step being recorded (plus the out-of-range and padding
         columns); window ``[W, L, E]`` — a ring of completed steps (`window_load` sums it: one
-        reduction, off the hot path, so `step` stays four kernels); ring position, steps
-        recorded and the enabled flag — device scalars.
+        reduction, off the hot path, so `step` stays four kernels, replayed as one small CUDA graph
+        on a GPU); ring position, steps recorded and the enabled flag — device scalars.
     """
 
     def __init__(
@@ -154,18 +157,14 @@ class LoadTracker:
         # The recording gate: 1 counts, 0 records nothing; flipped without re-capturing a graph.
         self._enabled = torch.ones((), **opts)
         self._enabled_host = True
-        # Views of the buffers above, made once: each view costs a dispatcher call on the hot path.
-        self._rows_C = list(self._current_LC.unbind(0))
-        self._current_1LE = self._current_LC[:, :E].unsqueeze(0)
-        self._out_of_range_L = self._current_LC[:, E]
-        self._pos_1 = self._counters_2[:1]
-        self._steps = self._counters_2[1]
         # The put_ source: the gate's value in a contiguous buffer (an expanded view would cost
         # put_ a copy kernel per record); outgrown buffers stay alive for graphs that read them.
         self._flags_N = torch.ones(0, **opts)
+        self._make_views()
         self._retired_flags: list[torch.Tensor] = []
         self._retired_rows: list[torch.Tensor] = []
         self._row_ids_N1 = torch.arange(0, device=self.device).unsqueeze(1)  # grows to the largest T
+        self._step_graph = self._capture_step()
 
     # ------------------------------------------------------------------ hot path
     def record(
@@ -194,9 +193,13 @@ class LoadTracker:
         accelerator they are counted in a device counter (checking them here would need a
         host sync) and the next `window_load` raises.
         """
-        if trusted and num_valid_tokens is None and topk_ids.dtype == torch.int64 and topk_ids.device.type != "cpu":
+        if trusted and num_valid_tokens is None and topk_ids.dtype is torch.int64 and not topk_ids.is_cpu:
             # The EPLB layer's hot path: its layer index is known good, its ids are int64 in [-1, E).
-            self._rows_C[layer].put_(topk_ids, self._source(topk_ids.numel()), accumulate=True)
+            numel = topk_ids.numel()
+            source = self._sources.get(numel)
+            if source is None:
+                source = self._source(numel)
+            self._rows_C[layer].put_(topk_ids, source, accumulate=True)
             return
         row_C = self._rows_C[self._check_layer(layer)]
         ids_TK = self._check_ids(topk_ids)
@@ -223,10 +226,81 @@ class LoadTracker:
         move together or not at all.
         """
         with critical_section():
-            self._window_WLE.index_copy_(0, self._pos_1, self._current_1LE)
-            self._current_1LE.zero_()
-            self._counters_2.add_(1)
-            self._pos_1.remainder_(self.window_size)
+            graph = self._step_graph
+            if (
+                graph is not None
+                and torch.cuda.current_device() == self.device.index
+                and not torch.cuda.is_current_stream_capturing()
+            ):
+                graph.replay()  # the four kernels below, launched at once (about a sixth of the host time)
+            else:
+                self._step_kernels()
+
+    def _step_kernels(self) -> None:
+        self._window_WLE.index_copy_(0, self._pos_1, self._current_1LE)
+        self._current_1LE.zero_()
+        self._counters_2.add_(1)
+        self._pos_1.remainder_(self.window_size)
+
+    def _capture_step(self) -> torch.cuda.CUDAGraph | None:
+        """The kernels of `step` captured once in a CUDA graph over this tracker's buffers, which
+        are updated in place for the tracker's life (None off CUDA or inside a capture).
+
+        Launching four small kernels costs far more host time than the GPU time they take; in an
+        eager loop `step` replays this graph instead (measured on 1 H200 GPU: 7 us vs 50 us of
+        host time). Capturing runs nothing: the buffers are unchanged.
+        """
+        if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return None
+        try:
+            return self._capture_step_kernels()
+        except RuntimeError as exc:  # a platform without graph capture: the kernels one by one
+            logger.debug("the tracker's step runs without a CUDA graph: %s", exc)
+            return None
+
+    def _capture_step_kernels(self) -> torch.cuda.CUDAGraph:
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                # Load the kernels outside the capture, on scratch copies (the state must not move).
+                scratch = LoadTracker.__new__(LoadTracker)
+                scratch.__dict__.update(
+                    _window_WLE=self._window_WLE[:1].clone(), _current_1LE=self._current_1LE.clone(),
+                    _counters_2=torch.zeros_like(self._counters_2), window_size=self.window_size,
+                )
+                scratch._pos_1 = scratch._counters_2[:1]
+                scratch._step_kernels()
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._step_kernels()
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
+        return graph
+
+    def _make_views(self) -> None:
+        """Views of the buffers, made once: each view costs a dispatcher call on the hot path."""
+        E = self.num_logical
+        self._rows_C = list(self._current_LC.unbind(0))
+        self._current_1LE = self._current_LC[:, :E].unsqueeze(0)
+        self._out_of_range_L = self._current_LC[:, E]
+        self._pos_1 = self._counters_2[:1]
+        self._steps = self._counters_2[1]
+        self._sources: dict[int, torch.Tensor] = {}  # numel -> view of _flags_N
+
+    _VIEWS = ("_rows_C", "_current_1LE", "_out_of_range_L", "_pos_1", "_steps", "_sources", "_step_graph")
+
+    def __getstate__(self) -> dict:
+        # Views and the step graph are made again: pickle would turn each view into a detached
+        # copy (records would land where nothing reads them), and a CUDA graph does not copy.
+        return {k: v for k, v in self.__dict__.items() if k not in self._VIEWS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_views()
+        self._step_graph = self._capture_step()
 
     # ------------------------------------------------------------------ reading
     def window_load(self, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -413,15 +487,17 @@ class LoadTracker:
     def _source(self, numel: int) -> torch.Tensor:
         """``[numel]`` — the gate's value, contiguous (put_'s source)."""
         flags = self._flags_N
-        if flags.numel() >= numel:
-            return flags[:numel]
-        if flags.is_cuda and torch.cuda.is_current_stream_capturing():
-            # A buffer filled in a capture holds values only once replayed: read the gate itself.
-            return self._enabled.expand(numel)
-        fresh = self._enabled.expand(max(numel, 2 * flags.numel(), 1024)).clone()
-        self._retired_flags.append(flags)
-        self._flags_N = fresh
-        return fresh[:numel]
+        if flags.numel() < numel:
+            if flags.is_cuda and torch.cuda.is_current_stream_capturing():
+                # A buffer filled in a capture holds values only once replayed: read the gate itself.
+                return self._enabled.expand(numel)
+            self._retired_flags.append(flags)
+            flags = self._flags_N = self._enabled.expand(max(numel, 2 * flags.numel(), 1024)).clone()
+            self._sources.clear()  # views of the outgrown buffer
+        if len(self._sources) >= 64:  # many batch sizes: keep the cache small
+            self._sources.clear()
+        source = self._sources[numel] = flags[:numel]  # a view costs a dispatcher call: made once per size
+        return source
 
     def _fill_gate(self, value: int) -> None:
         """Set the recording gate, and every put_ source a captured graph may read."""

@@ -28,7 +28,7 @@ from torch import nn
 from eplb.atomic import critical_section
 from eplb.checkpoint import LoadReport, LogicalLoader, resolve_device
 from eplb.comm.base import CommunicationError
-from eplb.comm.recovery import GroupHealth, NotEveryRank, missing_ranks_error, rendezvous
+from eplb.comm.recovery import BoundedStore, GroupHealth, NotEveryRank, missing_ranks_error, rendezvous
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError, peer_failure
 from eplb.executor import RebalanceReport, StepOutcome
@@ -151,9 +151,11 @@ class EPLBWrapper:
                     "placement": placement.phy2log.tolist(),
                 }
             )
+            # eplb's own bounded connections to the job's store: the agreement, roll calls, rebuilds.
+            store = BoundedStore()
             try:
                 key = _check_ranks_agree(_error_text(error), summary, ep_group, num_ranks, rank,
-                                         config.async_timeout_s)
+                                         config.async_timeout_s, store)
             except BaseException:
                 if recorder is not None:
                     recorder.discard()
@@ -166,7 +168,7 @@ class EPLBWrapper:
         # Step 2: build the new parts (copies; the model is still untouched). Creating the
         # runtime's communicator and groups is collective.
         # Whether eplb's gloo groups still work on this rank; they are rebuilt after a lost peer.
-        health = GroupHealth(key, rank, num_ranks, config.async_timeout_s) if num_ranks > 1 else None
+        health = GroupHealth(key, rank, num_ranks, config.async_timeout_s, store) if num_ranks > 1 else None
         runtime = build_runtime(topology, config, num_layers=num_layers, num_logical=num_logical, device=device,
                                 health=health)
         if num_ranks > 1:
@@ -768,7 +770,7 @@ class EPLBWrapper:
         try:
             payloads, prefix = health.meet(payload)
         except NotEveryRank as exc:
-            raise missing_ranks_error(where, exc, health.timeout_s) from None
+            raise missing_ranks_error(where, exc, health.timeout_s) from exc.store_error
         # Step 2: the placement every rank's slots hold, from what each rank says it holds.
         slots = self._num_physical // self._num_ranks
         rows = [torch.tensor(p["phy2log"], dtype=torch.int64) for p in payloads]
@@ -1001,18 +1003,23 @@ def _collect_at_exit() -> None:
 _WRAPS: dict[tuple[int, ...], int] = {}  # wraps over each EP group's ranks so far, in this process
 
 
-def _check_ranks_agree(error, summary, group, num_ranks: int, rank: int, timeout_s: float) -> str:
-    """Compare every rank's wrap-time error and summary through the job's store, waiting at most
-    ``timeout_s`` (``async_timeout_s``) for the others; raise `EPLBError` on any error or
-    difference, naming the rank. Returns a store key prefix the ranks of this wrapper share."""
+def _check_ranks_agree(
+    error, summary, group, num_ranks: int, rank: int, timeout_s: float, store: BoundedStore
+) -> str:
+    """Compare every rank's wrap-time error and summary through the job's store (``store``),
+    waiting at most ``timeout_s`` (``async_timeout_s``) for the others, the store's own answers
+    included; raise `EPLBError` on any error or difference, naming the rank, or the store that
+    did not answer (its `eplb.comm.recovery.StoreSilent` chained). Returns a store key prefix the
+    ranks of this wrapper share."""
     ranks = tuple(dist.get_process_group_ranks(group))
     count = _WRAPS.get(ranks, 0)
     _WRAPS[ranks] = count + 1
     key = f"eplb/wrap/{'-'.join(map(str, ranks))}/{count}"
     try:
-        gathered = rendezvous(f"{key}/agree", rank, num_ranks, [error, summary], timeout_s)
+        gathered = rendezvous(store, f"{key}/agree", rank, num_ranks, [error, summary], timeout_s,
+                              what="the wrap-time agreement")
     except NotEveryRank as exc:
-        raise missing_ranks_error(f"rank {rank}: the ranks' wrap-time agreement", exc, timeout_s) from None
+        raise missing_ranks_error(f"rank {rank}: the ranks' wrap-time agreement", exc, timeout_s) from exc.store_error
     errors = [(r, e) for r, (e, _) in enumerate(gathered) if e]
     if errors:
         own = error or f"rank {errors[0][0]} failed: {errors[0][1]}"

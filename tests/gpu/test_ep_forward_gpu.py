@@ -101,6 +101,12 @@ def _check_wrapped(wrapper, reference, *, rebalance_between_replays, grow_after_
             graph.replay()
             wrapper.step()
             torch.testing.assert_close(static_out["y"], reference(static_x), **TOL, msg=f"replay {step}")
+            if step == 0:
+                # The replay recorded (on the graph's side branch) what an eager forward records.
+                replayed = wrapper.tracker.last_step_load().clone()
+                wrapper(static_x)
+                assert torch.equal(wrapper.tracker.last_step_load(), replayed)
+                assert int(replayed.sum()) == T * K * L
             if step in (1, 3):
                 rebalance_between_replays()
             if step == 2 and grow_after_capture:

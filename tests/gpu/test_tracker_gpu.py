@@ -119,3 +119,58 @@ def test_enabled_flag_is_honoured_by_replays_and_first_use_inside_capture_is_saf
     tracker.step()
     assert torch.equal(tracker.last_step_load().cpu()[0], expected)
     assert torch.equal(tracker.window_load().cpu()[0], 2 * expected)
+
+
+def test_step_replays_its_captured_kernels_and_matches_a_cpu_tracker_in_every_state():
+    import copy
+    import pickle
+
+    gpu = LoadTracker(L, E, W, device="cuda")
+    cpu = LoadTracker(L, E, W, device="cpu")
+    assert gpu._step_graph is not None and cpu._step_graph is None
+    gen = torch.Generator().manual_seed(1)
+
+    def feed(trackers, steps):
+        for _ in range(steps):
+            ids = torch.randint(-1, E, (T, K), generator=gen)
+            for tracker in trackers:
+                for layer in range(L):
+                    tracker.record(layer, ids.to(tracker.device), trusted=True)
+                tracker.step()
+
+    def same(a, b):
+        assert torch.equal(a.window_load().cpu(), b.window_load().cpu())
+        assert torch.equal(a.last_step_load().cpu(), b.last_step_load().cpu())
+        assert a.steps_recorded == b.steps_recorded
+
+    feed([gpu, cpu], W + 3)  # the ring wraps
+    same(gpu, cpu)
+    # A copy captures its own graph over its own buffers; the original is untouched by it.
+    twin = copy.deepcopy(gpu)
+    assert twin._step_graph is not None and twin._step_graph is not gpu._step_graph
+    revived = pickle.loads(pickle.dumps(gpu))
+    feed([twin, revived, cpu], 2)
+    same(twin, cpu)
+    same(revived, cpu)
+    assert gpu.steps_recorded == W + 3
+    # A loaded state is written into the same buffers, so the graph keeps stepping it.
+    gpu.load_state_dict(cpu.state_dict())
+    feed([gpu, cpu], 3)
+    same(gpu, cpu)
+    # Inside a user's capture the kernels are captured one by one; every replay is a step.
+    ids = torch.randint(-1, E, (T, K), generator=gen)
+    static = ids.cuda()
+
+    def captured_step():
+        for layer in range(L):
+            gpu.record(layer, static, trusted=True)
+        gpu.step()
+
+    graph, _ = capture_graph(captured_step, warmup=0)  # the kernels are loaded: no eager call
+    for _ in range(3):
+        graph.replay()
+        for layer in range(L):
+            cpu.record(layer, ids, trusted=True)
+        cpu.step()
+    torch.cuda.synchronize()
+    same(gpu, cpu)

@@ -376,6 +376,26 @@ def _in_state(state: str):
 
 
 @pytest.mark.parametrize("how", sorted(_COPIES))
+def test_a_copy_without_redundant_slots_follows_its_own_commits(how):
+    reference = mm.build_reference_model()
+    wrapper = EPLBWrapper(
+        copy.deepcopy(reference),
+        _config(num_redundant_experts=0, use_async=False, policy=mm.register_shuffle_policy()),
+    )
+    copied = _COPIES[how](wrapper.module)
+    (hook,) = copied._forward_hooks.values()
+    twin = hook.__self__
+    for round_ in range(3):  # the replica lookup reads the copy's own committed table
+        with torch.no_grad():
+            for seed in (5, 6):
+                x = mm.hidden_batch(seed + round_)
+                torch.testing.assert_close(copied(x), reference(x))
+        assert twin.rebalance().slots_changed > 0
+    twin.close()
+    wrapper.close()
+
+
+@pytest.mark.parametrize("how", sorted(_COPIES))
 @pytest.mark.parametrize("state", ["fresh", "sync rebalanced", "async done", "async in flight", "closed", "unwrapped"])
 def test_the_wrapped_model_copies_in_every_state(state, how):
     model, wrapper, reference = _in_state(state)
@@ -391,6 +411,12 @@ def test_the_wrapped_model_copies_in_every_state(state, how):
     (hook,) = hooks
     twin = hook.__self__  # the copy's own wrapper: it balances the copy, independently
     assert twin is not wrapper and twin.module is copied and not twin.async_in_flight
+    # The copy's tracker records what its forward routes (its views follow its own buffers).
+    with torch.no_grad():
+        x = mm.hidden_batch(4)
+        copied(x)
+    tokens = x.reshape(-1, x.shape[-1]).shape[0]
+    assert int(twin.tracker.last_step_load().sum()) == tokens * mm.TOP_K * len(twin.eplb_layers)
     assert torch.equal(twin.placement.phy2log, _layer_rows(twin))
     twin.rebalance()
     twin.synchronize()
