@@ -1,6 +1,7 @@
 """benchmarks/ep_step.py runs at a tiny size on the CPU over gloo: one process, and two ranks
 under torchrun (every row, so the multi-GPU run only has to launch it); benchmarks/load_checkpoint.py
-runs at a tiny size; the GPU session script checks its arguments before running anything."""
+and benchmarks/sync_rebalance_cpu.py run at a tiny size; the GPU session script checks its arguments
+before running anything."""
 
 import json
 import subprocess
@@ -58,6 +59,23 @@ def test_load_checkpoint_runs_tiny(tmp_path):
     assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
         (g, (16 + g) // g, 2 * 2 * min((16 + g) // g, 16)) for g in (1, 2, 4, 8, 16)
     ]
+
+
+def test_sync_rebalance_cpu_runs_tiny():
+    """benchmarks/sync_rebalance_cpu.py on 2 gloo processes: every row, positive times."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sync_rebalance_cpu.py"), "--layers", "2", "--rebalances", "2",
+         "--agreements", "5"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        if line.startswith(("rebalance wall", "rebalance cpu", "agreement")):
+            name, value = line[:18].strip(), float(line[18:28])
+            rows[name] = value
+    assert set(rows) == {"rebalance wall", "rebalance cpu", "agreement"}, result.stdout
+    assert all(v > 0 for v in rows.values()), result.stdout
 
 
 def test_the_gpu_session_script_refuses_an_unknown_part_before_running_anything(tmp_path):
