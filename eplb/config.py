@@ -12,6 +12,9 @@ __all__ = ["EPLBConfig", "AsyncErrorMode", "DispatcherKind", "ReplicaChoice", "c
 MAX_REDUNDANT_EXPERTS = 1023
 """Upper bound of ``num_redundant_experts`` (vLLM's bound: at most 1024 replicas of an expert)."""
 MIN_ASYNC_TIMEOUT_S = 0.1
+# Python's thread waits refuse timeouts past threading.TIMEOUT_MAX (about 9.2e9 s): a larger
+# async_timeout_s made the first wait on a worker raise OverflowError from inside a forward.
+MAX_ASYNC_TIMEOUT_S = 1e9
 """Lower bound of ``async_timeout_s``, in seconds."""
 
 AsyncErrorMode = Literal["log", "raise"]
@@ -158,11 +161,12 @@ class EPLBConfig(CheckedFields):
     """Skip a rebalance whose predicted balancedness gain (new - old, on the window's load) is
     below this. 0 rebalances every time."""
 
-    async_timeout_s: float = Field(300.0, ge=MIN_ASYNC_TIMEOUT_S, allow_inf_nan=False)
+    async_timeout_s: float = Field(300.0, ge=MIN_ASYNC_TIMEOUT_S, le=MAX_ASYNC_TIMEOUT_S, allow_inf_nan=False)
     """An async rebalance whose next layer is not ready on every rank within this many seconds
     is aborted on all ranks; committed layers keep the new placement, the others the old one.
-    Finite and at least 0.1 s (shorter would abort rebalances over ordinary scheduling jitter);
-    with several ranks, allow a few seconds."""
+    Finite, at least 0.1 s (shorter would abort rebalances over ordinary scheduling jitter) and at
+    most 1e9 s (Python's thread waits take no longer timeout); with several ranks, allow a few
+    seconds."""
 
     async_layers_per_step: int | None = Field(None, gt=0)
     """Most layers the async executor commits at one step boundary; None (the default) commits

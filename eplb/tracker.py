@@ -516,11 +516,20 @@ class LoadTracker:
             )
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _state_counts(state: dict, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     value = state.get(key)
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
         got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
         raise EPLBError(f"LoadTracker state field {key!r} must be an int64 tensor, got {got}")
+    if value.layout != torch.strided or value.is_meta:
+        got = "a meta tensor (no data)" if value.is_meta else f"a tensor of layout {value.layout}"
+        raise EPLBError(
+            f"LoadTracker state field {key!r} is {got}; it must be a dense int64 tensor holding counts "
+            "(load the checkpoint without map_location='meta', and densify a sparse tensor with .to_dense())"
+        )
     if tuple(value.shape) != shape:
         raise EPLBError(
             f"LoadTracker state tensor shapes do not match: {key!r} is {tuple(value.shape)}; expected {shape}"
@@ -532,10 +541,15 @@ def _state_counts(state: dict, key: str, shape: tuple[int, ...]) -> torch.Tensor
 
 
 def _state_int(state: dict, key: str, low: int, high: int | None) -> int:
+    # The counters are int64 device scalars: a larger value would fail half-way through applying.
+    high = _INT64_MAX if high is None else high
     value = state.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise EPLBError(f"LoadTracker state field {key!r} ({value!r}) must be an int {bound}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value > high:
+        bound = f"[{low}, {high}]"
+        raise EPLBError(
+            f"LoadTracker state field {key!r} ({value!r}) must be an int {bound}; the state is damaged: "
+            "load a state_dict() as the tracker wrote it"
+        )
     return value
 
 

@@ -71,6 +71,7 @@ def test_is_frozen_and_rejects_unknown_fields():
         ("async_timeout_s", 1e-9, "greater than or equal to 0.1"),
         ("async_timeout_s", float("inf"), "finite number"),
         ("async_timeout_s", float("nan"), "finite number"),
+        ("async_timeout_s", 1e10, "less than or equal to 1000000000"),  # past Python's thread-wait bound
         ("num_redundant_experts", 2**40, "less than or equal to 1023"),
         ("async_layers_per_step", 0, "greater than 0"),
         ("async_on_error", "ignore", "'log' or 'raise'"),
@@ -248,3 +249,20 @@ def test_a_plugin_declares_the_options_it_accepts():
             eplb.register_policy("typo", options=("budget",))
     finally:
         unregister_policy("budget_aware")
+
+
+def test_the_longest_async_timeout_works_through_an_async_rebalance():
+    # A longer timeout once made the forward that waits on the worker raise OverflowError.
+    import torch
+
+    from eplb import EPLBWrapper
+    from eplb.moe import MoE
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoE(16, 32, 8, 2), MoE(16, 32, 8, 2)).eval()
+    config = EPLBConfig(num_redundant_experts=4, step_interval=2, window_size=4, async_timeout_s=1e9)
+    with EPLBWrapper(model, config) as wrapper, torch.no_grad():
+        for _ in range(5):  # rebalances start at steps 2 and 4, the second while the first may run
+            wrapper(torch.randn(4, 16))
+        wrapper.synchronize()
+        assert wrapper.stats()["num_rebalances"] >= 1

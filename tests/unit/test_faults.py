@@ -163,6 +163,11 @@ def test_tracker_window_sum_stays_the_sum_of_the_ring_after_any_interrupted_step
         (lambda s: s.update(current=-s["current"] - 1), r"'current' holds a negative count"),
         (lambda s: s.update(steps_recorded=1.5), r"'steps_recorded' \(1.5\) must be an int"),
         (lambda s: s.update(enabled="yes"), r"'enabled' \('yes'\) must be a bool"),
+        # Past int64: the window was written before the counter's fill failed (half-applied).
+        (lambda s: s.update(steps_recorded=2**63), r"'steps_recorded' \(9223372036854775808\) must be an int \[0, "),
+        (lambda s: s.update(out_of_range=2**63), r"'out_of_range' \(9223372036854775808\) must be an int \[0, "),
+        (lambda s: s.update(window=s["window"].to("meta")), r"'window' is a meta tensor \(no data\)"),
+        (lambda s: s.update(current=s["current"].to_sparse()), r"'current' is a tensor of layout torch.sparse_coo"),
     ],
 )
 def test_tracker_rejects_a_bad_state_and_changes_nothing(edit, match):
