@@ -215,6 +215,7 @@ class EPLBWrapper:
         self._last_gain: float | None = None
         self._closed = False
         self._unwrapped = False
+        self._gathered: list[nn.Module] | None = None  # unwrap()'s all-gather, until it ends
         self._in_collectives = False  # inside a sequence of eplb's collectives (see _begin_collectives)
 
         # Step 3: install (the only step that modifies the model).
@@ -278,7 +279,7 @@ class EPLBWrapper:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"_gathered": None, **state})
         communicator, executor = build_executor(self._topology, self.eplb_config, self.tracker.device)
         dispatcher = self._layers[0].dispatcher
         self._runtime = Runtime(topology=self._topology, tracker=self.tracker, dispatcher=dispatcher,
@@ -866,25 +867,39 @@ class EPLBWrapper:
         return the model (for saving it in its own format). With several ranks this all-gathers
         the slots over the EP group (every rank must call it). The wrapper is closed afterwards."""
         if self._unwrapped:
-            raise EPLBError("this EPLBWrapper was already unwrapped")
-        with self._collective_sequence():
-            if not self._closed:
-                self._synchronize()
-            # On eplb's timeout-bounded group where there is one (gloo); a failure names the operation.
-            restored = [
-                self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
-                for layer in self._layers
-            ]
+            raise EPLBError(
+                "this EPLBWrapper was already unwrapped; the model is wrapper.module, holding every logical expert"
+            )
+        if self._gathered is None:
+            with self._collective_sequence():
+                if not self._closed:
+                    self._synchronize()
+                # The gathers and their record form one critical section: once the last gather has
+                # returned, the peers may have finished their unwrap, so this rank must never gather
+                # again (alone, it would time out for ever); a call again after an interrupt from
+                # here on takes the record. On eplb's timeout-bounded group where there is one (gloo);
+                # a failure names the operation (and delivers a held Ctrl-C).
+                with critical_section():
+                    self._gathered = [
+                        self._collective("the all-gather of unwrap()", layer.logical_module, self._collective_group)
+                        for layer in self._layers
+                    ]
+        restored = self._gathered
         self.close()
-        self._state_hook.remove()
-        if self._unloaded_hook is not None:
-            self._unloaded_hook.remove()
-        for spec, module in zip(self._specs, restored):
-            if spec.block_forward is not None:
-                module = module.to_module_list()
-                del spec.parent.forward  # the instance attribute set at install; the class method is back
-            setattr(spec.parent, spec.attr, module)
-        self._unwrapped = True
+        modules = [
+            module.to_module_list() if spec.block_forward is not None else module
+            for spec, module in zip(self._specs, restored)
+        ]
+        with critical_section():  # every layer put back, or none
+            self._state_hook.remove()
+            if self._unloaded_hook is not None:
+                self._unloaded_hook.remove()
+            for spec, module in zip(self._specs, modules):
+                if spec.block_forward is not None:
+                    del spec.parent.forward  # the instance attribute set at install; the class method is back
+                setattr(spec.parent, spec.attr, module)
+            self._unwrapped = True
+            self._gathered = None
         return self.module
 
     def _check_open(self) -> None:

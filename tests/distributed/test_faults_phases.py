@@ -11,6 +11,7 @@ a forward cut on one rank and the random-interrupt soak.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import signal
 import time
@@ -27,6 +28,7 @@ from eplb import EPLBConfig, EPLBError, EPLBWrapper
 from eplb.comm.recovery import ROLL_CALL_S
 from eplb.executor import AsyncExecutor, SyncExecutor
 from eplb.executor.staging import commit_staged
+from eplb.moe import EPLBExperts
 
 pytestmark = pytest.mark.distributed
 
@@ -419,3 +421,54 @@ def test_a_peer_frozen_in_each_phase_of_a_rebalance_then_resumed_leaves_later_re
         for r in (mine, peer):
             assert r["committed"] and r["same_placement"], r
         assert mine["reports"] == peer["reports"]
+
+
+# ------------------------------------------------------------------------------ a Ctrl-C in unwrap()
+def _unwrap_once(wrapper):
+    """``unwrap()``, where an interrupt at its last line (after it finished) is no failure."""
+    try:
+        wrapper.unwrap()
+    except EPLBError as exc:
+        if "already unwrapped; the model is wrapper.module" not in str(exc):
+            raise
+
+
+def _interrupted_unwraps(rank, world_size):
+    """Rank 0 is interrupted (SIGINT) at every line of ``unwrap()``; then both ranks call it
+    again until it returns. Both must end unwrapped, with the model equal to the unwrapped one. An
+    interrupt after the all-gather once left rank 0 unable to unwrap at all: its peer had finished,
+    so each call again gathered alone and timed out."""
+    def rebalanced_pair():
+        wrapper, reference = _wrapped(rank, use_async=False)
+        _forward(wrapper, reference, rank)
+        assert wrapper.rebalance().slots_changed > 0  # the slots no longer hold the initial layout
+        return wrapper, reference
+
+    wrapper, _ = rebalanced_pair()
+    total = count_lines([EPLBWrapper.unwrap], wrapper.unwrap)
+    outcomes = []
+    for target in range(total):
+        wrapper, reference = rebalanced_pair()
+        where = interrupt_at_line([EPLBWrapper.unwrap], target if rank == 0 else -1)  # rank 1: never
+        try:
+            with where:
+                wrapper.unwrap()
+            outcome = "done"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        except EPLBError:
+            outcome = "error"
+        errors = [] if outcome == "done" else _until_it_runs(functools.partial(_unwrap_once, wrapper), attempts=4)
+        x = mm.hidden_batch(7, batch=1, length=6)
+        with torch.no_grad():
+            torch.testing.assert_close(wrapper.module(x), reference(x))
+        assert not any(isinstance(m, EPLBExperts) for m in wrapper.module.modules())
+        outcomes.append((where.fired_at, outcome, len(errors)))
+    return outcomes
+
+
+def test_a_ctrl_c_on_one_rank_anywhere_in_unwrap_leaves_every_rank_able_to_unwrap():
+    results = spawn_ranks(_interrupted_unwraps, 2, timeout=240, grace_s=20)
+    assert all(r.ok for r in results), [r.error for r in results]
+    interrupted = results[0].value
+    assert sum(outcome == "interrupted" for _, outcome, _ in interrupted) >= 5, interrupted
