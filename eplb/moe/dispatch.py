@@ -257,9 +257,19 @@ class FixedCapacityDispatcher(Dispatcher):
         buffers = self._buffers.get(key)
         if buffers is None:
             _refuse_first_use_in_capture(device)
-            buffers = self._buffers[key] = _Buffers(
-                self.num_ranks, self.capacity, S, D, K, self.rank, dtype, device, sentinel, meta_dtype
-            )
+            try:
+                buffers = _Buffers(
+                    self.num_ranks, self.capacity, S, D, K, self.rank, dtype, device, sentinel, meta_dtype
+                )
+            except RuntimeError as exc:  # torch.OutOfMemoryError too: not a peer's failure, a size
+                G, C = self.num_ranks, self.capacity
+                row = D * dtype.itemsize + 2 * K * meta_dtype.itemsize
+                raise EPLBError(
+                    f"the fixed-capacity dispatcher could not allocate its buffers for max_tokens_per_rank={C} "
+                    f"(({G} + 2) x {C} rows of {row} bytes, about {(G + 2) * C * row / 2**30:.3g} GiB on {device}); "
+                    "set EPLBConfig.max_tokens_per_rank to the most tokens one rank passes to a MoE layer at once"
+                ) from exc
+            self._buffers[key] = buffers
         return buffers
 
     def dispatch_tokens(

@@ -41,6 +41,17 @@ def _routing(T, seed=0):
 
 
 # ----------------------------------------------------------------------------------- paths agree
+def test_a_max_tokens_per_rank_too_large_to_allocate_names_the_field_not_a_peer():
+    # The buffers are (G + 2) x C rows: C = 2**40 cannot be allocated. This once surfaced, with
+    # several ranks, as a failed all-to-all blamed on a frozen or slow peer.
+    layer = _layer(_experts(), dispatcher=FixedCapacityDispatcher(None, 2**40))
+    x_TD, ids_TK, w_TK = _routing(4)
+    with pytest.raises(EPLBError, match=r"could not allocate its buffers for max_tokens_per_rank=1099511627776 .*GiB"):
+        layer(x_TD, ids_TK, w_TK)
+    layer.dispatcher.capacity = 8  # the layer keeps working with a size that fits
+    torch.testing.assert_close(layer(x_TD, ids_TK, w_TK), _experts()(x_TD, ids_TK, w_TK))
+
+
 @pytest.mark.parametrize("path", ["direct", "fixed_capacity", "pairs"])
 @pytest.mark.parametrize("replica_choice", ["hash", "round_robin"])
 def test_every_path_equals_the_replaced_module(path, replica_choice):
