@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from fault_injection import random_interrupts
+from fault_steps import recovered, time_the_failure, until_it_runs
 from harness import spawn_ranks
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper
@@ -89,18 +90,6 @@ def _forward(wrapper, reference, seed, rank):
         torch.testing.assert_close(wrapper(x), reference(x))
 
 
-def _time_the_failure(fn) -> dict:
-    start = time.monotonic()
-    try:
-        fn()
-    except EPLBError as exc:
-        return {
-            "seconds": time.monotonic() - start, "message": str(exc),
-            "cause": type(exc.__cause__).__name__ if exc.__cause__ is not None else None,
-        }
-    return {"seconds": time.monotonic() - start, "message": None, "cause": None}
-
-
 def _peer_gone_in_the_forward(rank, world_size, how):
     """Rank 1 is killed or frozen at step 3; every other rank times its forward's failure."""
     mid_rebalance = how.endswith("mid-rebalance")
@@ -115,8 +104,8 @@ def _peer_gone_in_the_forward(rank, world_size, how):
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL if how.startswith("killed") else signal.SIGSTOP)
         # (frozen) resumed by rank 0: its own forward now fails as well, within the timeout
-        return _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
-    failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+        return time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+    failure = time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
     if how.startswith("frozen") and rank == 0:
         os.kill(pids[1], signal.SIGCONT)
     return failure
@@ -217,18 +206,6 @@ def test_interpreter_exit_with_a_rebalance_in_flight_never_aborts_the_process():
 
 
 # ------------------------------------------------------------------------------ rebuilt groups
-def _until_it_runs(fn, attempts: int = 12) -> list[str]:
-    """Call ``fn`` until it returns; the `EPLBError` messages of the failed calls, in order."""
-    errors = []
-    for _ in range(attempts):
-        try:
-            fn()
-            return errors
-        except EPLBError as exc:
-            errors.append(str(exc))
-    raise AssertionError(f"still failing after {attempts} calls: {errors}")
-
-
 def _frozen_then_back(rank, world_size, mode):
     """Rank 1 freezes with an async rebalance in flight (or in the forward); rank 0 resumes it
     after its own forward failed. Then every rank keeps calling the forward until eplb's groups
@@ -243,30 +220,15 @@ def _frozen_then_back(rank, world_size, mode):
     dist.all_gather_object(pids, os.getpid())
     if rank == 1:
         os.kill(os.getpid(), signal.SIGSTOP)  # resumed by rank 0
-        failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+        failure = time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
     else:
-        failure = _time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
+        failure = time_the_failure(lambda: _forward(wrapper, reference, 5, rank))
         os.kill(pids[1], signal.SIGCONT)
     seed = iter(range(100, 10_000))
-    errors = _until_it_runs(lambda: _forward(wrapper, reference, next(seed), rank))
+    errors = until_it_runs(lambda: _forward(wrapper, reference, next(seed), rank))
     generation = wrapper._health.generation
-    reports = []
-    for _ in range(4):  # a worker of the aborted rebalance may still be busy for async_timeout_s
-        wrapper.rebalance()
-        wrapper.synchronize()
-        report = wrapper.stats()
-        reports.append((report["last_rebalance_skipped"], report["last_rebalance_reason"]))
-        if not report["last_rebalance_skipped"]:
-            break
-        time.sleep(TIMEOUT_S)
-    for s in range(20):
-        _forward(wrapper, reference, 500 + s, rank)
-    placement = wrapper.placement.phy2log.tolist()
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, placement)  # the job's own group is untouched
-    wrapper.close()
-    return {"failure": failure, "errors": errors, "generation": generation, "reports": reports,
-            "same_placement": all(p == gathered[0] for p in gathered)}
+    after = recovered(wrapper, lambda s: _forward(wrapper, reference, 500 + s, rank), world_size, TIMEOUT_S, 20)
+    return {"failure": failure, "errors": errors, "generation": generation, **after}
 
 
 @pytest.mark.parametrize("mode", ["async", "forward", "sync"])
@@ -290,7 +252,7 @@ def _late_to_wrap(rank, world_size):
     if rank == 1:
         time.sleep(TIMEOUT_S + MARGIN_S + 2)  # never reaches the agreement in time
         return None
-    return _time_the_failure(
+    return time_the_failure(
         lambda: EPLBWrapper(mm.build_reference_model(), _config(async_timeout_s=TIMEOUT_S), ep_group=dist.group.WORLD)
     )
 
@@ -424,9 +386,9 @@ def _forward_cut_on_one_rank(rank, world_size, how):
         handle.remove()
         failure = None
     else:
-        failure = _time_the_failure(lambda: _forward(wrapper, reference, 2, rank))
+        failure = time_the_failure(lambda: _forward(wrapper, reference, 2, rank))
     seed = iter(range(100, 10_000))
-    errors = _until_it_runs(lambda: _forward(wrapper, reference, next(seed), rank))
+    errors = until_it_runs(lambda: _forward(wrapper, reference, next(seed), rank))
     for _ in range(10):
         _forward(wrapper, reference, next(seed), rank)  # exact: no collective pairs with another's
     wrapper.rebalance()

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from fault_injection import count_lines, interrupt_at_line
+from fault_steps import time_the_failure, until_it_runs
 from harness import spawn_ranks
-from test_faults_ep import _until_it_runs
 
 from eplb import EPLBConfig, EPLBError, EPLBWrapper
 from eplb.comm.recovery import ROLL_CALL_S
@@ -123,7 +123,7 @@ def _interrupted_sync_rebalances(rank, world_size, trigger, runs):
             outcome = "error"
         fired = where.fired_at
         assert rank != 0 or fired is not None, f"line {target} of {total} never ran"
-        errors = _until_it_runs(lambda: _forward(wrapper, reference, seed()))
+        errors = until_it_runs(lambda: _forward(wrapper, reference, seed()))
         new = _gathered(planned[-1] if planned else None, world_size)[1]  # rank 1 always plans
         rows = wrapper.placement.phy2log
         assert torch.equal(rows, _layer_rows(wrapper)), (fired, outcome)
@@ -218,7 +218,7 @@ def _interrupted_async_finishes(rank, world_size, runs):
         except EPLBError:
             outcome = "error"
         assert rank != 0 or where.fired_at is not None, f"line {target} of {total} never ran"
-        _until_it_runs(lambda: _forward(wrapper, reference, seed()))
+        until_it_runs(lambda: _forward(wrapper, reference, seed()))
         wrapper.synchronize()
         stats = wrapper.stats()
         mine = {k: stats[k] for k in ("num_rebalances", "bytes_moved_total", "last_rebalance_skipped",
@@ -320,16 +320,6 @@ def _install_faults(wrapper, mode: str) -> None:
     layer.apply_commit = commit
 
 
-def _time_the_failure(fn) -> dict:
-    start = time.monotonic()
-    try:
-        fn()
-    except EPLBError as exc:
-        return {"seconds": time.monotonic() - start, "message": str(exc),
-                "chained": exc.__cause__ is not None}
-    return {"seconds": time.monotonic() - start, "message": None, "chained": False}
-
-
 def _peer_stops_in_a_phase(rank, world_size, mode, how, phases):
     """For each of ``phases``: rank 1 is killed (SIGKILL) or frozen (SIGSTOP) there in a rebalance;
     rank 0 times its failure. A frozen rank 1 is resumed (SIGCONT) by rank 0 after that; then both
@@ -363,14 +353,14 @@ def _peer_stops_in_a_phase(rank, world_size, mode, how, phases):
                 _ARMED.update(phase=phase, signal=sig)  # the step agreements, not the one that began it
             wrapper.synchronize()
 
-        failure = _time_the_failure(rebalance)
+        failure = time_the_failure(rebalance)
         if rank == 0 and how == "frozen":
             os.kill(pids[1], signal.SIGCONT)
         assert not _ARMED, f"the {phase} fault never fired"
         if how == "killed":  # the peer never comes back: nothing to rebuild with
             out.append({"phase": phase, "failure": failure})
             break
-        _until_it_runs(lambda: _forward(wrapper, reference, seed()))
+        until_it_runs(lambda: _forward(wrapper, reference, seed()))
         reports = []
         for _ in range(5):  # the aborted rebalance's worker may be busy for async_timeout_s: every rank skips
             wrapper.rebalance()

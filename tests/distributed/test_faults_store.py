@@ -21,8 +21,9 @@ from datetime import timedelta
 import moe_models as mm
 import pytest
 import torch.distributed as dist
+from fault_steps import recovered, time_the_failure, until_it_runs
 from harness import spawn_ranks
-from test_faults_ep import MARGIN_S, TIMEOUT_S, _forward, _time_the_failure, _until_it_runs
+from test_faults_ep import MARGIN_S, TIMEOUT_S, _forward
 
 from eplb import EPLBConfig, EPLBWrapper
 from eplb.comm.recovery import ROLL_CALL_S, BoundedStore, StoreSilent
@@ -124,31 +125,17 @@ def _store_host_frozen(rank, world_size, when):
     again = None
     if rank == 0:
         os.kill(os.getpid(), signal.SIGSTOP)  # resumed by rank 1
-        first = _time_the_failure(act)
+        first = time_the_failure(act)
     else:
-        first = _time_the_failure(act)  # the collective times out; the roll call gets no answer
+        first = time_the_failure(act)  # the collective times out; the roll call gets no answer
         if rank == 1:
             # The rebuild's rendezvous cannot reach the store either: bounded too.
-            again = _time_the_failure(lambda: _forward(wrapper, reference, next(seeds), rank))
+            again = time_the_failure(lambda: _forward(wrapper, reference, next(seeds), rank))
             os.kill(pids[0], signal.SIGCONT)
-    errors = _until_it_runs(lambda: _forward(wrapper, reference, next(seeds), rank))
+    errors = until_it_runs(lambda: _forward(wrapper, reference, next(seeds), rank))
     generation = wrapper._health.generation
-    reports = []
-    for _ in range(4):  # a worker of the aborted rebalance may still be busy for async_timeout_s
-        wrapper.rebalance()
-        wrapper.synchronize()
-        report = wrapper.stats()
-        reports.append((report["last_rebalance_skipped"], report["last_rebalance_reason"]))
-        if not report["last_rebalance_skipped"]:
-            break
-        time.sleep(TIMEOUT_S)
-    for s in range(10):
-        _forward(wrapper, reference, 500 + s, rank)
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, wrapper.placement.phy2log.tolist())  # the job's own group is untouched
-    wrapper.close()
-    return {"first": first, "again": again, "errors": errors, "generation": generation, "reports": reports,
-            "same_placement": all(p == gathered[0] for p in gathered)}
+    after = recovered(wrapper, lambda s: _forward(wrapper, reference, 500 + s, rank), world_size, TIMEOUT_S, 10)
+    return {"first": first, "again": again, "errors": errors, "generation": generation, **after}
 
 
 @pytest.mark.parametrize(
@@ -187,7 +174,7 @@ def _store_host_frozen_at_wrap(rank, world_size):
         os.kill(os.getpid(), signal.SIGSTOP)  # resumed by rank 1
         return None
     config = EPLBConfig(num_redundant_experts=4, async_timeout_s=TIMEOUT_S)
-    failure = _time_the_failure(lambda: EPLBWrapper(mm.build_reference_model(), config, ep_group=dist.group.WORLD))
+    failure = time_the_failure(lambda: EPLBWrapper(mm.build_reference_model(), config, ep_group=dist.group.WORLD))
     os.kill(pids[0], signal.SIGCONT)
     return failure
 
