@@ -448,7 +448,7 @@ def _interrupted_unwraps(rank, world_size):
             outcome = "interrupted"
         except EPLBError:
             outcome = "error"
-        errors = [] if outcome == "done" else _until_it_runs(functools.partial(_unwrap_once, wrapper), attempts=4)
+        errors = [] if outcome == "done" else until_it_runs(functools.partial(_unwrap_once, wrapper), attempts=4)
         x = mm.hidden_batch(7, batch=1, length=6)
         with torch.no_grad():
             torch.testing.assert_close(wrapper.module(x), reference(x))
