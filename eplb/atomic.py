@@ -8,10 +8,10 @@ Every change of eplb's state that a user's interrupt (Ctrl-C: ``SIGINT``, raised
    has changed yet, so the previous state stands.
 2. **Apply** inside ``with critical_section():`` — in-place copies of validated, same-shaped
    tensors and attribute assignments, nothing that can fail on valid input and nothing that
-   waits on another rank (three exceptions, where a rank interrupted half-way would part from its
+   waits on another rank (four exceptions, where a rank interrupted half-way would part from its
    peers: an executor's commit agreement with the commits it decides and the owner's bookkeeping
-   of them, the creation of rebuilt groups, and ``unwrap()``'s all-gathers with their record;
-   see docs/design.md). A ``SIGINT`` that arrives
+   of them, ``load_state_dict``'s agreement with the apply it decides, the creation of rebuilt
+   groups, and ``unwrap()``'s all-gathers with their record; see docs/design.md). A ``SIGINT`` that arrives
    meanwhile is held and delivered again when the section ends, so the interrupt lands after the
    change, never inside it.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import hashlib
 import logging
 import os
 from dataclasses import asdict, fields
@@ -28,6 +29,7 @@ from torch import nn
 from eplb.atomic import critical_section
 from eplb.checkpoint import LoadReport, LogicalLoader, resolve_device
 from eplb.comm.base import CommunicationError
+from eplb.comm.collectives import agree
 from eplb.comm.recovery import BoundedStore, GroupHealth, NotEveryRank, missing_ranks_error, rendezvous
 from eplb.config import EPLBConfig
 from eplb.errors import EPLBError, peer_failure
@@ -396,6 +398,12 @@ class EPLBWrapper:
         shape and dtype — no casts — and the tracker state); a bad state raises `EPLBError` and
         changes nothing. Then all of it is applied at once (atomic under ``KeyboardInterrupt``,
         see `eplb.atomic`).
+
+        With several ranks it is collective: every rank calls it with the state it saved at the
+        same step. One agreement on eplb's control group decides, and every rank applies or none
+        does: a rank that does not arrive within ``async_timeout_s`` (interrupted, failed, not
+        loading) makes the others raise `EPLBError` with nothing loaded, and states whose
+        placements or step counts differ raise `EPLBError` on every rank, nothing loaded.
         """
         self._check_open()
         if self.async_in_flight:
@@ -432,13 +440,41 @@ class EPLBWrapper:
             _check_saved_slots(layer, saved)
             row = placement.phy2log[layer.layer_index]
             commits.append((layer, layer.prepare_commit(row, slots=all_slots, staged=saved), saved))
-        # Step 2: apply, all at once.
-        with critical_section():
+        def apply() -> None:
             self.tracker.apply_staged_state(tracker_state)
             for layer, prepared, saved in commits:
                 layer.apply_commit(prepared, saved)
             self._placement = placement
             self._steps = steps
+
+        # Step 2: apply, all at once.
+        if self._num_ranks == 1:
+            with critical_section():
+                apply()
+            return
+        # Several ranks: every rank applies a state with the same placement and step count, or
+        # none does (a rank interrupted before this point, or not loading at all, would otherwise
+        # route tokens by other maps than its peers'). One agreement on the control group and the
+        # apply form one critical section, as a sync rebalance's commit does.
+        digest = _state_digest(placement, steps)
+        with self._collective_sequence(), critical_section():
+            try:
+                agreed = agree(self._topology.control_group, at_least={"highest": digest}, at_most={"lowest": digest})
+            except RuntimeError as exc:  # a peer did not load (interrupted, failed, gone) within the timeout
+                who = self._health.describe(self._health.lost()) if self._health is not None else None
+                raise peer_failure(
+                    f"rank {self._rank}: the agreement of load_state_dict (every rank loads its state at the same "
+                    "time; nothing was loaded)", step=self._steps, rank=None, cause=exc, who=who,
+                ) from exc
+            same = agreed["highest"] == agreed["lowest"]
+            if same:
+                apply()
+        if not same:
+            raise EPLBError(
+                "load_state_dict: the ranks loaded states with different placements or step counts "
+                "(saved at different times?); nothing was loaded on any rank. Load the states every "
+                "rank saved at the same step"
+            )
 
     # ------------------------------------------------------------------ recording
     def start_recording(self, path: str | os.PathLike, *, chunk_steps: int = 256) -> None:
@@ -954,6 +990,13 @@ def _check_sizes(num_layers, num_logical, num_physical, num_groups, num_nodes, n
         num_nodes=num_nodes,
         num_ranks=num_ranks,
     )
+
+
+def _state_digest(placement: Placement, steps: int) -> int:
+    """A 56-bit digest of a loaded state's placement and step count (equal on every rank that
+    loads states saved at the same step); fits the agreement's int64 all-reduce."""
+    data = placement.phy2log.to(torch.int64).contiguous().numpy().tobytes() + int(steps).to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little")
 
 
 def _check_placement_shape(
