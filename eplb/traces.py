@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb.atomic import critical_section
 from eplb.errors import EPLBError
 
 __all__ = [
@@ -408,24 +409,29 @@ class TraceWriter:
         if not self._buffer:
             return
         steps = [b.cpu().numpy() if isinstance(b, torch.Tensor) else b for b in self._buffer]
-        self._buffer = []
         chunk = np.stack(steps)
         try:
             _check_loads(chunk, f"loads appended to {str(self.path)!r}")
         except EPLBError as exc:
+            self._buffer = []
             self.steps -= len(steps)
             raise EPLBError(f"{exc}; dropped the {len(steps)} steps of this chunk") from None
+        # The buffer is dropped only once its chunk is written: a flush cut short (Ctrl-C) is
+        # simply done again, over the same chunk file.
         _write_npz(self.chunk_dir / f"chunk_{self._num_chunks:06d}.npz", chunk, self._meta(), compress=False)
-        self._num_chunks += 1
+        with critical_section():
+            self._buffer = []
+            self._num_chunks += 1
 
     def close(self) -> Trace:
         """Flush, merge the chunks into ``path``, remove the chunk directory; returns the trace."""
         if self.closed:
+            shutil.rmtree(self.chunk_dir, ignore_errors=True)  # a close cut short in its cleanup
             return Trace.load(self.path)
         self.flush()
-        self.closed = True
-        atexit.unregister(self._exit_hook)
         if self._num_chunks == 0:
+            self.closed = True
+            atexit.unregister(self._exit_hook)
             shutil.rmtree(self.chunk_dir, ignore_errors=True)
             raise EPLBError(
                 f"TraceWriter for {str(self.path)!r} closed before any step was appended; nothing written"
@@ -433,6 +439,10 @@ class TraceWriter:
         loads, meta, _ = _read_chunks(self.chunk_dir, str(self.path))
         trace = Trace(torch.from_numpy(loads), meta)
         trace.save(self.path, compress=self.compress)
+        # Closed only once the file is written: a close cut short (Ctrl-C) is done again by the
+        # next close, finish or the exit hook, from the chunks, which stay until then.
+        self.closed = True
+        atexit.unregister(self._exit_hook)
         shutil.rmtree(self.chunk_dir, ignore_errors=True)
         return trace
 
@@ -450,6 +460,7 @@ class TraceWriter:
         """`close` if a step was appended (returns the trace); else remove the chunk directory
         and write nothing (returns None). Idempotent; runs at interpreter exit if still open."""
         if self.closed:
+            shutil.rmtree(self.chunk_dir, ignore_errors=True)  # a close cut short in its cleanup
             return None
         if self.steps:
             return self.close()
@@ -568,10 +579,12 @@ class LoadRecorder:
         ``finally:`` block may call it unconditionally. `start` is the strict half: starting while
         a recording runs raises `EPLBError`, since it would drop the running one."""
         path, writer = self._path, self._writer
-        self._path = self._writer = None
         if writer is None:
+            self._path = None
             return None
         trace = writer.finish()
+        # Forgotten only once finished: a stop cut short (Ctrl-C) is done again by the next one.
+        self._path = self._writer = None
         if trace is None:
             _log.warning("recording to %r stopped before any step was recorded; nothing written", str(path))
         return trace

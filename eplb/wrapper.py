@@ -889,8 +889,9 @@ class EPLBWrapper:
     # ------------------------------------------------------------------ ending
     def close(self) -> None:
         """Stop counting steps and finish the trace; the model keeps running with its current
-        placement. Idempotent; also called by ``with EPLBWrapper(...) as w:``."""
-        if self._closed:
+        placement. Idempotent; also called by ``with EPLBWrapper(...) as w:``. A close cut short
+        (Ctrl-C while the trace file is written) is finished by the next call."""
+        if self._closed and not self._recorder.recording:
             return
         self._closed = True
         self._hook.remove()
