@@ -14,9 +14,11 @@ is the rank that froze, the store does not answer, and eplb says so within that 
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 import time
+import weakref
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -121,7 +123,9 @@ class BoundedStore:
                 outcome["error"] = exc
             done.set()
 
-        threading.Thread(target=work, name="eplb-store", daemon=True).start()
+        thread = threading.Thread(target=work, name="eplb-store", daemon=True)
+        _waiting_calls.add(thread)
+        thread.start()
         if not done.wait(max(timeout_s, 0.0)):
             raise StoreSilent(operation, timeout_s)
         if "error" in outcome:
@@ -150,6 +154,25 @@ class BoundedStore:
         with self._lock:
             if len(self._idle) < self._IDLE_MAX:
                 self._idle.append(store)
+
+
+_waiting_calls: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+"""Threads of `BoundedStore.run` (a finished one drops out once collected)."""
+
+EXIT_WAIT_S = 3.0
+"""How long interpreter exit waits for store calls still running (their caller gave up on them)."""
+
+
+@atexit.register
+def _join_waiting_calls() -> None:
+    """At interpreter exit, let store calls that are still running finish first (at most
+    `EXIT_WAIT_S` in all). A thread still inside the store client's C++ code while the
+    interpreter is torn down (the store's host answered, or closed the connection, just then)
+    can end the process with "terminate called without an active exception"; a store host that
+    stays frozen past the wait still leaves that risk (see docs/design.md)."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for thread in list(_waiting_calls):
+        thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 def _set(key: str, payload):
