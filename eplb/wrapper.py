@@ -492,7 +492,8 @@ class EPLBWrapper:
         Idempotent: with no recording running (never started, already stopped, or ended by
         `close`) it does nothing and returns None, so a ``finally:`` block may call it
         unconditionally; `start_recording` while one runs raises `EPLBError` instead, since it
-        would drop the running recording."""
+        would drop the running recording. A stop cut short (Ctrl-C while the file is written) has
+        ended the recording; the next call writes the file."""
         return self._recorder.stop()
 
     @property
@@ -891,7 +892,7 @@ class EPLBWrapper:
         """Stop counting steps and finish the trace; the model keeps running with its current
         placement. Idempotent; also called by ``with EPLBWrapper(...) as w:``. A close cut short
         (Ctrl-C while the trace file is written) is finished by the next call."""
-        if self._closed and not self._recorder.recording:
+        if self._closed and not self._recorder.unfinished:
             return
         self._closed = True
         self._hook.remove()
