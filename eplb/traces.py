@@ -424,7 +424,13 @@ class TraceWriter:
             self._num_chunks += 1
 
     def close(self) -> Trace:
-        """Flush, merge the chunks into ``path``, remove the chunk directory; returns the trace."""
+        """Flush, merge the chunks into ``path``, remove the chunk directory; returns the trace
+        (``loads`` ``[T, L, E]``). Called again after a close cut short (Ctrl-C), it finishes it.
+
+        Raises:
+            EPLBError: no step was appended (nothing written), or the last chunk held a negative
+                or NaN count (that chunk is dropped).
+        """
         if self.closed:
             shutil.rmtree(self.chunk_dir, ignore_errors=True)  # a close cut short in its cleanup
             return Trace.load(self.path)
