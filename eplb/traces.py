@@ -424,7 +424,13 @@ class TraceWriter:
             self._num_chunks += 1
 
     def close(self) -> Trace:
-        """Flush, merge the chunks into ``path``, remove the chunk directory; returns the trace."""
+        """Flush, merge the chunks into ``path``, remove the chunk directory; returns the trace
+        (``loads`` ``[T, L, E]``). Called again after a close cut short (Ctrl-C), it finishes it.
+
+        Raises:
+            EPLBError: no step was appended (nothing written), or the last chunk held a negative
+                or NaN count (that chunk is dropped).
+        """
         if self.closed:
             shutil.rmtree(self.chunk_dir, ignore_errors=True)  # a close cut short in its cleanup
             return Trace.load(self.path)
@@ -519,6 +525,12 @@ class LoadRecorder:
         return self._path is not None
 
     @property
+    def unfinished(self) -> bool:
+        """True while a recording runs or a `stop` cut short (Ctrl-C) left its file unwritten:
+        the next `stop` writes it."""
+        return self._writer is not None
+
+    @property
     def path(self) -> Path | None:
         """The file being recorded, or None."""
         return self._path
@@ -531,6 +543,11 @@ class LoadRecorder:
         if self._path is not None:
             raise EPLBError(
                 f"already recording to {str(self._path)!r}; call stop_recording() before starting another"
+            )
+        if self._writer is not None:
+            raise EPLBError(
+                f"the stop of the recording to {str(self._writer.path)!r} was cut short; call "
+                "stop_recording() again to write that file before starting another"
             )
         target = Path(path)
         if target.is_dir():
@@ -578,13 +595,14 @@ class LoadRecorder:
         stopped, or ended by the wrapper's ``close``) it does nothing and returns None, so a
         ``finally:`` block may call it unconditionally. `start` is the strict half: starting while
         a recording runs raises `EPLBError`, since it would drop the running one."""
-        path, writer = self._path, self._writer
+        # The recording ends at once, on every rank alike (`wants` gates a collective), but the
+        # writer is forgotten only once its file is complete: a stop cut short (Ctrl-C) is
+        # finished by the next one, and no step is appended to a writer being closed.
+        path, writer, self._path = self._path, self._writer, None
         if writer is None:
-            self._path = None
             return None
-        trace = writer.finish()
-        # Forgotten only once finished: a stop cut short (Ctrl-C) is done again by the next one.
-        self._path = self._writer = None
+        trace = writer.close() if writer.closed else writer.finish()  # closed: only its cleanup was cut
+        self._writer = None
         if trace is None:
             _log.warning("recording to %r stopped before any step was recorded; nothing written", str(path))
         return trace

@@ -355,7 +355,9 @@ class LoadTracker:
                 buf.zero_()
 
     def state_dict(self) -> dict:
-        """A checkpointable copy (CPU tensors): sizes, the window ring, the current step, counters."""
+        """A checkpointable copy (CPU tensors): sizes, the window ring ``window`` ``[W, L, E]``
+        int64 tokens, the current step ``current`` ``[L, E]`` int64, ``position`` (the ring's next
+        row), ``steps_recorded``, ``out_of_range`` and ``enabled``."""
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -381,8 +383,9 @@ class LoadTracker:
         """The first half of `load_state_dict`: validate ``state`` completely, change nothing.
 
         Returns the values `apply_staged_state` writes. Raises `EPLBError` naming the first
-        wrong field: format, version, sizes, tensor shapes or dtypes (int64, no casts), negative
-        counts, the ring position or the counters.
+        wrong field: format, version, sizes, tensor shapes or dtypes (int64, no casts), meta or
+        sparse tensors, negative counts, the ring position or the counters (at most int64's
+        largest value).
         """
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise EPLBError(f"state is not a LoadTracker state_dict (expected \"format\": \"{_FORMAT}\")")

@@ -404,6 +404,18 @@ class EPLBWrapper:
         does: a rank that does not arrive within ``async_timeout_s`` (interrupted, failed, not
         loading) makes the others raise `EPLBError` with nothing loaded, and states whose
         placements or step counts differ raise `EPLBError` on every rank, nothing loaded.
+
+        Args:
+            state: a dict from `state_dict` (``placement``: the ``[L, P]`` ``phy2log`` and its
+                maps; ``slots``: this rank's slot tensors per layer, ``[S_local, ...]`` with the
+                model's dtypes; ``tracker``: the `eplb.tracker.LoadTracker` state; ``steps``).
+
+        Raises:
+            EPLBError: the wrapper is closed or an async rebalance is in flight (call
+                ``synchronize()`` first); a wrong format or version, sizes, placement, slot
+                name, shape or dtype, or tracker state (nothing changed); with several ranks, a
+                peer that did not arrive within ``async_timeout_s`` (plus at most 1 s of roll
+                call) or states saved at different steps (nothing loaded on any rank).
         """
         self._check_open()
         if self.async_in_flight:
@@ -492,7 +504,8 @@ class EPLBWrapper:
         Idempotent: with no recording running (never started, already stopped, or ended by
         `close`) it does nothing and returns None, so a ``finally:`` block may call it
         unconditionally; `start_recording` while one runs raises `EPLBError` instead, since it
-        would drop the running recording."""
+        would drop the running recording. A stop cut short (Ctrl-C while the file is written) has
+        ended the recording; the next call writes the file."""
         return self._recorder.stop()
 
     @property
@@ -890,8 +903,13 @@ class EPLBWrapper:
     def close(self) -> None:
         """Stop counting steps and finish the trace; the model keeps running with its current
         placement. Idempotent; also called by ``with EPLBWrapper(...) as w:``. A close cut short
-        (Ctrl-C while the trace file is written) is finished by the next call."""
-        if self._closed and not self._recorder.recording:
+        (Ctrl-C while the trace file is written) is finished by the next call.
+
+        Raises:
+            EPLBError: a step of the trace being recorded held a negative or NaN count (that
+                chunk is dropped, the rest written); the wrapper is closed anyway.
+        """
+        if self._closed and not self._recorder.unfinished:
             return
         self._closed = True
         self._hook.remove()

@@ -98,7 +98,7 @@ class BoundedStore:
 
     _IDLE_MAX = 4  # connections kept for reuse; more are closed
 
-    def __init__(self, store=None):
+    def __init__(self, store: dist.Store | None = None):
         self._source = store
         self._idle: list = []
         self._lock = threading.Lock()

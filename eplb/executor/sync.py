@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from eplb.atomic import critical_section
 from eplb.comm.base import CommunicationError, Communicator
+from eplb.comm.recovery import GroupHealth
 from eplb.errors import EPLBError, peer_failure
 from eplb.executor.agreement import Agreement, Flags, PeerLost
 from eplb.executor.report import RebalanceReport, Settle, StepOutcome, Tally, ignore_outcome
@@ -69,7 +71,7 @@ class SyncExecutor:
     """
 
     def __init__(self, *, rank: int, num_ranks: int, communicator: Communicator, max_transfer_bytes: int,
-                 control_group=None, health=None):
+                 control_group: dist.ProcessGroup | None = None, health: GroupHealth | None = None):
         if communicator.num_ranks != num_ranks or communicator.rank != rank:
             raise EPLBError(
                 f"the communicator is rank {communicator.rank} of {communicator.num_ranks} but the executor "

@@ -549,3 +549,85 @@ def test_states_saved_at_different_steps_are_refused_on_every_rank_and_nothing_i
         v = r.value
         assert v["message"] and "different placements or step counts" in v["message"], v
         assert v["unchanged"] and v["loaded"], v
+
+
+def _load_on_one_rank(rank, world_size, peer):
+    """Only rank 0 calls load_state_dict; rank 1 idles (``peer="idle"``) or steps the model once
+    (``"forward"``: that forward meets rank 0's agreement and fails). Rank 0 must raise `EPLBError`
+    after ``async_timeout_s`` and the roll call, nothing loaded on either rank; later forwards run
+    and are exact on both, on one placement."""
+    wrapper, reference = _wrapped(rank, use_async=False)
+    seed = _Seeds(rank)
+    _forward(wrapper, reference, seed())
+    saved = wrapper.state_dict()
+    wrapper.rebalance()
+    moved = wrapper.placement.phy2log.clone()
+    failure = None
+    if rank == 0:
+        failure = time_the_failure(lambda: wrapper.load_state_dict(saved))
+    elif peer == "idle":
+        time.sleep(TIMEOUT_S + ROLL_CALL_S + 0.5)
+    else:  # its forward meets rank 0's agreement: it fails, and the ranks rebuild at their next calls
+        failure = time_the_failure(lambda: _forward(wrapper, reference, seed()))
+    unchanged = torch.equal(wrapper.placement.phy2log, moved) and torch.equal(_layer_rows(wrapper), moved)
+    until_it_runs(lambda: _forward(wrapper, reference, seed()))
+    for _ in range(3):
+        _forward(wrapper, reference, seed())
+    same = len({str(p) for p in _gathered(wrapper.placement.phy2log.tolist(), world_size)}) == 1
+    wrapper.close()
+    return {"failure": failure, "unchanged": unchanged, "same": same}
+
+
+@pytest.mark.parametrize("peer", ["idle", "forward"])
+def test_load_state_dict_on_one_rank_only_raises_there_and_loads_nothing(peer):
+    results = spawn_ranks(_load_on_one_rank, 2, peer, timeout=120, grace_s=20)
+    assert all(r.ok for r in results), [r.error for r in results]
+    failure = results[0].value["failure"]
+    assert failure["message"] and "load_state_dict" in failure["message"] and "nothing was loaded" in failure["message"]
+    assert failure["chained"] and failure["seconds"] < TIMEOUT_S + ROLL_CALL_S + MARGIN_S, failure
+    assert all(r.value["unchanged"] and r.value["same"] for r in results), [r.value for r in results]
+
+
+# ------------------------------------------------------------------------------ stop_recording on several ranks
+def _interrupted_stop(rank, world_size, folder):
+    """Rank 0's stop_recording is cut by a Ctrl-C while its trace file is merged; rank 1's stops.
+    Both ranks must stop recording alike (the trace's load all-reduce is a collective): the next
+    forwards run on both without an error, and rank 0's next stop writes every recorded step."""
+    from eplb.traces import Trace, TraceWriter
+
+    wrapper, reference = _wrapped(rank, use_async=False)
+    seed = _Seeds(rank)
+    wrapper.start_recording(os.path.join(folder, "run.npz"), chunk_steps=2)
+    for _ in range(5):
+        _forward(wrapper, reference, seed())
+    if rank == 0:
+        merge = TraceWriter.close
+
+        def cut_short(writer):
+            TraceWriter.close = merge
+            raise KeyboardInterrupt
+
+        TraceWriter.close = cut_short
+    try:
+        wrapper.stop_recording()
+        outcome = "stopped"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    errors = []
+    for _ in range(3):
+        try:
+            _forward(wrapper, reference, seed())
+        except EPLBError as exc:
+            errors.append(str(exc))
+    wrapper.stop_recording()
+    steps = Trace.load(os.path.join(folder, "run.npz")).loads.shape[0] if rank == 0 else None
+    wrapper.close()
+    return {"outcome": outcome, "errors": errors, "steps": steps}
+
+
+def test_a_ctrl_c_in_stop_recording_on_one_rank_ends_the_recording_on_every_rank_alike(tmp_path):
+    results = spawn_ranks(_interrupted_stop, 2, str(tmp_path), timeout=120, grace_s=20)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert [r.value["outcome"] for r in results] == ["interrupted", "stopped"]
+    assert [r.value["errors"] for r in results] == [[], []]
+    assert results[0].value["steps"] == 5

@@ -631,26 +631,52 @@ def _recording(path):
     return wrapper
 
 
-def test_a_ctrl_c_anywhere_in_close_of_a_recording_wrapper_still_writes_the_whole_trace(tmp_path):
-    total = count_lines([EPLBWrapper.close], lambda: _recording(tmp_path / "count.npz").close(), deep=True)
+def _cut_short(tmp_path, method: str, runs: int):
+    """For ``runs`` line events spread over ``wrapper.<method>()`` of a recording wrapper (and
+    what it calls), call it with a Ctrl-C at that line; yield ``(target, wrapper, path)`` after
+    each. Asserts at the end that most targets fired (line counts vary a little between runs)."""
+    function = getattr(EPLBWrapper, method)
+    total = count_lines([function], lambda: getattr(_recording(tmp_path / "count.npz"), method)(), deep=True)
     cut = 0
-    targets = sorted({int(i * total / 60) for i in range(60)})  # 60 lines spread over close (and what it calls)
+    targets = sorted({int(i * total / runs) for i in range(runs)})
     for target in targets:
         path = tmp_path / f"cut_{target}.npz"
         wrapper = _recording(path)
-        where = interrupt_at_line([EPLBWrapper.close], target, deep=True)
+        where = interrupt_at_line([function], target, deep=True)
         try:
             with where:
-                wrapper.close()
+                getattr(wrapper, method)()
         except KeyboardInterrupt:
             pass
         except (ValueError, AttributeError) as exc:
             # Cut inside zipfile's writer, whose cleanup then fails on its half-written state.
             assert isinstance(exc.__context__, KeyboardInterrupt) or "ZIP" in str(exc) or "zip" in str(exc), exc
         cut += where.fired_at is not None
+        yield target, wrapper, path
+    assert cut >= len(targets) // 3, (cut, total)
+
+
+def test_a_ctrl_c_anywhere_in_close_of_a_recording_wrapper_still_writes_the_whole_trace(tmp_path):
+    for target, wrapper, path in _cut_short(tmp_path, "close", 60):
         wrapper.close()  # finishes what the interrupt cut short
         assert not wrapper.recording
         trace = Trace.load(path)
         assert trace.loads.shape[0] == _RECORDED_STEPS, (target, trace.loads.shape)
         assert not os.path.exists(str(path) + ".chunks"), target
-    assert cut >= len(targets) // 3, (cut, total)  # line counts vary a little from run to run
+
+
+def test_a_ctrl_c_anywhere_in_stop_recording_ends_the_recording_and_the_next_stop_writes_the_whole_trace(
+    tmp_path, caplog
+):
+    for target, wrapper, path in _cut_short(tmp_path, "stop_recording", 40):
+        still = wrapper.recording  # cut before the stop began: the next step is still recorded
+        with torch.no_grad():
+            wrapper(mm.hidden_batch(99))  # the model keeps running (no step goes to a writer being closed)
+        caplog.clear()
+        wrapper.stop_recording()  # finishes what the interrupt cut short
+        assert "nothing written" not in caplog.text, (target, caplog.text)
+        assert not wrapper.recording
+        assert Trace.load(path).loads.shape[0] == _RECORDED_STEPS + still, target
+        assert not os.path.exists(str(path) + ".chunks"), target
+        wrapper.start_recording(tmp_path / f"again_{target}.npz")  # a new recording may start
+        wrapper.close()
