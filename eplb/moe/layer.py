@@ -316,14 +316,7 @@ class EPLBExperts(nn.Module):
         dispatcher holds the process group, so the copy could compute nothing alone."""
         if self.num_ranks > 1:
             raise EPLBError(not_copyable_message(self.num_ranks))
-        state = super().__getstate__()
-        state = dict(state)
-        del state["_slots_C"]  # a view: pickle would detach it from the table commits update
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._slots_C = self._replica_HC[0]
+        return super().__getstate__()
 
     # ------------------------------------------------------------------ forward
     def _init_replica_choice(self, device) -> None:
@@ -341,16 +334,9 @@ class EPLBExperts(nn.Module):
         )
         # Without redundant slots (P == E) every row of the table is the same: row 0 is used alone.
         self._single_copy = self.num_physical == E
-        self._slots_C = self._replica_HC[0]
         self._bucket_T1 = torch.empty(0, 1, dtype=torch.int64, device=device)  # grows to the largest T
         self._retired: list[torch.Tensor] = []  # outgrown caches (about as large as the current ones)
         self._positions_M = torch.arange(0, device=device)  # grows to the largest T * K
-
-    def _apply(self, fn, *args, **kwargs):
-        # Moving or casting the module (``.to()``, ``.cuda()``) replaces the buffers: refresh the view.
-        out = super()._apply(fn, *args, **kwargs)
-        self._slots_C = self._replica_HC[0]
-        return out
 
     def _refresh_replica_table(self) -> None:
         """Derive the hash table from ``replica_slots``/``logcnt`` (device ops, in place: graph-safe)."""
@@ -388,8 +374,10 @@ class EPLBExperts(nn.Module):
         ids_TK = topk_ids_TK if topk_ids_TK.dtype == torch.int64 else topk_ids_TK.long()
         if self._single_copy:
             # One copy of every expert (no redundant slot, whatever the placement): every bucket's
-            # row of the table is the same; one flat lookup costs about half the two-index one.
-            return torch.take(self._slots_C, ids_TK)
+            # row of the table is the same, so a flat lookup of the (contiguous) table reads row 0
+            # for ids in [0, E), and an id of -1 wraps to the last row's padding column, which
+            # holds what every row's does. About half the cost of the two-index lookup.
+            return torch.take(self._replica_HC, ids_TK)
         T, K = ids_TK.shape
         if self.replica_choice == "hash":
             return self._replica_HC[self._grown("_bucket_T1", T, self._make_buckets), ids_TK]
@@ -434,13 +422,7 @@ class EPLBExperts(nn.Module):
         if tracker is not None:
             # Router ids are in [-1, E) (padding -> -1): one kernel.
             tracker.record(self.layer_index, ids_TK, trusted=True)
-        if self._single_copy and ids_TK.dtype is torch.int64:
-            slots_TK = torch.take(self._slots_C, ids_TK)  # choose_slots' one-copy case, inlined
-        else:
-            slots_TK = self.choose_slots(ids_TK)
-        return self._forward_slots(x_TD, slots_TK, weights_TK, ids_TK, padded)
-
-    def _forward_slots(self, x_TD, slots_TK, weights_TK, ids_TK, padded: bool) -> torch.Tensor:
+        slots_TK = self.choose_slots(ids_TK)
         dispatcher = self.dispatcher
         if dispatcher is not None and dispatcher.token_level:
             return self._forward_tokens(x_TD, slots_TK, weights_TK)
